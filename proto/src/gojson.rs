@@ -1,0 +1,761 @@
+//! Go `encoding/json` output for the LLB messages, byte for byte as BuildKit v0.11.6
+//! (built with Go 1.19) marshals its gogo structs.
+//!
+//! BuildKit hashes this JSON for cache keys (ExecOp, FileOp actions), so a generic
+//! serializer's defaults are not good enough. The rules implemented here:
+//! * keys in struct declaration order, compact output;
+//! * `omitempty` on every field except gogo's non-nullable ones (`Mount.input/output`,
+//!   `FileAction.input/secondaryInput/output`, `*.input` index fields, `Input.digest/index`,
+//!   `BuildOp.builder`), and on present sub-messages never (an empty one is `{}`);
+//! * oneof members sit under the Go interface field name (`"Action"`, `"User"`), which has
+//!   no `omitempty` (an unset oneof is `null`);
+//! * enums are numbers, `[]byte` is standard base64, maps have sorted keys;
+//! * strings: `\"` `\\` `\n` `\r` `\t`, other control bytes and `<` `>` `&` as lowercase
+//!   `\u00XX`, U+2028/U+2029 escaped, each invalid UTF-8 byte as `\ufffd`.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+
+use crate::pb;
+
+/// A value with a Go `encoding/json` representation.
+pub trait GoJson {
+    fn write_go_json(&self, out: &mut Vec<u8>);
+}
+
+/// Marshals `value` as Go would.
+pub fn to_go_json<T: GoJson + ?Sized>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    value.write_go_json(&mut out);
+    out
+}
+
+/// Writes `s` as a Go JSON string (with HTML escaping, as `json.Marshal` does).
+pub fn write_string(out: &mut Vec<u8>, s: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    for chunk in s.utf8_chunks() {
+        for ch in chunk.valid().chars() {
+            match ch {
+                '"' => out.extend_from_slice(b"\\\""),
+                '\\' => out.extend_from_slice(b"\\\\"),
+                '\n' => out.extend_from_slice(b"\\n"),
+                '\r' => out.extend_from_slice(b"\\r"),
+                '\t' => out.extend_from_slice(b"\\t"),
+                '\u{2028}' => out.extend_from_slice(b"\\u2028"),
+                '\u{2029}' => out.extend_from_slice(b"\\u2029"),
+                c if (c as u32) < 0x20 || matches!(c, '<' | '>' | '&') => {
+                    let b = c as u8;
+                    out.extend_from_slice(b"\\u00");
+                    out.push(HEX[usize::from(b >> 4)]);
+                    out.push(HEX[usize::from(b & 0xf)]);
+                }
+                c => {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                }
+            }
+        }
+        // Go decodes invalid input one byte at a time, each becoming U+FFFD.
+        for _ in chunk.invalid() {
+            out.extend_from_slice(b"\\ufffd");
+        }
+    }
+    out.push(b'"');
+}
+
+/// Writes a JSON object field by field, applying Go's `omitempty` per call.
+pub struct ObjectWriter<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
+}
+
+impl std::fmt::Debug for ObjectWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectWriter").finish_non_exhaustive()
+    }
+}
+
+impl<'a> ObjectWriter<'a> {
+    pub fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        ObjectWriter { out, empty: true }
+    }
+
+    pub fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        write_string(self.out, key.as_bytes());
+        self.out.push(b':');
+        self.out
+    }
+
+    pub fn string(&mut self, key: &str, value: &str) -> &mut Self {
+        if !value.is_empty() {
+            self.string_always(key, value);
+        }
+        self
+    }
+
+    pub fn string_always(&mut self, key: &str, value: &str) -> &mut Self {
+        let out = self.key(key);
+        write_string(out, value.as_bytes());
+        self
+    }
+
+    pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
+        if value != 0 {
+            self.int_always(key, value);
+        }
+        self
+    }
+
+    pub fn int_always(&mut self, key: &str, value: i64) -> &mut Self {
+        let out = self.key(key);
+        out.extend_from_slice(value.to_string().as_bytes());
+        self
+    }
+
+    pub fn bool(&mut self, key: &str, value: bool) -> &mut Self {
+        if value {
+            self.key(key).extend_from_slice(b"true");
+        }
+        self
+    }
+
+    pub fn bytes(&mut self, key: &str, value: &[u8]) -> &mut Self {
+        if !value.is_empty() {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+            write_string(self.key(key), encoded.as_bytes());
+        }
+        self
+    }
+
+    pub fn message<T: GoJson>(&mut self, key: &str, value: Option<&T>) -> &mut Self {
+        if let Some(value) = value {
+            value.write_go_json(self.key(key));
+        }
+        self
+    }
+
+    pub fn list<T: GoJson>(&mut self, key: &str, values: &[T]) -> &mut Self {
+        if !values.is_empty() {
+            write_list(self.key(key), values);
+        }
+        self
+    }
+
+    pub fn strings(&mut self, key: &str, values: &[String]) -> &mut Self {
+        self.list(key, values)
+    }
+
+    pub fn string_map(&mut self, key: &str, map: &BTreeMap<String, String>) -> &mut Self {
+        if !map.is_empty() {
+            write_map(self.key(key), map);
+        }
+        self
+    }
+
+    pub fn finish(&mut self) {
+        self.out.push(b'}');
+    }
+}
+
+fn write_list<T: GoJson>(out: &mut Vec<u8>, values: &[T]) {
+    out.push(b'[');
+    for (i, value) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        value.write_go_json(out);
+    }
+    out.push(b']');
+}
+
+/// Go sorts map keys; a `BTreeMap<String, _>` iterates in that (byte) order already.
+fn write_map<V: GoJson>(out: &mut Vec<u8>, map: &BTreeMap<String, V>) {
+    out.push(b'{');
+    for (i, (key, value)) in map.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_string(out, key.as_bytes());
+        out.push(b':');
+        value.write_go_json(out);
+    }
+    out.push(b'}');
+}
+
+impl GoJson for String {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        write_string(out, self.as_bytes());
+    }
+}
+
+impl GoJson for str {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        write_string(out, self.as_bytes());
+    }
+}
+
+impl GoJson for bool {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(if *self { b"true" } else { b"false" });
+    }
+}
+
+impl GoJson for i64 {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.to_string().as_bytes());
+    }
+}
+
+impl GoJson for pb::ExecOp {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .message("meta", self.meta.as_ref())
+            .list("mounts", &self.mounts)
+            .int("network", i64::from(self.network))
+            .int("security", i64::from(self.security))
+            .list("secretenv", &self.secretenv)
+            .finish();
+    }
+}
+
+impl GoJson for pb::Meta {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .strings("args", &self.args)
+            .strings("env", &self.env)
+            .string("cwd", &self.cwd)
+            .string("user", &self.user)
+            .message("proxy_env", self.proxy_env.as_ref())
+            .list("extraHosts", &self.extra_hosts)
+            .string("hostname", &self.hostname)
+            .list("ulimit", &self.ulimit)
+            .string("cgroupParent", &self.cgroup_parent)
+            .bool(
+                "removeMountStubsRecursive",
+                self.remove_mount_stubs_recursive,
+            )
+            .finish();
+    }
+}
+
+impl GoJson for pb::ProxyEnv {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("http_proxy", &self.http_proxy)
+            .string("https_proxy", &self.https_proxy)
+            .string("ftp_proxy", &self.ftp_proxy)
+            .string("no_proxy", &self.no_proxy)
+            .string("all_proxy", &self.all_proxy)
+            .finish();
+    }
+}
+
+impl GoJson for pb::HostIp {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("Host", &self.host)
+            .string("IP", &self.ip)
+            .finish();
+    }
+}
+
+impl GoJson for pb::Ulimit {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("Name", &self.name)
+            .int("Soft", self.soft)
+            .int("Hard", self.hard)
+            .finish();
+    }
+}
+
+impl GoJson for pb::SecretEnv {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("ID", &self.id)
+            .string("name", &self.name)
+            .bool("optional", self.optional)
+            .finish();
+    }
+}
+
+impl GoJson for pb::Mount {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .int_always("input", self.input)
+            .string("selector", &self.selector)
+            .string("dest", &self.dest)
+            .int_always("output", self.output)
+            .bool("readonly", self.readonly)
+            .int("mountType", i64::from(self.mount_type))
+            .message("TmpfsOpt", self.tmpfs_opt.as_ref())
+            .message("cacheOpt", self.cache_opt.as_ref())
+            .message("secretOpt", self.secret_opt.as_ref())
+            .message("SSHOpt", self.ssh_opt.as_ref())
+            .string("resultID", &self.result_id)
+            .finish();
+    }
+}
+
+impl GoJson for pb::TmpfsOpt {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out).int("size", self.size).finish();
+    }
+}
+
+impl GoJson for pb::CacheOpt {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("ID", &self.id)
+            .int("sharing", i64::from(self.sharing))
+            .finish();
+    }
+}
+
+impl GoJson for pb::SecretOpt {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("ID", &self.id)
+            .int("uid", i64::from(self.uid))
+            .int("gid", i64::from(self.gid))
+            .int("mode", i64::from(self.mode))
+            .bool("optional", self.optional)
+            .finish();
+    }
+}
+
+impl GoJson for pb::SshOpt {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("ID", &self.id)
+            .int("uid", i64::from(self.uid))
+            .int("gid", i64::from(self.gid))
+            .int("mode", i64::from(self.mode))
+            .bool("optional", self.optional)
+            .finish();
+    }
+}
+
+impl GoJson for pb::SourceOp {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("identifier", &self.identifier)
+            .string_map("attrs", &self.attrs)
+            .finish();
+    }
+}
+
+impl GoJson for pb::FileOp {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .list("actions", &self.actions)
+            .finish();
+    }
+}
+
+impl GoJson for pb::FileAction {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        let mut obj = ObjectWriter::new(out);
+        obj.int_always("input", self.input)
+            .int_always("secondaryInput", self.secondary_input)
+            .int_always("output", self.output);
+        let action = obj.key("Action");
+        match &self.action {
+            None => action.extend_from_slice(b"null"),
+            Some(pb::file_action::Action::Copy(copy)) => {
+                ObjectWriter::new(action)
+                    .message("copy", Some(copy))
+                    .finish();
+            }
+            Some(pb::file_action::Action::Mkfile(mkfile)) => {
+                ObjectWriter::new(action)
+                    .message("mkfile", Some(mkfile))
+                    .finish();
+            }
+            Some(pb::file_action::Action::Mkdir(mkdir)) => {
+                ObjectWriter::new(action)
+                    .message("mkdir", Some(mkdir))
+                    .finish();
+            }
+            Some(pb::file_action::Action::Rm(rm)) => {
+                ObjectWriter::new(action).message("rm", Some(rm)).finish();
+            }
+        }
+        obj.finish();
+    }
+}
+
+impl GoJson for pb::FileActionCopy {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("src", &self.src)
+            .string("dest", &self.dest)
+            .message("owner", self.owner.as_ref())
+            .int("mode", i64::from(self.mode))
+            .bool("followSymlink", self.follow_symlink)
+            .bool("dirCopyContents", self.dir_copy_contents)
+            .bool(
+                "attemptUnpackDockerCompatibility",
+                self.attempt_unpack_docker_compatibility,
+            )
+            .bool("createDestPath", self.create_dest_path)
+            .bool("allowWildcard", self.allow_wildcard)
+            .bool("allowEmptyWildcard", self.allow_empty_wildcard)
+            .int("timestamp", self.timestamp)
+            .strings("include_patterns", &self.include_patterns)
+            .strings("exclude_patterns", &self.exclude_patterns)
+            .finish();
+    }
+}
+
+impl GoJson for pb::FileActionMkFile {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("path", &self.path)
+            .int("mode", i64::from(self.mode))
+            .bytes("data", &self.data)
+            .message("owner", self.owner.as_ref())
+            .int("timestamp", self.timestamp)
+            .finish();
+    }
+}
+
+impl GoJson for pb::FileActionMkDir {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("path", &self.path)
+            .int("mode", i64::from(self.mode))
+            .bool("makeParents", self.make_parents)
+            .message("owner", self.owner.as_ref())
+            .int("timestamp", self.timestamp)
+            .finish();
+    }
+}
+
+impl GoJson for pb::FileActionRm {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("path", &self.path)
+            .bool("allowNotFound", self.allow_not_found)
+            .bool("allowWildcard", self.allow_wildcard)
+            .finish();
+    }
+}
+
+impl GoJson for pb::ChownOpt {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .message("user", self.user.as_ref())
+            .message("group", self.group.as_ref())
+            .finish();
+    }
+}
+
+impl GoJson for pb::UserOpt {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        let mut obj = ObjectWriter::new(out);
+        let user = obj.key("User");
+        match &self.user {
+            None => user.extend_from_slice(b"null"),
+            Some(pb::user_opt::User::ByName(named)) => {
+                ObjectWriter::new(user)
+                    .message("byName", Some(named))
+                    .finish();
+            }
+            Some(pb::user_opt::User::ById(id)) => {
+                ObjectWriter::new(user).int("byID", i64::from(*id)).finish();
+            }
+        }
+        obj.finish();
+    }
+}
+
+impl GoJson for pb::NamedUserOpt {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("name", &self.name)
+            .int_always("input", self.input)
+            .finish();
+    }
+}
+
+impl GoJson for pb::MergeOp {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out).list("inputs", &self.inputs).finish();
+    }
+}
+
+impl GoJson for pb::MergeInput {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .int_always("input", self.input)
+            .finish();
+    }
+}
+
+impl GoJson for pb::DiffOp {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .message("lower", self.lower.as_ref())
+            .message("upper", self.upper.as_ref())
+            .finish();
+    }
+}
+
+impl GoJson for pb::LowerDiffInput {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .int_always("input", self.input)
+            .finish();
+    }
+}
+
+impl GoJson for pb::UpperDiffInput {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .int_always("input", self.input)
+            .finish();
+    }
+}
+
+impl GoJson for pb::BuildOp {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        let mut obj = ObjectWriter::new(out);
+        obj.int_always("builder", self.builder);
+        if !self.inputs.is_empty() {
+            write_map(obj.key("inputs"), &self.inputs);
+        }
+        obj.message("def", self.def.as_ref())
+            .string_map("attrs", &self.attrs)
+            .finish();
+    }
+}
+
+impl GoJson for pb::BuildInput {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .int_always("input", self.input)
+            .finish();
+    }
+}
+
+impl GoJson for pb::Definition {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        let mut obj = ObjectWriter::new(out);
+        if !self.def.is_empty() {
+            let list = obj.key("def");
+            list.push(b'[');
+            for (i, op) in self.def.iter().enumerate() {
+                if i > 0 {
+                    list.push(b',');
+                }
+                let encoded = base64::engine::general_purpose::STANDARD.encode(op);
+                write_string(list, encoded.as_bytes());
+            }
+            list.push(b']');
+        }
+        // Non-nullable in gogo: always present (`null` when empty, as Go writes a nil map).
+        let metadata = obj.key("metadata");
+        if self.metadata.is_empty() {
+            metadata.extend_from_slice(b"null");
+        } else {
+            write_map(metadata, &self.metadata);
+        }
+        // Source maps are for error reporting only and are left out of this view.
+        obj.finish();
+    }
+}
+
+impl GoJson for pb::OpMetadata {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        let mut obj = ObjectWriter::new(out);
+        obj.bool("ignore_cache", self.ignore_cache)
+            .string_map("description", &self.description)
+            .message("export_cache", self.export_cache.as_ref());
+        // Non-nullable map in gogo: no omitempty.
+        let caps = obj.key("caps");
+        if self.caps.is_empty() {
+            caps.extend_from_slice(b"null");
+        } else {
+            write_map(caps, &self.caps);
+        }
+        obj.message("progress_group", self.progress_group.as_ref())
+            .finish();
+    }
+}
+
+impl GoJson for pb::ExportCache {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out).bool("Value", self.value).finish();
+    }
+}
+
+impl GoJson for pb::ProgressGroup {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("id", &self.id)
+            .string("name", &self.name)
+            .bool("weak", self.weak)
+            .finish();
+    }
+}
+
+impl GoJson for pb::Platform {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string("Architecture", &self.architecture)
+            .string("OS", &self.os)
+            .string("Variant", &self.variant)
+            .string("OSVersion", &self.os_version)
+            .strings("OSFeatures", &self.os_features)
+            .finish();
+    }
+}
+
+impl GoJson for pb::Input {
+    fn write_go_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .string_always("digest", &self.digest)
+            .int_always("index", self.index)
+            .finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(input: &[u8]) -> String {
+        let mut out = Vec::new();
+        write_string(&mut out, input);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn quote_and_backslash_are_escaped() {
+        assert_eq!(s(br#"a"b\c"#), r#""a\"b\\c""#);
+    }
+
+    #[test]
+    fn newline_return_tab_use_short_escapes() {
+        assert_eq!(s(b"\n\r\t"), r#""\n\r\t""#);
+    }
+
+    #[test]
+    fn other_control_bytes_use_lowercase_u00xx() {
+        // Go 1.19 writes \b and \f as \u0008 and \u000c.
+        assert_eq!(
+            s(b"\x00\x08\x0c\x1b\x1f"),
+            r#""\u0000\u0008\u000c\u001b\u001f""#
+        );
+    }
+
+    #[test]
+    fn html_characters_are_escaped() {
+        assert_eq!(s(b"<a & b>"), r#""\u003ca \u0026 b\u003e""#);
+    }
+
+    #[test]
+    fn line_and_paragraph_separators_are_escaped() {
+        assert_eq!(s("x\u{2028}y\u{2029}".as_bytes()), r#""x\u2028y\u2029""#);
+    }
+
+    #[test]
+    fn invalid_utf8_bytes_each_become_replacement_escapes() {
+        assert_eq!(s(b"a\xffb"), r#""a\ufffdb""#);
+        // A truncated 3-byte sequence is two invalid bytes for Go.
+        assert_eq!(s(b"\xe2\x82a"), r#""\ufffd\ufffda""#);
+        // Encoded surrogates are invalid byte by byte.
+        assert_eq!(s(b"\xed\xa0\x80"), r#""\ufffd\ufffd\ufffd""#);
+    }
+
+    #[test]
+    fn non_ascii_slash_and_del_are_raw() {
+        assert_eq!(s("é/ü\u{7f}".as_bytes()), "\"é/ü\u{7f}\"");
+    }
+
+    #[test]
+    fn mount_keeps_input_and_output_and_omits_empty_fields() {
+        let mount = pb::Mount {
+            input: 0,
+            output: 0,
+            dest: "/".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            String::from_utf8(to_go_json(&mount)).unwrap(),
+            r#"{"input":0,"dest":"/","output":0}"#
+        );
+    }
+
+    #[test]
+    fn present_empty_submessage_is_an_empty_object() {
+        let mount = pb::Mount {
+            input: -1,
+            output: -1,
+            dest: "/c".into(),
+            mount_type: pb::MountType::Cache as i32,
+            cache_opt: Some(pb::CacheOpt::default()),
+            ..Default::default()
+        };
+        assert_eq!(
+            String::from_utf8(to_go_json(&mount)).unwrap(),
+            r#"{"input":-1,"dest":"/c","output":-1,"mountType":3,"cacheOpt":{}}"#
+        );
+    }
+
+    #[test]
+    fn oneof_fields_use_the_interface_name() {
+        let action = pb::FileAction {
+            input: 0,
+            secondary_input: -1,
+            output: 0,
+            action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                path: "/a".into(),
+                mode: 0o755,
+                ..Default::default()
+            })),
+        };
+        assert_eq!(
+            String::from_utf8(to_go_json(&action)).unwrap(),
+            r#"{"input":0,"secondaryInput":-1,"output":0,"Action":{"mkdir":{"path":"/a","mode":493}}}"#
+        );
+        let by_id = pb::UserOpt {
+            user: Some(pb::user_opt::User::ById(0)),
+        };
+        assert_eq!(
+            String::from_utf8(to_go_json(&by_id)).unwrap(),
+            r#"{"User":{}}"#
+        );
+    }
+
+    #[test]
+    fn bytes_are_base64_and_maps_sorted() {
+        let mkfile = pb::FileActionMkFile {
+            path: "/f".into(),
+            data: b"hi\n".to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(
+            String::from_utf8(to_go_json(&mkfile)).unwrap(),
+            r#"{"path":"/f","data":"aGkK"}"#
+        );
+        let mut source = pb::SourceOp {
+            identifier: "local://x".into(),
+            ..Default::default()
+        };
+        source.attrs.insert("b".into(), "2".into());
+        source.attrs.insert("a".into(), "<1>".into());
+        assert_eq!(
+            String::from_utf8(to_go_json(&source)).unwrap(),
+            r#"{"identifier":"local://x","attrs":{"a":"\u003c1\u003e","b":"2"}}"#
+        );
+    }
+}

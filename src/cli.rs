@@ -1,0 +1,69 @@
+//! Command-line syntax. Flags mirror buildctl and runc where those exist.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Rootless executor for BuildKit LLB build steps"
+)]
+pub struct Cli {
+    /// State directory (snapshots, cache, metadata).
+    #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Log what kiln decides and why.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspection tools for LLB definitions.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Print each op of a Definition, one JSON object per line (or a Graphviz graph).
+    DumpLlb(DumpLlbArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DumpLlbArgs {
+    /// Definition file (marshaled pb.Definition); standard input when absent.
+    pub file: Option<PathBuf>,
+    /// Print a Graphviz graph instead of JSON lines.
+    #[arg(long)]
+    pub dot: bool,
+}
+
+pub fn parse() -> Cli {
+    Cli::parse()
+}
+
+impl Cli {
+    /// `--root`, else `/var/lib/kiln` as root, else `$XDG_DATA_HOME/kiln` or
+    /// `~/.local/share/kiln`.
+    #[allow(dead_code)]
+    pub fn root_dir(&self) -> PathBuf {
+        if let Some(root) = &self.root {
+            return root.clone();
+        }
+        if nix::unistd::Uid::effective().is_root() {
+            return PathBuf::from("/var/lib/kiln");
+        }
+        if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+            return PathBuf::from(data).join("kiln");
+        }
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        home.join(".local/share/kiln")
+    }
+}

@@ -1,0 +1,31 @@
+//! One module per `kiln` subcommand.
+
+mod debug;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cli::{Cli, Command};
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Debug(command) => debug::run(command),
+    }
+}
+
+/// Reads a Definition from `file`, or standard input when absent.
+pub fn read_input(file: Option<&Path>) -> anyhow::Result<Vec<u8>> {
+    match file {
+        Some(path) => std::fs::read(path).with_context(|| format!("reading {}", path.display())),
+        None => {
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut bytes)
+                .context("reading the definition from standard input")?;
+            Ok(bytes)
+        }
+    }
+}
