@@ -91,3 +91,68 @@ pub fn which(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
+
+/// Where a test runs after [`rerun_as_test_user`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum AsTestUser {
+    /// This process *is* the re-run as the test user: run the test body.
+    Inner,
+    /// The re-run as the test user passed; the outer (root) test is done.
+    Passed,
+    /// Prerequisites missing outside CI (a reason was printed).
+    Skipped,
+}
+
+/// Re-runs the calling test (by its libtest name) as the unprivileged [`TEST_USER`] via
+/// `runuser`, so rootless behaviour is tested for real. Panics with the inner output when
+/// the re-run fails. Call it first thing in the test and `return` unless it gives `Inner`.
+pub fn rerun_as_test_user() -> AsTestUser {
+    if std::env::var_os("KILN_TEST_INNER").is_some() {
+        return AsTestUser::Inner;
+    }
+    if !require(
+        test_user_ready(),
+        "root, runuser and the test user kiln-test with /etc/subuid",
+    ) {
+        return AsTestUser::Skipped;
+    }
+    let name = std::thread::current()
+        .name()
+        .expect("libtest names test threads after the test")
+        .to_owned();
+    let exe = std::env::current_exe().expect("current test executable");
+    let output = Command::new("runuser")
+        .args(["-u", TEST_USER, "--", "env", "KILN_TEST_INNER=1"])
+        .arg(format!("CI={}", std::env::var("CI").unwrap_or_default()))
+        .arg(format!(
+            "KILN_SHARED_DIR={}",
+            shared_dir_lenient().display()
+        ))
+        .arg(format!("HOME=/home/{TEST_USER}"))
+        .arg(&exe)
+        .args(["--exact", &name, "--nocapture", "--test-threads=1"])
+        .current_dir("/tmp")
+        .output()
+        .expect("run runuser");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("--- as {TEST_USER}: {name} ---\n{stdout}{stderr}--- end ---");
+    assert!(
+        output.status.success(),
+        "test {name} failed as {TEST_USER} ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "test {name} did not run as {TEST_USER}:\n{stdout}"
+    );
+    AsTestUser::Passed
+}
+
+fn shared_dir_lenient() -> PathBuf {
+    std::env::var_os("KILN_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared"))
+        .canonicalize()
+        .unwrap_or_default()
+}

@@ -1,0 +1,563 @@
+//! The one place in the executor with `unsafe`: raw syscalls that neither `nix` nor the
+//! standard library wrap, each behind a safe function, and the [`Sys`] trait through which
+//! mount and path logic reaches the kernel (so [`recording::RecordingSys`] can stand in
+//! for it in unit tests that run without root).
+//!
+//! Process-level primitives (fork, clone3, pidfds, signals) are free functions: they are
+//! exercised by the integration tests, not by the fake.
+
+pub mod recording;
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use nix::unistd::Pid;
+
+/// Result of a raw syscall wrapper.
+pub type SysResult<T> = Result<T, Errno>;
+
+fn cstring(path: &Path) -> SysResult<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+fn check(ret: libc::c_long) -> SysResult<libc::c_long> {
+    if ret < 0 { Err(Errno::last()) } else { Ok(ret) }
+}
+
+/// Takes ownership of a file descriptor a syscall just returned.
+fn owned_fd(ret: libc::c_long) -> SysResult<OwnedFd> {
+    let fd = RawFd::try_from(check(ret)?).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just returned `fd` as a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+// ---------------------------------------------------------------------------------------
+// Process control
+
+/// Outcome of [`fork`] and [`clone_into_namespaces`].
+#[derive(Debug)]
+pub enum Forked {
+    Parent { child: Pid, pidfd: Option<OwnedFd> },
+    Child,
+}
+
+/// `fork(2)`.
+///
+/// # Caveats
+/// Only for single-threaded callers, or when the child does nothing but
+/// async-signal-safe work (or relies on glibc's fork handlers, which reset the malloc
+/// locks) before exiting or exec'ing.
+pub fn fork() -> SysResult<Forked> {
+    // SAFETY: callers uphold the documented single-thread contract; the child either
+    // continues as the only thread or restricts itself to fork-safe operations.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent { child, pidfd: None }),
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// Forks into new namespaces with `clone3(2)` (fork semantics: no shared memory, the child
+/// runs on a copy of the caller's stack), returning a pidfd for the child when asked.
+///
+/// # Caveats
+/// Same single-thread contract as [`fork`].
+pub fn clone_into_namespaces(namespace_flags: u64, want_pidfd: bool) -> SysResult<Forked> {
+    let mut pidfd: RawFd = -1;
+    let mut args: libc::clone_args = libc::clone_args {
+        flags: namespace_flags
+            | if want_pidfd {
+                libc::CLONE_PIDFD as u64
+            } else {
+                0
+            },
+        pidfd: if want_pidfd {
+            (&raw mut pidfd) as u64
+        } else {
+            0
+        },
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: 0,
+    };
+    // SAFETY: without CLONE_VM and with a null stack, clone3 behaves like fork: the child
+    // gets a private copy of the address space and continues on its copy of this stack.
+    // `args` and `pidfd` outlive the call; the size passed is that of the struct.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &raw mut args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    match check(ret)? {
+        0 => Ok(Forked::Child),
+        pid => {
+            let child = Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::ESRCH)?);
+            let pidfd = if want_pidfd {
+                // SAFETY: with CLONE_PIDFD the kernel stored a new descriptor in `pidfd`.
+                Some(unsafe { OwnedFd::from_raw_fd(pidfd) })
+            } else {
+                None
+            };
+            Ok(Forked::Parent { child, pidfd })
+        }
+    }
+}
+
+/// `_exit(2)`: ends the process without running destructors or atexit handlers, as a
+/// forked child must.
+pub fn exit_immediately(code: i32) -> ! {
+    // SAFETY: _exit takes any status and never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// `pidfd_open(2)`.
+pub fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; the result is a new descriptor.
+    owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) })
+}
+
+/// `pidfd_send_signal(2)`.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: nix::sys::signal::Signal) -> SysResult<()> {
+    // SAFETY: a valid pidfd, a valid signal number, no siginfo, no flags.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// Closes every descriptor from `first` up (`close_range(2)`).
+pub fn close_fds_from(first: u32) -> SysResult<()> {
+    // SAFETY: close_range only closes descriptors of this process; callers call it right
+    // before exec when no Rust object still uses those descriptors.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) }).map(drop)
+}
+
+/// Marks every descriptor from `first` up close-on-exec.
+pub fn cloexec_fds_from(first: u32) -> SysResult<()> {
+    // SAFETY: only changes descriptor flags.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    })
+    .map(drop)
+}
+
+/// A received signal with the fields kiln looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct SignalInfo {
+    pub signal: i32,
+    /// `SI_USER` (0) when sent with kill(2); `SI_KERNEL` etc. otherwise (e.g. a tty's ^C).
+    pub code: i32,
+    pub pid: i32,
+}
+
+/// `sigwaitinfo(2)` on `set` (which the caller has blocked).
+pub fn wait_signal(set: &nix::sys::signal::SigSet) -> SysResult<SignalInfo> {
+    // SAFETY: siginfo_t is plain data, valid when zeroed; the kernel fills it in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `set` points to a valid sigset_t and `info` to writable storage.
+        let ret = unsafe { libc::sigwaitinfo(set.as_ref(), &raw mut info) };
+        if ret >= 0 {
+            // SAFETY: si_pid is valid to read for the signals kiln waits for (all are
+            // either SIGCHLD or kill/tty-generated); for others it reads as 0.
+            let pid = unsafe { info.si_pid() };
+            return Ok(SignalInfo {
+                signal: ret,
+                code: info.si_code,
+                pid,
+            });
+        }
+        let errno = Errno::last();
+        if errno != Errno::EINTR {
+            return Err(errno);
+        }
+    }
+}
+
+/// Brings a network interface up (`SIOCSIFFLAGS` with `IFF_UP`), used for `lo` in a new
+/// network namespace.
+pub fn set_interface_up(name: &str) -> SysResult<()> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain data, valid when zeroed.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= req.ifr_name.len() {
+        return Err(Errno::EINVAL);
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq with a NUL-terminated name; SIOCGIFFLAGS fills in the
+    // flags union member.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) }.into())?;
+    // SAFETY: reading and writing the flags member SIOCGIFFLAGS just filled in.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+    }
+    // SAFETY: as above; SIOCSIFFLAGS reads the flags member.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &raw mut req) }.into())
+        .map(drop)
+}
+
+// ---------------------------------------------------------------------------------------
+// Paths and mounts
+
+/// How [`Sys::openat2`] resolves a path (`RESOLVE_*` flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resolve {
+    /// Treat the directory fd as `/`: `..` and absolute symlinks cannot leave it.
+    pub in_root: bool,
+    /// Refuse `/proc/<pid>/fd`-style magic links.
+    pub no_magiclinks: bool,
+    /// Refuse every symlink.
+    pub no_symlinks: bool,
+    /// Refuse crossing into another mount.
+    pub no_xdev: bool,
+}
+
+impl Resolve {
+    /// In-root resolution without magic links: how kiln resolves attacker-controlled paths.
+    pub const IN_ROOT: Resolve = Resolve {
+        in_root: true,
+        no_magiclinks: true,
+        no_symlinks: false,
+        no_xdev: false,
+    };
+
+    fn bits(self) -> u64 {
+        let mut bits = 0;
+        if self.in_root {
+            bits |= libc::RESOLVE_IN_ROOT;
+        }
+        if self.no_magiclinks {
+            bits |= libc::RESOLVE_NO_MAGICLINKS;
+        }
+        if self.no_symlinks {
+            bits |= libc::RESOLVE_NO_SYMLINKS;
+        }
+        if self.no_xdev {
+            bits |= libc::RESOLVE_NO_XDEV;
+        }
+        bits
+    }
+}
+
+/// Mount attributes for [`Sys::mount_setattr`] and [`Sys::fsmount`] (`MOUNT_ATTR_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MountAttrs {
+    pub readonly: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+}
+
+impl MountAttrs {
+    fn bits(self) -> u64 {
+        let mut bits = 0;
+        if self.readonly {
+            bits |= libc::MOUNT_ATTR_RDONLY;
+        }
+        if self.nosuid {
+            bits |= libc::MOUNT_ATTR_NOSUID;
+        }
+        if self.nodev {
+            bits |= libc::MOUNT_ATTR_NODEV;
+        }
+        if self.noexec {
+            bits |= libc::MOUNT_ATTR_NOEXEC;
+        }
+        bits
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.bits() == 0
+    }
+}
+
+/// The kernel operations the rootfs and mount logic needs. [`LinuxSys`] is the real one;
+/// [`recording::RecordingSys`] records calls for unit tests.
+pub trait Sys: std::fmt::Debug {
+    /// `openat2(2)`.
+    fn openat2(
+        &self,
+        dir: BorrowedFd<'_>,
+        path: &Path,
+        flags: OFlag,
+        mode: Mode,
+        resolve: Resolve,
+    ) -> SysResult<OwnedFd>;
+    /// `mkdirat(2)`.
+    fn mkdirat(&self, dir: BorrowedFd<'_>, name: &Path, mode: Mode) -> SysResult<()>;
+    /// `fchownat(2)` of `name` in `dir` without following a final symlink (or of `dir`
+    /// itself when `name` is empty).
+    fn fchownat(&self, dir: BorrowedFd<'_>, name: &Path, uid: u32, gid: u32) -> SysResult<()>;
+    /// `mknodat(2)`.
+    fn mknodat(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &Path,
+        kind: nix::sys::stat::SFlag,
+        mode: Mode,
+        dev: u64,
+    ) -> SysResult<()>;
+    /// `symlinkat(2)`.
+    fn symlinkat(&self, target: &Path, dir: BorrowedFd<'_>, name: &Path) -> SysResult<()>;
+    /// `open_tree(2)` with `OPEN_TREE_CLONE` (+ `AT_RECURSIVE` when `recursive`), of `path`
+    /// relative to `dir`, or of `dir` itself when `path` is empty.
+    fn clone_tree(&self, dir: BorrowedFd<'_>, path: &Path, recursive: bool) -> SysResult<OwnedFd>;
+    /// `move_mount(2)` of a detached tree onto the directory or file `target` refers to.
+    fn move_mount_onto(&self, tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> SysResult<()>;
+    /// `fsopen(2)` + one `fsconfig(FSCONFIG_SET_STRING|SET_FLAG)` per option + create +
+    /// `fsmount(2)` with `attrs`: a new, detached filesystem instance.
+    fn new_filesystem(
+        &self,
+        fstype: &str,
+        options: &[(String, Option<String>)],
+        attrs: MountAttrs,
+    ) -> SysResult<OwnedFd>;
+    /// `mount_setattr(2)` on the mount `target` refers to.
+    fn mount_setattr(
+        &self,
+        target: BorrowedFd<'_>,
+        recursive: bool,
+        set: MountAttrs,
+    ) -> SysResult<()>;
+    /// Changes propagation of the whole mount tree at `/` to slave.
+    fn make_rslave_root(&self) -> SysResult<()>;
+    /// `fchdir(2)`, `pivot_root(".", ".")`, `umount2(".", MNT_DETACH)`, `chdir("/")`.
+    fn pivot_to(&self, new_root: BorrowedFd<'_>) -> SysResult<()>;
+}
+
+/// The real kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSys;
+
+impl Sys for LinuxSys {
+    fn openat2(
+        &self,
+        dir: BorrowedFd<'_>,
+        path: &Path,
+        flags: OFlag,
+        mode: Mode,
+        resolve: Resolve,
+    ) -> SysResult<OwnedFd> {
+        let path = cstring(path)?;
+        // SAFETY: open_how is plain data, valid when zeroed (it is non-exhaustive in libc).
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (flags | OFlag::O_CLOEXEC).bits() as u64;
+        how.mode = u64::from(mode.bits());
+        how.resolve = resolve.bits();
+        loop {
+            // SAFETY: `path` is NUL-terminated, `how` is a valid open_how of the size given.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_openat2,
+                    dir.as_raw_fd(),
+                    path.as_ptr(),
+                    &raw const how,
+                    std::mem::size_of::<libc::open_how>(),
+                )
+            };
+            match owned_fd(ret) {
+                // EAGAIN: a concurrent rename raced the in-root lookup; retry (runc does too).
+                Err(Errno::EAGAIN) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn mkdirat(&self, dir: BorrowedFd<'_>, name: &Path, mode: Mode) -> SysResult<()> {
+        nix::sys::stat::mkdirat(dir, name, mode)
+    }
+
+    fn fchownat(&self, dir: BorrowedFd<'_>, name: &Path, uid: u32, gid: u32) -> SysResult<()> {
+        let flag = if name.as_os_str().is_empty() {
+            nix::fcntl::AtFlags::AT_EMPTY_PATH | nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW
+        } else {
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW
+        };
+        nix::unistd::fchownat(
+            dir,
+            name,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            flag,
+        )
+    }
+
+    fn mknodat(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &Path,
+        kind: nix::sys::stat::SFlag,
+        mode: Mode,
+        dev: u64,
+    ) -> SysResult<()> {
+        nix::sys::stat::mknodat(dir, name, kind, mode, dev)
+    }
+
+    fn symlinkat(&self, target: &Path, dir: BorrowedFd<'_>, name: &Path) -> SysResult<()> {
+        nix::unistd::symlinkat(target, dir, name)
+    }
+
+    fn clone_tree(&self, dir: BorrowedFd<'_>, path: &Path, recursive: bool) -> SysResult<OwnedFd> {
+        let mut flags = libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC;
+        if recursive {
+            flags |= libc::AT_RECURSIVE as libc::c_uint;
+        }
+        if path.as_os_str().is_empty() {
+            flags |= libc::AT_EMPTY_PATH as libc::c_uint;
+        }
+        let path = cstring(path)?;
+        // SAFETY: valid dirfd, NUL-terminated path, flags only; returns a new descriptor.
+        owned_fd(unsafe {
+            libc::syscall(libc::SYS_open_tree, dir.as_raw_fd(), path.as_ptr(), flags)
+        })
+    }
+
+    fn move_mount_onto(&self, tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> SysResult<()> {
+        let empty = c"";
+        // SAFETY: both descriptors are valid; empty paths with the *_EMPTY_PATH flags make
+        // the kernel use the descriptors themselves.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                target.as_raw_fd(),
+                empty.as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+            )
+        })
+        .map(drop)
+    }
+
+    fn new_filesystem(
+        &self,
+        fstype: &str,
+        options: &[(String, Option<String>)],
+        attrs: MountAttrs,
+    ) -> SysResult<OwnedFd> {
+        let fstype = CString::new(fstype).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: NUL-terminated filesystem name; returns a new fs-context descriptor.
+        let fs = owned_fd(unsafe {
+            libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), libc::FSOPEN_CLOEXEC)
+        })?;
+        for (key, value) in options {
+            let key = CString::new(key.as_str()).map_err(|_| Errno::EINVAL)?;
+            match value {
+                Some(value) => {
+                    let value = CString::new(value.as_str()).map_err(|_| Errno::EINVAL)?;
+                    fsconfig(
+                        fs.as_raw_fd(),
+                        libc::FSCONFIG_SET_STRING,
+                        Some(&key),
+                        Some(&value),
+                    )?;
+                }
+                None => fsconfig(fs.as_raw_fd(), libc::FSCONFIG_SET_FLAG, Some(&key), None)?,
+            }
+        }
+        fsconfig(fs.as_raw_fd(), libc::FSCONFIG_CMD_CREATE, None, None)?;
+        // SAFETY: valid fs-context descriptor, flags and attribute bits only.
+        owned_fd(unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                fs.as_raw_fd(),
+                libc::FSMOUNT_CLOEXEC,
+                attrs.bits(),
+            )
+        })
+    }
+
+    fn mount_setattr(
+        &self,
+        target: BorrowedFd<'_>,
+        recursive: bool,
+        set: MountAttrs,
+    ) -> SysResult<()> {
+        let attr = libc::mount_attr {
+            attr_set: set.bits(),
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        let mut flags = libc::AT_EMPTY_PATH;
+        if recursive {
+            flags |= libc::AT_RECURSIVE;
+        }
+        // SAFETY: valid descriptor, empty path with AT_EMPTY_PATH, `attr` of the size given.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                target.as_raw_fd(),
+                c"".as_ptr(),
+                flags,
+                &raw const attr,
+                std::mem::size_of::<libc::mount_attr>(),
+            )
+        })
+        .map(drop)
+    }
+
+    fn make_rslave_root(&self) -> SysResult<()> {
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_SLAVE,
+            None::<&str>,
+        )
+    }
+
+    fn pivot_to(&self, new_root: BorrowedFd<'_>) -> SysResult<()> {
+        nix::unistd::fchdir(new_root)?;
+        // pivot_root(".", ".") stacks the old root on top of the new one; detaching it
+        // leaves only the new root (runc's trick: no temporary directory in the rootfs).
+        nix::unistd::pivot_root(".", ".")?;
+        nix::mount::umount2(".", nix::mount::MntFlags::MNT_DETACH)?;
+        nix::unistd::chdir("/")
+    }
+}
+
+fn fsconfig(
+    fs: RawFd,
+    cmd: libc::c_uint,
+    key: Option<&CStr>,
+    value: Option<&CStr>,
+) -> SysResult<()> {
+    let key = key.map_or(std::ptr::null(), CStr::as_ptr);
+    let value = value.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: valid fs-context descriptor; key/value are NUL-terminated or null as the
+    // command requires; aux is unused (0).
+    check(unsafe { libc::syscall(libc::SYS_fsconfig, fs, cmd, key, value, 0) }).map(drop)
+}
