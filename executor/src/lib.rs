@@ -2,5 +2,16 @@
 //! id maps, mounts, pivot_root, /proc /dev /sys, masked paths, capabilities, rlimits,
 //! user lookup, environment, exit status and cancellation.
 
+pub mod caps;
+pub mod cgroup;
+pub mod hosts;
+pub mod path;
+pub mod process;
+pub mod rootfs;
+pub mod seccomp;
+pub mod spec;
+pub mod stubs;
+pub mod supervisor;
 pub mod sys;
+pub mod user;
 pub mod userns;

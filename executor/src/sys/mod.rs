@@ -228,6 +228,27 @@ pub fn set_interface_up(name: &str) -> SysResult<()> {
         .map(drop)
 }
 
+/// Installs a compiled seccomp filter on the calling thread without setting
+/// `no_new_privs` (the caller holds `CAP_SYS_ADMIN` in its user namespace), so a step's
+/// `noNewPrivileges: false` is honoured.
+pub fn install_seccomp(program: &[seccompiler::sock_filter]) -> SysResult<()> {
+    let prog = libc::sock_fprog {
+        len: u16::try_from(program.len()).map_err(|_| Errno::E2BIG)?,
+        // seccompiler's sock_filter is the kernel's struct sock_filter (repr(C), same fields).
+        filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
+    };
+    // SAFETY: `prog` points to `program`, which outlives the call; the kernel copies it.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &raw const prog,
+        )
+    })
+    .map(drop)
+}
+
 // ---------------------------------------------------------------------------------------
 // Paths and mounts
 
@@ -303,6 +324,16 @@ impl MountAttrs {
     }
 }
 
+/// The type of file a descriptor refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    Directory,
+    Regular,
+    Symlink,
+    CharDevice,
+    Other,
+}
+
 /// The kernel operations the rootfs and mount logic needs. [`LinuxSys`] is the real one;
 /// [`recording::RecordingSys`] records calls for unit tests.
 pub trait Sys: std::fmt::Debug {
@@ -315,6 +346,8 @@ pub trait Sys: std::fmt::Debug {
         mode: Mode,
         resolve: Resolve,
     ) -> SysResult<OwnedFd>;
+    /// `fstat(2)`, reduced to the file type.
+    fn file_kind(&self, fd: BorrowedFd<'_>) -> SysResult<FileKind>;
     /// `mkdirat(2)`.
     fn mkdirat(&self, dir: BorrowedFd<'_>, name: &Path, mode: Mode) -> SysResult<()>;
     /// `fchownat(2)` of `name` in `dir` without following a final symlink (or of `dir`
@@ -393,6 +426,17 @@ impl Sys for LinuxSys {
                 other => return other,
             }
         }
+    }
+
+    fn file_kind(&self, fd: BorrowedFd<'_>) -> SysResult<FileKind> {
+        let stat = nix::sys::stat::fstat(fd)?;
+        Ok(match stat.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => FileKind::Directory,
+            libc::S_IFREG => FileKind::Regular,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFCHR => FileKind::CharDevice,
+            _ => FileKind::Other,
+        })
     }
 
     fn mkdirat(&self, dir: BorrowedFd<'_>, name: &Path, mode: Mode) -> SysResult<()> {

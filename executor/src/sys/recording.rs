@@ -13,7 +13,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, SFlag};
 
-use super::{MountAttrs, Resolve, Sys, SysResult};
+use super::{FileKind, MountAttrs, Resolve, Sys, SysResult};
 
 /// What a path in the fake tree is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,8 +147,9 @@ impl RecordingSys {
         self.calls.borrow_mut().push(call);
     }
 
-    /// In-root resolution over the fake tree: `..` clamps at the root and symlinks are
-    /// followed relative to it, as `RESOLVE_IN_ROOT` does.
+    /// In-root resolution over the fake tree: `base` (the directory descriptor) acts as
+    /// `/`, `..` clamps there and symlinks are followed relative to it, as
+    /// `RESOLVE_IN_ROOT` does.
     fn resolve(
         &self,
         base: &str,
@@ -156,33 +157,41 @@ impl RecordingSys {
         resolve: Resolve,
         follow_last: bool,
     ) -> SysResult<String> {
-        let mut parts: Vec<String> = Vec::new();
-        for component in Path::new(base).components().chain(path.components()) {
+        let under = |parts: &[String]| {
+            let tail = parts.join("/");
+            match (base, tail.is_empty()) {
+                (_, true) => base.to_owned(),
+                ("/", false) => format!("/{tail}"),
+                (_, false) => format!("{base}/{tail}"),
+            }
+        };
+        let mut queue: Vec<String> = Vec::new();
+        for component in path.components().rev() {
             match component {
-                Component::RootDir => parts.clear(),
-                Component::CurDir | Component::Prefix(_) => {}
-                Component::ParentDir => {
-                    parts.pop();
-                }
-                Component::Normal(name) => parts.push(name.to_string_lossy().into_owned()),
+                Component::Normal(n) => queue.push(n.to_string_lossy().into_owned()),
+                Component::ParentDir => queue.push("..".to_owned()),
+                _ => {}
             }
         }
         let mut resolved: Vec<String> = Vec::new();
         let mut hops = 0;
-        let mut queue: Vec<String> = parts.into_iter().rev().collect();
         while let Some(name) = queue.pop() {
             if name == ".." {
                 resolved.pop();
                 continue;
             }
             resolved.push(name);
-            let current = format!("/{}", resolved.join("/"));
+            let current = under(&resolved);
             let is_last = queue.is_empty();
-            if let Some(Node::Symlink(target)) = self.nodes.borrow().get(&current) {
-                if resolve.no_symlinks || (is_last && !follow_last) {
-                    if is_last && !follow_last {
-                        return Ok(current);
-                    }
+            let link = match self.nodes.borrow().get(&current) {
+                Some(Node::Symlink(target)) => Some(target.clone()),
+                _ => None,
+            };
+            if let Some(target) = link {
+                if is_last && !follow_last {
+                    return Ok(current);
+                }
+                if resolve.no_symlinks {
                     return Err(Errno::ELOOP);
                 }
                 hops += 1;
@@ -202,7 +211,7 @@ impl RecordingSys {
                 }
             }
         }
-        Ok(format!("/{}", resolved.join("/")))
+        Ok(under(&resolved))
     }
 }
 
@@ -216,7 +225,11 @@ fn normalize(path: &Path) -> String {
 }
 
 fn join(dir: &str, name: &Path) -> String {
-    if dir == "/" {
+    if name.is_absolute() {
+        normalize(name)
+    } else if name.as_os_str().is_empty() || name == Path::new(".") {
+        dir.to_owned()
+    } else if dir == "/" {
         format!("/{}", name.display())
     } else {
         format!("{dir}/{}", name.display())
@@ -259,6 +272,16 @@ impl Sys for RecordingSys {
             return Err(Errno::ENOTDIR);
         }
         self.fd_for(&target).map_err(|_| Errno::EMFILE)
+    }
+
+    fn file_kind(&self, fd: BorrowedFd<'_>) -> SysResult<FileKind> {
+        let path = self.path_of(fd)?;
+        Ok(match self.nodes.borrow().get(&path) {
+            Some(Node::Dir) => FileKind::Directory,
+            Some(Node::File) => FileKind::Regular,
+            Some(Node::Symlink(_)) => FileKind::Symlink,
+            None => FileKind::Other,
+        })
     }
 
     fn mkdirat(&self, dir: BorrowedFd<'_>, name: &Path, mode: Mode) -> SysResult<()> {

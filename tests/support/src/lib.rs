@@ -156,3 +156,37 @@ fn shared_dir_lenient() -> PathBuf {
         .canonicalize()
         .unwrap_or_default()
 }
+
+/// Unpacks the shared test image `busybox` or `alpine` (one gzip layer each) into `dest`,
+/// keeping ownership when allowed (as root, or inside kiln's user namespace).
+pub fn unpack_test_image(name: &str, dest: &Path) {
+    let layout = shared_dir().join("conformance/image/oci");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("read index.json"))
+            .expect("parse index.json");
+    let manifest_digest = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
+        .and_then(|m| m["digest"].as_str())
+        .unwrap_or_else(|| panic!("no image {name} in the test layout"))
+        .to_owned();
+    let blob = |digest: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(&manifest_digest)).expect("read manifest"))
+            .expect("parse manifest");
+    for layer in manifest["layers"].as_array().expect("layers") {
+        let digest = layer["digest"].as_str().expect("layer digest");
+        let file = std::fs::File::open(blob(digest)).expect("open layer");
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        archive.set_preserve_ownerships(true);
+        archive.set_preserve_permissions(true);
+        archive.set_unpack_xattrs(false);
+        archive.unpack(dest).expect("unpack layer");
+    }
+}

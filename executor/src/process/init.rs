@@ -1,0 +1,126 @@
+//! pid 1 of a step: mount tree, pivot, hostname, loopback; then the workload is forked
+//! and the init only reaps and forwards signals until the workload exits.
+
+use std::io::Read as _;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+use super::{InitReport, workload};
+use crate::rootfs::{self, CgroupView, Context};
+use crate::sys::{self, Forked, LinuxSys, Sys as _};
+
+pub(super) struct InitArgs<'a> {
+    pub spec: &'a Spec,
+    pub host_root: BorrowedFd<'a>,
+    pub cgroups: &'a [CgroupView],
+    pub status: OwnedFd,
+    pub signals: &'a SigSet,
+}
+
+fn report(status: &OwnedFd, report: &InitReport) {
+    if let Ok(json) = serde_json::to_string(report) {
+        let _ = nix::unistd::write(status, json.as_bytes());
+    }
+}
+
+/// Runs as the step's pid 1 once the runner writes to `go`; never returns.
+pub(super) fn run(args: InitArgs<'_>, go: OwnedFd) -> ! {
+    // The runner holds the other end: if it dies before or after this, so do we.
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let mut byte = [0u8; 1];
+    if std::fs::File::from(go).read(&mut byte).unwrap_or(0) != 1 || byte[0] != b'G' {
+        sys::exit_immediately(1);
+    }
+    match setup_and_start(&args) {
+        Ok(workload) => {
+            let outcome = supervise(workload, args.signals);
+            report(&args.status, &outcome);
+            sys::exit_immediately(0)
+        }
+        Err(message) => {
+            report(&args.status, &InitReport::Failed(message));
+            sys::exit_immediately(1)
+        }
+    }
+}
+
+fn setup_and_start(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, String> {
+    let sys = LinuxSys;
+    // Device nodes and masks are created with exact modes.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    // Opened in this mount namespace: open_tree can only clone mounts of our own namespace.
+    let devnull = rootfs::open_host_devnull().map_err(|e| e.to_string())?;
+    let ctx = Context {
+        host_root: args.host_root,
+        host_devnull: devnull.as_fd(),
+        cgroups: args.cgroups,
+    };
+    let root = rootfs::prepare(&sys, args.spec, &ctx).map_err(|e| e.to_string())?;
+    rootfs::finish_root(&sys, args.spec, root.as_fd()).map_err(|e| e.to_string())?;
+    sys.pivot_to(root.as_fd())
+        .map_err(|e| format!("pivot_root into the rootfs: {e}"))?;
+    drop(root);
+    if let Some(hostname) = args.spec.hostname() {
+        nix::unistd::sethostname(hostname).map_err(|e| format!("sethostname: {e}"))?;
+    }
+    let own_network = args
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|n| n.iter().any(|ns| ns.typ() == LinuxNamespaceType::Network));
+    if own_network {
+        sys::set_interface_up("lo").map_err(|e| format!("bringing up lo: {e}"))?;
+    }
+
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let child = match sys::fork().map_err(|e| format!("fork: {e}"))? {
+        Forked::Child => {
+            drop(err_r);
+            workload::exec(args.spec, devnull.as_fd(), err_w)
+        }
+        Forked::Parent { child, .. } => child,
+    };
+    drop(err_w);
+    // Nothing more to do as a privileged process that containers could inspect.
+    let _ = nix::sys::prctl::set_dumpable(false);
+    // The pipe closes on a successful exec; anything read is why the exec did not happen.
+    let mut message = String::new();
+    let _ = std::fs::File::from(err_r).read_to_string(&mut message);
+    if !message.is_empty() {
+        let _ = waitpid(child, None);
+        return Err(message);
+    }
+    Ok(child)
+}
+
+/// Reaps every child (orphans reparent to pid 1) and forwards signals to the workload until
+/// the workload exits.
+fn supervise(workload: nix::unistd::Pid, signals: &SigSet) -> InitReport {
+    loop {
+        loop {
+            match waitpid(None::<nix::unistd::Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == workload => {
+                    return InitReport::Exited(code);
+                }
+                Ok(WaitStatus::Signaled(pid, signal, _)) if pid == workload => {
+                    return InitReport::Signaled(signal as i32);
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        let Ok(info) = sys::wait_signal(signals) else {
+            continue;
+        };
+        if info.signal != libc::SIGCHLD {
+            if let Ok(signal) = Signal::try_from(info.signal) {
+                let _ = nix::sys::signal::kill(workload, signal);
+            }
+        }
+    }
+}
