@@ -1,2 +1,4 @@
 //! kiln-solver loads a Definition, computes each vertex's CacheMap exactly as BuildKit
 //! v0.11.6 does, turns CacheMaps into cache keys, and drives ops on tokio.
+
+pub mod cachemap;
