@@ -6,6 +6,7 @@
 //! hashed JSON is written with kiln-proto's Go `encoding/json` writer; the wrapper objects
 //! BuildKit marshals around each op live here.
 
+pub mod diff;
 pub mod exec;
 pub mod file;
 pub mod merge_diff;
