@@ -2,3 +2,4 @@
 //! v0.11.6 does, turns CacheMaps into cache keys, and drives ops on tokio.
 
 pub mod cachemap;
+pub mod contenthash;
