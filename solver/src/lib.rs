@@ -3,3 +3,5 @@
 
 pub mod cachemap;
 pub mod contenthash;
+pub mod keys;
+pub mod store;
