@@ -4,4 +4,7 @@
 pub mod cachemap;
 pub mod contenthash;
 pub mod keys;
+pub mod op;
+pub mod progress;
+pub mod scheduler;
 pub mod store;
