@@ -29,6 +29,7 @@ use kiln_proto::{Digest, Edge, Graph, VertexId};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{OnceCell, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::cachemap::CacheMap;
 use crate::keys::{CacheKey, KeyDep, random_id, root_key};
@@ -144,10 +145,14 @@ impl<W: Worker> Solver<W> {
             user_cancel: job.cancel,
             vertices,
             first_error: OnceLock::new(),
+            tasks: TaskTracker::new(),
         });
         let outcome = state.clone().resolve_edge(graph.target()).await;
-        // Nothing of this job may keep running once it returns.
+        // Nothing of this job may keep running once it returns: stop what is left and wait
+        // for the ops that were told to, so they finish cleaning up first.
         cancel.cancel();
+        state.tasks.close();
+        state.tasks.wait().await;
         match outcome {
             Ok(outcome) => Ok(outcome.result.clone()),
             Err(err) => Err(state.final_error(err)),
@@ -199,6 +204,8 @@ struct Job<W: Worker> {
     user_cancel: CancellationToken,
     vertices: Vec<VertexState<W::Ref>>,
     first_error: OnceLock<SolveError>,
+    /// Every task the job spawned, waited for before the solve returns.
+    tasks: TaskTracker,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -427,7 +434,7 @@ impl<W: Worker> Job<W> {
                 records.push((key.clone(), record));
             }
         }
-        records.sort_by(|a, b| b.1.created_at.cmp(&a.1.created_at));
+        records.sort_by_key(|r| std::cmp::Reverse(r.1.created_at));
         for (key, record) in records {
             self.check_cancelled()?;
             match self.shared.worker.load_result(&record.id).await {
@@ -498,7 +505,7 @@ impl<W: Worker> Job<W> {
         // Slow path: resolve the inputs (in parallel), then content-based keys.
         let mut tasks = Vec::with_capacity(vertex.inputs.len());
         for input in &vertex.inputs {
-            tasks.push(tokio::spawn(self.clone().resolve_edge(*input)));
+            tasks.push(self.tasks.spawn(self.clone().resolve_edge(*input)));
         }
         let mut inputs = Vec::with_capacity(tasks.len());
         for task in tasks {

@@ -1,6 +1,9 @@
 //! Content hashes against the verified example of cache-keys.md §6, and in-root path
 //! resolution that attacker-made symlinks cannot escape.
 
+// Fixture helpers outside #[test] functions panic on a broken fixture by design.
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{PermissionsExt, symlink};

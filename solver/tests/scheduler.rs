@@ -3,6 +3,9 @@
 //! one) execute nothing, Ctrl-C reaches running ops, IgnoreCache and content-based keys
 //! behave as BuildKit's, and outputs are picked by index.
 
+// Fixture helpers outside #[test] functions panic on a broken fixture by design.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

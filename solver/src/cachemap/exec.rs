@@ -201,8 +201,10 @@ mod tests {
 
     #[test]
     fn example_b_every_field_family() {
-        let mut proxy = pb::ProxyEnv::default();
-        proxy.http_proxy = "http://proxy:3128".into();
+        let proxy = pb::ProxyEnv {
+            http_proxy: "http://proxy:3128".into(),
+            ..Default::default()
+        };
         let exec = pb::ExecOp {
             meta: Some(pb::Meta {
                 args: vec!["make".into(), "build".into()],
