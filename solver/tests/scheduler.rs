@@ -16,7 +16,7 @@ use kiln_proto::builder::{DefinitionBuilder, Exec, ExecMount, Output};
 use kiln_proto::{Digest, Entitlements, Graph, LoadOptions, Vertex, load, pb};
 use kiln_solver::cachemap::{self, CacheDigest, CacheMap, ContentSelector, SourceContext};
 use kiln_solver::op::{CacheMapResponse, JobContext, Op, OpError, Worker};
-use kiln_solver::progress::{ProgressEvent, ProgressSender};
+use kiln_solver::progress::{LogStream, ProgressEvent, ProgressSender};
 use kiln_solver::scheduler::{JobOptions, SolveError, Solver, SolverOptions};
 use kiln_solver::store::Store;
 use tokio::sync::{Barrier, Notify};
@@ -113,6 +113,9 @@ impl Op<FakeRef> for FakeOp {
                     }
                     Some("barrier") => {
                         world.barrier.as_ref().expect("barrier").wait().await;
+                    }
+                    Some("log") => {
+                        ctx.log(LogStream::Stdout, b"hello\n").await;
                     }
                     Some("wait-cancel") => {
                         world.started.notify_one();
@@ -498,6 +501,19 @@ async fn outputs_are_picked_by_index_and_a_missing_one_is_buildkits_error() {
     .unwrap();
     assert!(result.data.starts_with("two|1|"), "{}", result.data);
 
+    // Only the requested output was cached: output 0 of the same step runs it again.
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let s = b.image("example.com/base:1");
+    let outs = b.exec(&Exec::new(Some(s), &["two"]).mount(ExecMount::bind("/out", None)));
+    let root_out = outs.root().unwrap();
+    let result = bounded(
+        solver(&world, root.path(), 4).solve(graph(&b.finish(&root_out)), JobOptions::default()),
+    )
+    .await
+    .unwrap();
+    assert!(result.data.starts_with("two|0|"), "{}", result.data);
+    assert_eq!(world.exec_count("two"), 2);
+
     let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
     let s = b.image("example.com/base:1");
     let outs = b.exec(&Exec::new(Some(s), &["two"]).mount(ExecMount::bind("/out", None)));
@@ -540,4 +556,58 @@ async fn a_result_that_is_gone_is_dropped_from_the_cache_and_rebuilt() {
     );
     let store = Store::open(root.path()).unwrap();
     store.check().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reports_start_log_and_done_in_order() {
+    let root = tempfile::tempdir().unwrap();
+    let world = Arc::new(World::default());
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let s = b.image("example.com/base:1");
+    let l = run(&mut b, Some(s), &["log"]);
+    let g = graph(&b.finish(&l));
+    let step = g
+        .vertices()
+        .iter()
+        .find(|v| v.name == "log")
+        .unwrap()
+        .digest
+        .clone();
+    let (progress, mut events) = ProgressSender::channel(1024);
+    let job = JobOptions {
+        progress,
+        ..Default::default()
+    };
+    bounded(solver(&world, root.path(), 4).solve(g, job))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if event.vertex() == &step {
+            seen.push(event);
+        }
+    }
+    let kinds: Vec<&str> = seen
+        .iter()
+        .map(|e| match e {
+            ProgressEvent::Started { .. } => "started",
+            ProgressEvent::Log { .. } => "log",
+            ProgressEvent::Done { .. } => "done",
+            ProgressEvent::Cached { .. } => "cached",
+            ProgressEvent::Error { .. } => "error",
+        })
+        .collect();
+    assert_eq!(kinds, ["started", "log", "done"]);
+    match (&seen[0], &seen[1], &seen[2]) {
+        (
+            ProgressEvent::Started { at: started, .. },
+            ProgressEvent::Log { data, stream, .. },
+            ProgressEvent::Done { at: done, .. },
+        ) => {
+            assert_eq!(data, b"hello\n");
+            assert_eq!(*stream, LogStream::Stdout);
+            assert!(done >= started, "timestamps are ordered");
+        }
+        other => panic!("{other:?}"),
+    }
 }

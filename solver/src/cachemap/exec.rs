@@ -328,6 +328,39 @@ mod tests {
     }
 
     #[test]
+    fn json_rules_apply_inside_the_wrapper() {
+        let exec = pb::ExecOp {
+            meta: Some(pb::Meta {
+                args: vec!["a\u{1b}\u{2028}<".to_owned()],
+                ..Default::default()
+            }),
+            mounts: vec![
+                mount(0, "", "/", 0, false),
+                pb::Mount {
+                    mount_type: pb::MountType::Cache as i32,
+                    // Present but empty: written as `{}`.
+                    cache_opt: Some(pb::CacheOpt::default()),
+                    ..mount(-1, "", "/c", -1, false)
+                },
+            ],
+            ..Default::default()
+        };
+        let json = hashed_json(&exec, &platform("linux", "arm64", ""));
+        assert_eq!(
+            String::from_utf8(json).unwrap(),
+            r#"{"Type":"buildkit.exec.v0","Exec":{"meta":{"args":["a\u001b\u2028\u003c"]},"mounts":[{"input":0,"dest":"/","output":0},{"input":-1,"dest":"/c","output":-1,"mountType":3,"cacheOpt":{}}]},"OS":"linux","Arch":"arm64"}"#
+        );
+        // Invalid UTF-8 cannot sit in a Rust String; the byte-level rule is tested in
+        // kiln-proto's gojson. An empty OS is still written.
+        let json = hashed_json(&exec, &platform("", "amd64", "v2"));
+        let text = String::from_utf8(json).unwrap();
+        assert!(
+            text.ends_with(r#""OS":"","Arch":"amd64","Variant":"v2"}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn secret_mount_with_input_zero_disables_content_hash() {
         let exec = pb::ExecOp {
             meta: Some(pb::Meta {
