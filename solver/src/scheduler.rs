@@ -532,7 +532,13 @@ impl<W: Worker> Job<W> {
                     self.op_error(id, e)?;
                 }
             }
-            if let Some(selectors) = &dep.content {
+            // Wildcard/pattern selectors (COPY with globs) are not content-hashed yet: such
+            // an input keeps its definition-based keys only, rather than failing the build.
+            let hashable = dep
+                .content
+                .as_ref()
+                .filter(|sels| !sels.iter().any(|s| s.has_wildcard_or_filters()));
+            if let Some(selectors) = hashable {
                 match self
                     .shared
                     .worker
