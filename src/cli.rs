@@ -32,6 +32,9 @@ pub enum Command {
 pub enum DebugCommand {
     /// Print each op of a Definition, one JSON object per line (or a Graphviz graph).
     DumpLlb(DumpLlbArgs),
+    /// Print each op's CacheMap as BuildKit v0.11.6 computes it, one JSON object per line,
+    /// or (with --diff) which CacheMap fields changed between two Definitions.
+    Cachemap(CachemapArgs),
 }
 
 #[derive(Debug, Args)]
@@ -41,6 +44,23 @@ pub struct DumpLlbArgs {
     /// Print a Graphviz graph instead of JSON lines.
     #[arg(long)]
     pub dot: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CachemapArgs {
+    /// Definition file (marshaled pb.Definition); standard input when absent.
+    #[arg(conflicts_with = "diff")]
+    pub file: Option<PathBuf>,
+    /// Add the exact bytes that were hashed (`json`) to each CacheMap.
+    #[arg(long)]
+    pub explain: bool,
+    /// Compare two Definitions: for each changed vertex, the CacheMap fields that differ.
+    #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
+    pub diff: Option<Vec<PathBuf>>,
+    /// Session id for `local://` sources without `local.session` (their digests are
+    /// `random:` and only comparable within one session).
+    #[arg(long, value_name = "ID", default_value = kiln_solver::cachemap::source::PLACEHOLDER_SESSION)]
+    pub session: String,
 }
 
 pub fn parse() -> Cli {

@@ -1,2 +1,10 @@
 //! kiln-solver loads a Definition, computes each vertex's CacheMap exactly as BuildKit
 //! v0.11.6 does, turns CacheMaps into cache keys, and drives ops on tokio.
+
+pub mod cachemap;
+pub mod contenthash;
+pub mod keys;
+pub mod op;
+pub mod progress;
+pub mod scheduler;
+pub mod store;
