@@ -23,9 +23,66 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run one command in a rootfs directory, in fresh namespaces, as a build step would.
+    /// The exit status is the command's (128+N when signal N ended it).
+    Run(RunArgs),
+    /// Print the OCI runtime spec (config.json) `kiln run` would use with these flags.
+    Spec(SpecArgs),
     /// Inspection tools for LLB definitions.
     #[command(subcommand)]
     Debug(DebugCommand),
+}
+
+/// The step `kiln run` and `kiln spec` describe.
+#[derive(Debug, Args)]
+pub struct StepArgs {
+    /// Root filesystem directory of the step.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub rootfs: PathBuf,
+    /// Mount the rootfs read-only.
+    #[arg(long)]
+    pub readonly: bool,
+    /// User to run as: name, uid, uid:gid or name:group, resolved in the rootfs.
+    #[arg(long, value_name = "U", default_value = "")]
+    pub user: String,
+    /// Working directory (created if missing, owned by the user).
+    #[arg(long, value_name = "D", default_value = "/")]
+    pub cwd: String,
+    /// Environment entry; repeatable. PATH defaults to the usual system path.
+    #[arg(long, value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Hostname (default buildkitsandbox).
+    #[arg(long, value_name = "H", default_value = "")]
+    pub hostname: String,
+    /// Network: none (only loopback) or host. Without it: the host network as root, a
+    /// network namespace of the step's own when rootless.
+    #[arg(long, value_parser = ["none", "host"])]
+    pub network: Option<String>,
+    /// Security mode: sandbox (default capabilities, masks, seccomp) or insecure.
+    #[arg(long, value_parser = ["sandbox", "insecure"], default_value = "sandbox")]
+    pub security: String,
+    /// `type=bind,source=HOSTPATH,target=PATH[,readonly]` or
+    /// `type=tmpfs,target=PATH[,size=BYTES]`; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub mount: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub step: StepArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SpecArgs {
+    /// Directory for the generated hosts and resolv.conf the spec refers to (created).
+    #[arg(long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
+    #[command(flatten)]
+    pub step: StepArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,7 +127,6 @@ pub fn parse() -> Cli {
 impl Cli {
     /// `--root`, else `/var/lib/kiln` as root, else `$XDG_DATA_HOME/kiln` or
     /// `~/.local/share/kiln`.
-    #[allow(dead_code)]
     pub fn root_dir(&self) -> PathBuf {
         if let Some(root) = &self.root {
             return root.clone();

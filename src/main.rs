@@ -6,7 +6,17 @@ mod commands;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // `kiln __runner <bundle>`: the single-threaded step runner kiln starts per step.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == "__runner") {
+        let Some(bundle) = args.next() else {
+            return ExitCode::from(2);
+        };
+        let code = kiln_executor::process::runner_main(std::path::Path::new(&bundle));
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let cli = cli::parse();
+    init_logging(cli.debug);
     // A panic must still end as one `error:` line and exit status 1, never a backtrace.
     std::panic::set_hook(Box::new(|info| {
         let message = info
@@ -29,6 +39,19 @@ fn main() -> ExitCode {
         }
         Err(_) => ExitCode::from(1),
     }
+}
+
+/// Warnings (and with `--debug`, decisions) go to standard error.
+fn init_logging(debug: bool) {
+    let level = if debug { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
 }
 
 fn one_line(message: &str) -> String {

@@ -246,6 +246,21 @@ fn remove_tree(dir: &Path) {
     }
 }
 
+/// Whether a step gets cgroups of its own. On cgroup v2 always (cheap, and it brings
+/// memory figures). On cgroup v1 only when it is observable: a `Meta.cgroupParent`
+/// (BuildKit places the step at `/<parent>/buildkit/<id>`) or an insecure step (which may
+/// create child cgroups, removed with its own). Attaching a process to nine v1 hierarchies
+/// costs about a millisecond each, more than the rest of a step's setup; without them the
+/// step runs in kiln's cgroup and sees an empty, read-only `/sys/fs/cgroup`.
+pub fn wanted(cgroup_parent: &str, insecure: bool) -> bool {
+    !cgroup_parent.is_empty() || insecure || unified()
+}
+
+fn unified() -> bool {
+    nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
 /// Whether steps will get cgroups of their own here; a reason when not.
 pub fn availability(real_root: bool) -> Result<(), String> {
     let hierarchies = hierarchies().map_err(|e| e.to_string())?;

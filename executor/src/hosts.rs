@@ -105,23 +105,45 @@ pub fn read_host_resolv() -> String {
     main
 }
 
-/// Writes `hosts` and `resolv.conf` into `dir` (the step's private run directory).
+/// Writes `content` to `path` unless it already holds exactly that, atomically (a
+/// temporary file renamed over it), so concurrent kiln processes never see a partial file.
+fn write_if_changed(path: &Path, content: &str) -> Result<(), HostsError> {
+    if std::fs::read(path).is_ok_and(|current| current == content.as_bytes()) {
+        return Ok(());
+    }
+    let err = |source| HostsError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, content).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Writes the step's `hosts` and `resolv.conf`. As BuildKit does, the common case (default
+/// hostname, no extra hosts) shares one hosts file in `shared_dir`; resolv.conf is always
+/// shared (one per kind of network). Only a step with its own hostname or extra hosts gets
+/// a hosts file in `step_dir`. Files are only rewritten when their content changes.
 pub fn write_files(
-    dir: &Path,
+    shared_dir: &Path,
+    step_dir: &Path,
     hostname: &str,
     extra: &[ExtraHost],
     host_network: bool,
 ) -> Result<(PathBuf, PathBuf), HostsError> {
-    let hosts = dir.join("hosts");
-    let resolv = dir.join("resolv.conf");
-    let write = |path: &Path, content: String| {
-        std::fs::write(path, content).map_err(|source| HostsError::Write {
-            path: path.to_owned(),
-            source,
-        })
+    let hosts_dir = if hostname == kiln_proto::DEFAULT_HOSTNAME && extra.is_empty() {
+        shared_dir
+    } else {
+        step_dir
     };
-    write(&hosts, hosts_content(hostname, extra))?;
-    write(&resolv, resolv_content(&read_host_resolv(), host_network))?;
+    let hosts = hosts_dir.join("hosts");
+    write_if_changed(&hosts, &hosts_content(hostname, extra))?;
+    let resolv = shared_dir.join(if host_network {
+        "resolv.host.conf"
+    } else {
+        "resolv.conf"
+    });
+    write_if_changed(&resolv, &resolv_content(&read_host_resolv(), host_network))?;
     Ok((hosts, resolv))
 }
 

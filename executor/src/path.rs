@@ -105,6 +105,21 @@ pub fn mkdir_all(
     mode: Mode,
     owner: Option<(u32, u32)>,
 ) -> Result<OwnedFd, PathError> {
+    mkdir_all_depth(sys, root, path, mode, owner, 0)
+}
+
+/// Symlink targets created on the way (runc allows dangling symlinks in mount paths
+/// because images rely on them, e.g. `/var/run -> /run` without `/run`).
+const MAX_LINK_DEPTH: usize = 40;
+
+fn mkdir_all_depth(
+    sys: &dyn Sys,
+    root: BorrowedFd<'_>,
+    path: &str,
+    mode: Mode,
+    owner: Option<(u32, u32)>,
+    depth: usize,
+) -> Result<OwnedFd, PathError> {
     let components = clean_components(path);
     let mut current = sys
         .openat2(
@@ -133,6 +148,26 @@ pub fn mkdir_all(
                 ..
             }) => return Err(PathError::NotDirectory { path: prefix }),
             Err(e) => return Err(e),
+        }
+        // A dangling symlink: create its target (in-root), then resolve through it.
+        if let Ok(target) = sys.readlinkat(current.as_fd(), Path::new(name)) {
+            if depth >= MAX_LINK_DEPTH {
+                return Err(PathError::Sys {
+                    path: prefix,
+                    op: "resolve",
+                    source: Errno::ELOOP,
+                });
+            }
+            let target = target.to_string_lossy();
+            let absolute = if target.starts_with('/') {
+                target.into_owned()
+            } else {
+                let parent = prefix.rsplit_once('/').map_or("", |(p, _)| p);
+                format!("{parent}/{target}")
+            };
+            mkdir_all_depth(sys, root, &absolute, mode, owner, depth + 1)?;
+            current = open(sys, root, &prefix, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
+            continue;
         }
         // Create in the parent we already hold, then open exactly what we created.
         match sys.mkdirat(current.as_fd(), Path::new(name), mode) {
@@ -306,6 +341,56 @@ mod tests {
             open_plain_directory(&sys, root.as_fd(), "/proc"),
             Err(PathError::Symlink { .. })
         ));
+    }
+
+    #[test]
+    fn dangling_symlinks_get_their_target_created_in_root() {
+        let sys = RecordingSys::new()
+            .unwrap()
+            .with("/var/run", Node::Symlink("/run".into()))
+            .with("/x", Node::Symlink("../../y".into()));
+        let root = sys.root().unwrap();
+        mkdir_all(
+            &sys,
+            root.as_fd(),
+            "/var/run/lock",
+            Mode::from_bits_truncate(0o755),
+            None,
+        )
+        .unwrap();
+        assert_eq!(sys.node("/run/lock"), Some(Node::Dir));
+        mkdir_all(
+            &sys,
+            root.as_fd(),
+            "/x/z",
+            Mode::from_bits_truncate(0o755),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            sys.node("/y/z"),
+            Some(Node::Dir),
+            "relative target clamped at the root"
+        );
+    }
+
+    #[test]
+    fn symlink_loops_end_in_an_error() {
+        let sys = RecordingSys::new()
+            .unwrap()
+            .with("/a", Node::Symlink("/b".into()))
+            .with("/b", Node::Symlink("/a".into()));
+        let root = sys.root().unwrap();
+        assert!(
+            mkdir_all(
+                &sys,
+                root.as_fd(),
+                "/a/c",
+                Mode::from_bits_truncate(0o755),
+                None
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -26,6 +26,12 @@ use crate::sys::{FileKind, MountAttrs, Resolve, Sys};
 pub enum RootfsError {
     #[error(transparent)]
     Path(#[from] PathError),
+    #[error("mount {destination}: preparing the mount point: {source}")]
+    Target {
+        destination: String,
+        #[source]
+        source: PathError,
+    },
     #[error("mount {destination}: {op}: {source}")]
     Mount {
         destination: String,
@@ -113,7 +119,13 @@ pub fn prepare(sys: &dyn Sys, spec: &Spec, ctx: &Context<'_>) -> Result<OwnedFd,
 
     let mut dev_is_tmpfs = false;
     for m in spec.mounts().iter().flatten() {
-        mount_one(sys, root.as_fd(), m, ctx)?;
+        mount_one(sys, root.as_fd(), m, ctx).map_err(|e| match e {
+            RootfsError::Path(source) => RootfsError::Target {
+                destination: m.destination().to_string_lossy().into_owned(),
+                source,
+            },
+            other => other,
+        })?;
         if m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs") {
             dev_is_tmpfs = true;
         }

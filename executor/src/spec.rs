@@ -144,7 +144,9 @@ pub struct Step {
 pub struct Host {
     /// kiln runs as uid 0 of its own user namespace (rootless).
     pub in_user_namespace: bool,
-    /// The step's private directory (hosts and resolv.conf are written there).
+    /// Directory for files all steps share (the default hosts file, resolv.conf).
+    pub shared_dir: PathBuf,
+    /// The step's private directory (its own hosts file, when it needs one).
     pub run_dir: PathBuf,
     /// The step id (cgroup names).
     pub id: String,
@@ -340,7 +342,7 @@ pub fn wants_network_namespace(network: Network, in_user_namespace: bool) -> boo
 }
 
 /// Builds the spec of `step`, resolving its user against the rootfs and writing its hosts
-/// and resolv.conf into `host.run_dir`.
+/// and resolv.conf (see [`hosts::write_files`]).
 pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<Spec, SpecError> {
     if step.args.is_empty() {
         return Err(SpecError::NoArgs);
@@ -374,8 +376,13 @@ pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<S
         step.hostname.clone()
     };
     let host_network = !wants_network_namespace(step.network, host.in_user_namespace);
-    let (hosts_file, resolv_file) =
-        hosts::write_files(&host.run_dir, &hostname, &step.extra_hosts, host_network)?;
+    let (hosts_file, resolv_file) = hosts::write_files(
+        &host.shared_dir,
+        &host.run_dir,
+        &hostname,
+        &step.extra_hosts,
+        host_network,
+    )?;
 
     let capabilities = match step.security {
         Security::Sandbox => caps::DEFAULT.to_vec(),
@@ -639,6 +646,7 @@ mod tests {
         };
         let host = Host {
             in_user_namespace: false,
+            shared_dir: run.path().to_owned(),
             run_dir: run.path().to_owned(),
             id: "abc".into(),
         };

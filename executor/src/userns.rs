@@ -222,8 +222,11 @@ fn thread_count() -> usize {
 fn write_maps(child: Pid, mappings: &Mappings) -> Result<(), UsernsError> {
     match mappings.kind {
         MappingKind::Subordinate => {
-            run_helper("newuidmap", child, &mappings.uids)?;
-            run_helper("newgidmap", child, &mappings.gids)
+            // Both setuid helpers run at once: each exec costs about a millisecond.
+            let uid = spawn_helper("newuidmap", child, &mappings.uids)?;
+            let gid = spawn_helper("newgidmap", child, &mappings.gids);
+            let uid = finish_helper("newuidmap", uid);
+            finish_helper("newgidmap", gid?).and(uid)
         }
         MappingKind::SingleId => {
             let proc = format!("/proc/{}", child.as_raw());
@@ -246,7 +249,11 @@ fn format_map(ranges: &[IdRange]) -> String {
         .collect()
 }
 
-fn run_helper(helper: &'static str, child: Pid, ranges: &[IdRange]) -> Result<(), UsernsError> {
+fn spawn_helper(
+    helper: &'static str,
+    child: Pid,
+    ranges: &[IdRange],
+) -> Result<std::process::Child, UsernsError> {
     let program = find_helper(helper).unwrap_or_else(|| PathBuf::from(helper));
     let mut command = Command::new(program);
     command.arg(child.as_raw().to_string());
@@ -257,8 +264,17 @@ fn run_helper(helper: &'static str, child: Pid, ranges: &[IdRange]) -> Result<()
             r.size.to_string(),
         ]);
     }
-    let output = command
-        .output()
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| UsernsError::HelperMissing { helper, source })
+}
+
+fn finish_helper(helper: &'static str, process: std::process::Child) -> Result<(), UsernsError> {
+    let output = process
+        .wait_with_output()
         .map_err(|source| UsernsError::HelperMissing { helper, source })?;
     if output.status.success() {
         Ok(())

@@ -1,6 +1,7 @@
 //! One module per `kiln` subcommand.
 
 mod debug;
+mod run;
 
 use std::io::Read;
 use std::path::Path;
@@ -11,7 +12,10 @@ use anyhow::Context;
 use crate::cli::{Cli, Command};
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let root = cli.root_dir();
     match cli.command {
+        Command::Run(args) => run::run(&root, &args),
+        Command::Spec(args) => run::spec(&root, &args),
         Command::Debug(command) => debug::run(command),
     }
 }

@@ -10,10 +10,14 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::{InitReport, workload};
 use crate::rootfs::{self, CgroupView, Context};
+use crate::seccomp::bpf::SockFilter;
 use crate::sys::{self, Forked, LinuxSys, Sys as _};
 
 pub(super) struct InitArgs<'a> {
     pub spec: &'a Spec,
+    /// The compiled seccomp filter (empty: none), built before the clone so the step's
+    /// processes only read it.
+    pub seccomp: &'a [SockFilter],
     pub host_root: BorrowedFd<'a>,
     pub cgroups: &'a [CgroupView],
     pub status: OwnedFd,
@@ -40,14 +44,19 @@ pub(super) fn run(args: InitArgs<'_>, go: OwnedFd) -> ! {
             report(&args.status, &outcome);
             sys::exit_immediately(0)
         }
-        Err(message) => {
-            report(&args.status, &InitReport::Failed(message));
+        Err((message, exec_code)) => {
+            report(&args.status, &InitReport::Failed { message, exec_code });
             sys::exit_immediately(1)
         }
     }
 }
 
-fn setup_and_start(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, String> {
+fn setup_and_start(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, (String, Option<i32>)> {
+    setup(args).map_err(|message| (message, None))?;
+    start_workload(args)
+}
+
+fn setup(args: &InitArgs<'_>) -> Result<(), String> {
     let sys = LinuxSys;
     // Device nodes and masks are created with exact modes.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
@@ -75,13 +84,18 @@ fn setup_and_start(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, String> {
     if own_network {
         sys::set_interface_up("lo").map_err(|e| format!("bringing up lo: {e}"))?;
     }
+    Ok(())
+}
 
-    let (err_r, err_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let child = match sys::fork().map_err(|e| format!("fork: {e}"))? {
+fn start_workload(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, (String, Option<i32>)> {
+    let setup_err = |message: String| (message, None);
+    let devnull = rootfs::open_host_devnull().map_err(|e| setup_err(e.to_string()))?;
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| setup_err(format!("pipe: {e}")))?;
+    let child = match sys::fork().map_err(|e| setup_err(format!("fork: {e}")))? {
         Forked::Child => {
             drop(err_r);
-            workload::exec(args.spec, devnull.as_fd(), err_w)
+            workload::exec(args.spec, args.seccomp, devnull.as_fd(), err_w)
         }
         Forked::Parent { child, .. } => child,
     };
@@ -92,8 +106,12 @@ fn setup_and_start(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, String> {
     let mut message = String::new();
     let _ = std::fs::File::from(err_r).read_to_string(&mut message);
     if !message.is_empty() {
-        let _ = waitpid(child, None);
-        return Err(message);
+        // The workload's exit code says whether only the exec failed (126/127).
+        let exec_code = match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code @ (126 | 127))) => Some(code),
+            _ => None,
+        };
+        return Err((message, exec_code));
     }
     Ok(child)
 }

@@ -67,6 +67,8 @@ pub enum RunError {
     },
     #[error("{0}")]
     Setup(String),
+    #[error("{message}")]
+    Exec { message: String, code: i32 },
     #[error("reading the bundle {path}: {reason}")]
     Bundle { path: PathBuf, reason: String },
 }
@@ -85,6 +87,8 @@ pub struct RunnerConfig {
     pub stubs_recursive: bool,
     /// kiln runs as real root (not in a user namespace).
     pub real_root: bool,
+    /// Give the step cgroups of its own at `linux.cgroupsPath` (see [`cgroup::wanted`]).
+    pub own_cgroups: bool,
 }
 
 /// How a step ended and what it cost.
@@ -114,7 +118,12 @@ impl ExitInfo {
 enum InitReport {
     Exited(i32),
     Signaled(i32),
-    Failed(String),
+    /// Setup failed; `exec_code` is 127/126 when only the final exec did (not found / not
+    /// executable), as shells report it.
+    Failed {
+        message: String,
+        exec_code: Option<i32>,
+    },
 }
 
 /// Signals the runner and init wait for synchronously.
@@ -211,13 +220,20 @@ pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
         source,
     })?;
 
-    let placement = match spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
-        Some(cgroups_path) => {
+    let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+        Some(profile) => {
+            crate::seccomp::compile(profile).map_err(|e| RunError::Setup(e.to_string()))?
+        }
+        None => Vec::new(),
+    };
+    let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
+    let placement = match cgroups_path {
+        Some(cgroups_path) if config.own_cgroups => {
             cgroup::create(&cgroups_path.to_string_lossy(), config.real_root).unwrap_or_default()
         }
-        None => Placement::default(),
+        _ => Placement::default(),
     };
-    let result = run_in_namespaces(config, &host_root, &placement);
+    let result = run_in_namespaces(config, &host_root, &placement, &seccomp);
     let (peak_cgroup, oom) = cgroup::memory_stats(&placement);
     cgroup::remove(&placement);
     if !config.stub_paths.is_empty() {
@@ -235,6 +251,7 @@ fn run_in_namespaces(
     config: &RunnerConfig,
     host_root: &OwnedFd,
     placement: &Placement,
+    seccomp: &[crate::seccomp::bpf::SockFilter],
 ) -> Result<ExitInfo, RunError> {
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
     let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
@@ -252,6 +269,7 @@ fn run_in_namespaces(
             init::run(
                 init::InitArgs {
                     spec: &config.spec,
+                    seccomp,
                     host_root: host_root.as_fd(),
                     cgroups: &placement.views,
                     status: status_w,
@@ -323,7 +341,12 @@ fn run_in_namespaces(
             info.signal = Some(signal);
             info.exit_code = 128 + signal;
         }
-        (Some(InitReport::Failed(message)), _) => return Err(RunError::Setup(message)),
+        (Some(InitReport::Failed { message, exec_code }), _) => {
+            return Err(match exec_code {
+                Some(code) => RunError::Exec { message, code },
+                None => RunError::Setup(message),
+            });
+        }
         (None, WaitStatus::Signaled(_, signal, _)) => {
             info.signal = Some(signal as i32);
             info.exit_code = 128 + signal as i32;

@@ -11,13 +11,55 @@ use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Spec};
 
-use crate::{caps, seccomp, sys};
+use crate::seccomp::bpf::SockFilter;
+use crate::{caps, sys};
 
 /// Sets the step's privileges and executes its command; never returns.
-pub(super) fn exec(spec: &Spec, devnull: BorrowedFd<'_>, errors: OwnedFd) -> ! {
-    let Err(message) = prepare_and_exec(spec, devnull);
-    let _ = nix::unistd::write(&errors, message.as_bytes());
-    sys::exit_immediately(127)
+pub(super) fn exec(
+    spec: &Spec,
+    seccomp: &[SockFilter],
+    devnull: BorrowedFd<'_>,
+    errors: OwnedFd,
+) -> ! {
+    // Until execve nothing in the step may open this process's /proc entries: its image is
+    // still kiln's (CVE-2019-5736, CVE-2016-9962). execve resets it for the command.
+    let _ = nix::sys::prctl::set_dumpable(false);
+    let errors = match isolate_descriptors(devnull, errors) {
+        Ok(errors) => errors,
+        Err(_) => sys::exit_immediately(1),
+    };
+    let Err(failure) = prepare_and_exec(spec, seccomp);
+    let _ = nix::unistd::write(&errors, failure.message.as_bytes());
+    sys::exit_immediately(failure.code)
+}
+
+/// Leaves only stdin (`/dev/null`), stdout, stderr and the error pipe open, so no
+/// descriptor of kiln's (the host's root, bundle files) is reachable through
+/// `/proc/self/fd` while the step is set up (CVE-2024-21626).
+fn isolate_descriptors(devnull: BorrowedFd<'_>, errors: OwnedFd) -> nix::Result<OwnedFd> {
+    use std::os::fd::AsRawFd as _;
+    nix::unistd::dup2_stdin(devnull)?;
+    sys::close_fds_except(3, errors.as_raw_fd())?;
+    Ok(errors)
+}
+
+/// Why the workload did not start; `code` 127 (not found) and 126 (not executable) mark a
+/// failed exec, 1 anything before it.
+struct Failure {
+    message: String,
+    code: i32,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure { message, code: 1 }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure::from(message.to_owned())
+    }
 }
 
 fn resource(typ: PosixRlimitType) -> Option<Resource> {
@@ -45,11 +87,11 @@ fn cstring(s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"))
 }
 
-fn install(programs: &[seccompiler::BpfProgram]) -> Result<(), String> {
-    for program in programs {
-        sys::install_seccomp(program).map_err(|e| format!("installing the seccomp filter: {e}"))?;
+fn install(filter: &[SockFilter]) -> Result<(), String> {
+    if filter.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    sys::install_seccomp(filter).map_err(|e| format!("installing the seccomp filter: {e}"))
 }
 
 /// Finds `name` like Go's `exec.LookPath` with the step's PATH.
@@ -77,7 +119,7 @@ fn look_path(name: &str, env: &[String]) -> Result<CString, String> {
     ))
 }
 
-fn prepare_and_exec(spec: &Spec, devnull: BorrowedFd<'_>) -> Result<Infallible, String> {
+fn prepare_and_exec(spec: &Spec, filter: &[SockFilter]) -> Result<Infallible, Failure> {
     let process = spec.process().as_ref().ok_or("spec has no process")?;
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(|e| format!("unblocking signals: {e}"))?;
@@ -85,7 +127,7 @@ fn prepare_and_exec(spec: &Spec, devnull: BorrowedFd<'_>) -> Result<Infallible, 
 
     for limit in process.rlimits().iter().flatten() {
         let Some(res) = resource(limit.typ()) else {
-            return Err(format!("unsupported rlimit {:?}", limit.typ()));
+            return Err(format!("unsupported rlimit {:?}", limit.typ()).into());
         };
         nix::sys::resource::setrlimit(res, limit.soft(), limit.hard()).map_err(|e| {
             let (_, current_hard) = nix::sys::resource::getrlimit(res).unwrap_or((0, 0));
@@ -99,14 +141,10 @@ fn prepare_and_exec(spec: &Spec, devnull: BorrowedFd<'_>) -> Result<Infallible, 
     }
 
     let no_new_privs = process.no_new_privileges().unwrap_or(false);
-    let filters = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-        Some(profile) => seccomp::compile(profile).map_err(|e| e.to_string())?,
-        None => Vec::new(),
-    };
     if !no_new_privs {
         // Without no_new_privs the filter must go in while CAP_SYS_ADMIN is still held; it
         // allows everything the remaining setup calls.
-        install(&filters)?;
+        install(filter)?;
     }
 
     let user = process.user();
@@ -132,7 +170,7 @@ fn prepare_and_exec(spec: &Spec, devnull: BorrowedFd<'_>) -> Result<Infallible, 
     caps::apply_process_sets(&capabilities).map_err(|e| e.to_string())?;
     if no_new_privs {
         nix::sys::prctl::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
-        install(&filters)?;
+        install(filter)?;
     }
 
     let cwd = process.cwd();
@@ -149,16 +187,16 @@ fn prepare_and_exec(spec: &Spec, devnull: BorrowedFd<'_>) -> Result<Infallible, 
         return Err(format!(
             "current working directory {} is outside of the container's root",
             here.display()
-        ));
+        )
+        .into());
     }
 
-    nix::unistd::dup2_stdin(devnull).map_err(|e| format!("stdin: {e}"))?;
     sys::cloexec_fds_from(3).map_err(|e| format!("closing descriptors: {e}"))?;
 
     let args = process.args().clone().unwrap_or_default();
     let name = args.first().ok_or("spec has no command")?;
     let env = process.env().clone().unwrap_or_default();
-    let program = look_path(name, &env)?;
+    let program = look_path(name, &env).map_err(|message| Failure { message, code: 127 })?;
     let argv = args
         .iter()
         .map(|a| cstring(a))
@@ -168,7 +206,10 @@ fn prepare_and_exec(spec: &Spec, devnull: BorrowedFd<'_>) -> Result<Infallible, 
         .map(|e| cstring(e))
         .collect::<Result<Vec<_>, _>>()?;
     match nix::unistd::execve(&program, &argv, &envp) {
-        Err(e) => Err(format!("exec {}: {e}", name)),
+        Err(e) => Err(Failure {
+            message: format!("exec {name}: {}", e.desc()),
+            code: if e == nix::Error::ENOENT { 127 } else { 126 },
+        }),
     }
 }
 

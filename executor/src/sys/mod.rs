@@ -150,6 +150,19 @@ pub fn close_fds_from(first: u32) -> SysResult<()> {
     check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) }).map(drop)
 }
 
+/// Closes every descriptor from `first` up except `keep`.
+pub fn close_fds_except(first: u32, keep: RawFd) -> SysResult<()> {
+    let keep = u32::try_from(keep).map_err(|_| Errno::EBADF)?;
+    if keep < first {
+        return close_fds_from(first);
+    }
+    if keep > first {
+        // SAFETY: as close_fds_from; only descriptors below `keep` are closed here.
+        check(unsafe { libc::syscall(libc::SYS_close_range, first, keep - 1, 0) })?;
+    }
+    close_fds_from(keep + 1)
+}
+
 /// Marks every descriptor from `first` up close-on-exec.
 pub fn cloexec_fds_from(first: u32) -> SysResult<()> {
     // SAFETY: only changes descriptor flags.
@@ -231,10 +244,10 @@ pub fn set_interface_up(name: &str) -> SysResult<()> {
 /// Installs a compiled seccomp filter on the calling thread without setting
 /// `no_new_privs` (the caller holds `CAP_SYS_ADMIN` in its user namespace), so a step's
 /// `noNewPrivileges: false` is honoured.
-pub fn install_seccomp(program: &[seccompiler::sock_filter]) -> SysResult<()> {
+pub fn install_seccomp(program: &[crate::seccomp::bpf::SockFilter]) -> SysResult<()> {
     let prog = libc::sock_fprog {
         len: u16::try_from(program.len()).map_err(|_| Errno::E2BIG)?,
-        // seccompiler's sock_filter is the kernel's struct sock_filter (repr(C), same fields).
+        // SockFilter is the kernel's struct sock_filter (repr(C), same fields and order).
         filter: program.as_ptr().cast::<libc::sock_filter>().cast_mut(),
     };
     // SAFETY: `prog` points to `program`, which outlives the call; the kernel copies it.
@@ -350,6 +363,8 @@ pub trait Sys: std::fmt::Debug {
     fn file_kind(&self, fd: BorrowedFd<'_>) -> SysResult<FileKind>;
     /// `mkdirat(2)`.
     fn mkdirat(&self, dir: BorrowedFd<'_>, name: &Path, mode: Mode) -> SysResult<()>;
+    /// `readlinkat(2)`.
+    fn readlinkat(&self, dir: BorrowedFd<'_>, name: &Path) -> SysResult<std::path::PathBuf>;
     /// `fchownat(2)` of `name` in `dir` without following a final symlink (or of `dir`
     /// itself when `name` is empty).
     fn fchownat(&self, dir: BorrowedFd<'_>, name: &Path, uid: u32, gid: u32) -> SysResult<()>;
@@ -441,6 +456,10 @@ impl Sys for LinuxSys {
 
     fn mkdirat(&self, dir: BorrowedFd<'_>, name: &Path, mode: Mode) -> SysResult<()> {
         nix::sys::stat::mkdirat(dir, name, mode)
+    }
+
+    fn readlinkat(&self, dir: BorrowedFd<'_>, name: &Path) -> SysResult<std::path::PathBuf> {
+        nix::fcntl::readlinkat(dir, name).map(std::path::PathBuf::from)
     }
 
     fn fchownat(&self, dir: BorrowedFd<'_>, name: &Path, uid: u32, gid: u32) -> SysResult<()> {

@@ -297,6 +297,15 @@ impl Sys for RecordingSys {
         Ok(())
     }
 
+    fn readlinkat(&self, dir: BorrowedFd<'_>, name: &Path) -> SysResult<PathBuf> {
+        let path = join(&self.path_of(dir)?, name);
+        match self.nodes.borrow().get(&path) {
+            Some(Node::Symlink(target)) => Ok(target.clone()),
+            Some(_) => Err(Errno::EINVAL),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
     fn fchownat(&self, dir: BorrowedFd<'_>, name: &Path, uid: u32, gid: u32) -> SysResult<()> {
         let base = self.path_of(dir)?;
         let path = if name.as_os_str().is_empty() {

@@ -67,6 +67,7 @@ pub fn run_with(step: &Step, cancel: CancellationToken) -> Result<StepResult, St
     let bundle = executor.prepare_bundle(&id).map_err(|e| e.to_string())?;
     let host = Host {
         in_user_namespace: in_user_namespace(),
+        shared_dir: run_root.path().to_owned(),
         run_dir: bundle,
         id: id.clone(),
     };
@@ -80,12 +81,94 @@ pub fn run_with(step: &Step, cancel: CancellationToken) -> Result<StepResult, St
             stub_paths,
             stubs_recursive: true,
             real_root: !in_user_namespace(),
+            own_cgroups: kiln_executor::cgroup::wanted(
+                &step.cgroup_parent,
+                step.security == kiln_executor::spec::Security::Insecure,
+            ),
         },
     };
     runtime
         .block_on(executor.run(&request, None, cancel))
         .map_err(|e| e.to_string())
 }
+
+pub type Check = fn() -> Result<(), String>;
+
+pub fn rootful(check: Check) {
+    if !kiln_testsupport::require(kiln_testsupport::is_root(), "root") {
+        return;
+    }
+    // Rootful kiln runs in a private mount namespace of its own: do the same.
+    let code = match kiln_executor::sys::fork().expect("fork") {
+        kiln_executor::sys::Forked::Child => {
+            let ok = kiln_executor::userns::enter_private_mount_namespace().is_ok()
+                && std::panic::catch_unwind(check)
+                    .is_ok_and(|r| r.map_err(|e| eprintln!("check failed: {e}")).is_ok());
+            kiln_executor::sys::exit_immediately(i32::from(!ok))
+        }
+        kiln_executor::sys::Forked::Parent { child, .. } => {
+            match nix::sys::wait::waitpid(child, None).expect("wait") {
+                nix::sys::wait::WaitStatus::Exited(_, code) => code,
+                other => panic!("check process ended with {other:?}"),
+            }
+        }
+    };
+    assert_eq!(code, 0, "check failed as root (see output above)");
+}
+
+pub fn rootless(check: Check) {
+    if kiln_testsupport::rerun_as_test_user() != kiln_testsupport::AsTestUser::Inner {
+        return;
+    }
+    let code = kiln_executor::userns::run_in_user_namespace(|| match check() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("check failed: {e}");
+            1
+        }
+    })
+    .expect("enter user namespace");
+    assert_eq!(code, 0, "check failed rootless (see output above)");
+}
+
+#[macro_export]
+macro_rules! both_modes {
+    ($($name:ident => $check:ident;)*) => {$(
+        mod $name {
+            #[test]
+            fn rootful() {
+                $crate::common::rootful(super::$check)
+            }
+            #[test]
+            fn rootless() {
+                $crate::common::rootless(super::$check)
+            }
+        }
+    )*};
+}
+
+pub fn expect_eq(what: &str, got: &str, want: &str) -> Result<(), String> {
+    if got.trim() == want.trim() {
+        Ok(())
+    } else {
+        Err(format!("{what}: got {got:?}, want {want:?}"))
+    }
+}
+
+pub fn output_of(s: &Step) -> Result<String, String> {
+    let result = run_with(s, CancellationToken::new())?;
+    if result.exit.exit_code != 0 {
+        return Err(format!(
+            "step exited {}: {}{}",
+            result.exit.exit_code,
+            stdout(&result),
+            String::from_utf8_lossy(&result.stderr)
+        ));
+    }
+    Ok(stdout(&result))
+}
+
+pub use crate::both_modes;
 
 pub fn run(step: &Step) -> StepResult {
     run_with(step, CancellationToken::new()).unwrap_or_else(|e| panic!("step failed to run: {e}"))

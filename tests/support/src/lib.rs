@@ -121,8 +121,16 @@ pub fn rerun_as_test_user() -> AsTestUser {
         .expect("libtest names test threads after the test")
         .to_owned();
     let exe = std::env::current_exe().expect("current test executable");
-    let output = Command::new("runuser")
-        .args(["-u", TEST_USER, "--", "env", "KILN_TEST_INNER=1"])
+    // Enter the test user's delegated cgroups (scripts/setup-test-env) before dropping
+    // privileges, as a systemd user session would be placed.
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "for d in /sys/fs/cgroup/*/{TEST_USER} /sys/fs/cgroup/{TEST_USER}; do \
+               [ -w \"$d/cgroup.procs\" ] && echo $$ > \"$d/cgroup.procs\"; done; exec \"$@\""
+        ))
+        .arg("sh")
+        .args(["runuser", "-u", TEST_USER, "--", "env", "KILN_TEST_INNER=1"])
         .arg(format!("CI={}", std::env::var("CI").unwrap_or_default()))
         .arg(format!(
             "KILN_SHARED_DIR={}",

@@ -5,22 +5,19 @@
 //! namespaces, `clone3` failing with `ENOSYS` (its flags live in memory a filter cannot
 //! read, and `ENOSYS` makes libc fall back to `clone`), `personality` limited to the usual
 //! personas, and `chroot` only when the step holds `CAP_SYS_CHROOT`. It is carried in the
-//! OCI spec (so runc accepts the same spec) and compiled here with seccompiler.
+//! OCI spec (so runc accepts the same spec) and compiled by [`bpf`] into one filter.
 //!
-//! Syscalls of other ABIs on x86_64 (i386 `int 0x80`, x32) never match: seccompiler checks
-//! the audit architecture, and x32 numbers (`| 0x40000000`) are not in the table.
-
-use std::collections::BTreeMap;
+//! Syscalls of other ABIs on x86_64 (i386 `int 0x80`, x32) never match: the filter checks
+//! the audit architecture, and x32 numbers (`| 0x40000000`) get the default action.
 
 use caps::Capability;
 use oci_spec::runtime::{
     Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder,
     LinuxSeccompOperator, LinuxSyscall,
 };
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+pub mod bpf;
+
+use bpf::{Cmp, Condition, Program, Rule, SockFilter};
 
 /// Errors from building or compiling a profile.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +27,7 @@ pub enum SeccompError {
     #[error("invalid seccomp rule for {syscall}: {reason}")]
     Rule { syscall: String, reason: String },
     #[error("compiling the seccomp filter: {0}")]
-    Compile(String),
+    Compile(#[from] bpf::BpfError),
     #[error("unsupported seccomp action {0}")]
     Action(String),
 }
@@ -50,6 +47,7 @@ const SYSCALLS: &[(&str, i64)] = &[
     ("bind", libc::SYS_bind),
     ("bpf", libc::SYS_bpf),
     ("brk", libc::SYS_brk),
+    ("cachestat", 451),
     ("capget", libc::SYS_capget),
     ("capset", libc::SYS_capset),
     ("chdir", libc::SYS_chdir),
@@ -116,7 +114,10 @@ const SYSCALLS: &[(&str, i64)] = &[
     ("fsync", libc::SYS_fsync),
     ("ftruncate", libc::SYS_ftruncate),
     ("futex", libc::SYS_futex),
+    ("futex_requeue", 456),
+    ("futex_wait", 455),
     ("futex_waitv", libc::SYS_futex_waitv),
+    ("futex_wake", 454),
     ("futimesat", libc::SYS_futimesat),
     ("get_robust_list", libc::SYS_get_robust_list),
     ("get_thread_area", libc::SYS_get_thread_area),
@@ -155,6 +156,7 @@ const SYSCALLS: &[(&str, i64)] = &[
     ("io_cancel", libc::SYS_io_cancel),
     ("io_destroy", libc::SYS_io_destroy),
     ("io_getevents", libc::SYS_io_getevents),
+    ("io_pgetevents", 333),
     ("io_setup", libc::SYS_io_setup),
     ("io_submit", libc::SYS_io_submit),
     ("io_uring_enter", libc::SYS_io_uring_enter),
@@ -186,6 +188,7 @@ const SYSCALLS: &[(&str, i64)] = &[
     ("lsetxattr", libc::SYS_lsetxattr),
     ("lstat", libc::SYS_lstat),
     ("madvise", libc::SYS_madvise),
+    ("map_shadow_stack", 453),
     ("membarrier", libc::SYS_membarrier),
     ("memfd_create", libc::SYS_memfd_create),
     ("memfd_secret", libc::SYS_memfd_secret),
@@ -382,12 +385,6 @@ const SYSCALLS: &[(&str, i64)] = &[
     ("waitid", libc::SYS_waitid),
     ("write", libc::SYS_write),
     ("writev", libc::SYS_writev),
-    ("cachestat", 451),
-    ("futex_requeue", 456),
-    ("futex_wait", 455),
-    ("futex_wake", 454),
-    ("io_pgetevents", 333),
-    ("map_shadow_stack", 453),
 ];
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -774,141 +771,98 @@ pub fn default_profile(caps: &[Capability]) -> LinuxSeccomp {
     profile
 }
 
+/// The number of `name` on this architecture (the table is sorted by name).
 fn number(name: &str) -> Option<i64> {
-    SYSCALLS.iter().find(|(n, _)| *n == name).map(|(_, nr)| *nr)
+    SYSCALLS
+        .binary_search_by(|(n, _)| n.cmp(&name))
+        .ok()
+        .map(|i| SYSCALLS[i].1)
 }
 
-fn action(action: LinuxSeccompAction, errno: Option<u32>) -> Result<SeccompAction, SeccompError> {
+fn action(action: LinuxSeccompAction, errno: Option<u32>) -> Result<u32, SeccompError> {
     Ok(match action {
-        LinuxSeccompAction::ScmpActAllow => SeccompAction::Allow,
-        LinuxSeccompAction::ScmpActErrno => {
-            SeccompAction::Errno(errno.unwrap_or(libc::EPERM as u32))
-        }
+        LinuxSeccompAction::ScmpActAllow => bpf::ret::ALLOW,
+        LinuxSeccompAction::ScmpActErrno => bpf::ret::errno(errno.unwrap_or(libc::EPERM as u32)),
         LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => {
-            SeccompAction::KillThread
+            bpf::ret::KILL_THREAD
         }
-        LinuxSeccompAction::ScmpActKillProcess => SeccompAction::KillProcess,
-        LinuxSeccompAction::ScmpActTrap => SeccompAction::Trap,
-        LinuxSeccompAction::ScmpActLog => SeccompAction::Log,
-        LinuxSeccompAction::ScmpActTrace => SeccompAction::Trace(errno.unwrap_or(0)),
+        LinuxSeccompAction::ScmpActKillProcess => bpf::ret::KILL_PROCESS,
+        LinuxSeccompAction::ScmpActTrap => bpf::ret::TRAP,
+        LinuxSeccompAction::ScmpActLog => bpf::ret::LOG,
+        LinuxSeccompAction::ScmpActTrace => bpf::ret::trace(errno.unwrap_or(0)),
         other => return Err(SeccompError::Action(other.to_string())),
     })
 }
 
-fn condition(name: &str, a: &LinuxSeccompArg) -> Result<SeccompCondition, SeccompError> {
-    let op = match a.op() {
-        LinuxSeccompOperator::ScmpCmpEq => SeccompCmpOp::Eq,
-        LinuxSeccompOperator::ScmpCmpNe => SeccompCmpOp::Ne,
-        LinuxSeccompOperator::ScmpCmpLt => SeccompCmpOp::Lt,
-        LinuxSeccompOperator::ScmpCmpLe => SeccompCmpOp::Le,
-        LinuxSeccompOperator::ScmpCmpGe => SeccompCmpOp::Ge,
-        LinuxSeccompOperator::ScmpCmpGt => SeccompCmpOp::Gt,
-        LinuxSeccompOperator::ScmpCmpMaskedEq => SeccompCmpOp::MaskedEq(a.value()),
-    };
-    // libseccomp's MASKED_EQ compares (arg & value) with valueTwo.
-    let value = if a.op() == LinuxSeccompOperator::ScmpCmpMaskedEq {
-        a.value_two().unwrap_or(0)
-    } else {
-        a.value()
-    };
-    let index = u8::try_from(a.index()).map_err(|_| SeccompError::Rule {
-        syscall: name.to_owned(),
-        reason: format!("argument index {} out of range", a.index()),
-    })?;
-    SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value).map_err(|e| {
-        SeccompError::Rule {
+fn condition(name: &str, a: &LinuxSeccompArg) -> Result<Condition, SeccompError> {
+    let index = u8::try_from(a.index())
+        .ok()
+        .filter(|i| *i < 6)
+        .ok_or_else(|| SeccompError::Rule {
             syscall: name.to_owned(),
-            reason: e.to_string(),
-        }
-    })
+            reason: format!("argument index {} out of range", a.index()),
+        })?;
+    let cmp = match a.op() {
+        LinuxSeccompOperator::ScmpCmpEq => Cmp::Eq(a.value()),
+        LinuxSeccompOperator::ScmpCmpNe => Cmp::Ne(a.value()),
+        LinuxSeccompOperator::ScmpCmpLt => Cmp::Lt(a.value()),
+        LinuxSeccompOperator::ScmpCmpLe => Cmp::Le(a.value()),
+        LinuxSeccompOperator::ScmpCmpGe => Cmp::Ge(a.value()),
+        LinuxSeccompOperator::ScmpCmpGt => Cmp::Gt(a.value()),
+        // libseccomp's MASKED_EQ compares (arg & value) with valueTwo.
+        LinuxSeccompOperator::ScmpCmpMaskedEq => Cmp::MaskedEq {
+            mask: a.value(),
+            value: a.value_two().unwrap_or(0),
+        },
+    };
+    Ok(Condition { index, cmp })
 }
 
-/// Per syscall: `None` when an unconditional entry matched it, else the condition lists
-/// (each list ANDed, the lists ORed).
-type RuleSet = BTreeMap<i64, Option<Vec<Vec<SeccompCondition>>>>;
-
-/// Compiles an OCI profile into filters to install in order: the first holds the rules
-/// whose action is allow (mismatches get the default action); every other action gets a
-/// filter of its own installed after it, so it wins over the default for its syscalls.
-/// Syscalls unknown on this architecture are skipped, as libseccomp does.
-pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<BpfProgram>, SeccompError> {
-    let arch = target_arch()?;
-    let default = action(profile.default_action(), profile.default_errno_ret())?;
-    let mut allowed = RuleSet::new();
-    let mut others: Vec<(SeccompAction, RuleSet)> = Vec::new();
+/// Compiles an OCI profile into one BPF filter. Entries are tried in profile order for
+/// each syscall; syscalls unknown on this architecture are skipped, as libseccomp does.
+pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<SockFilter>, SeccompError> {
+    let audit_arch = match std::env::consts::ARCH {
+        "x86_64" => 0xc000_003e,
+        other => return Err(SeccompError::UnsupportedArch(other)),
+    };
+    let default_action = action(profile.default_action(), profile.default_errno_ret())?;
+    let mut syscalls: Vec<(u32, Vec<Rule>)> = Vec::new();
     for entry in profile.syscalls().iter().flatten() {
         let act = action(entry.action(), entry.errno_ret())?;
-        let rules = if act == SeccompAction::Allow {
-            &mut allowed
-        } else {
-            match others.iter().position(|(a, _)| *a == act) {
-                Some(i) => &mut others[i].1,
-                None => {
-                    others.push((act, RuleSet::new()));
-                    &mut others
-                        .last_mut()
-                        .ok_or_else(|| SeccompError::Compile("empty".into()))?
-                        .1
-                }
-            }
-        };
         for name in entry.names() {
-            let Some(nr) = number(name) else { continue };
+            let Some(nr) = number(name).and_then(|n| u32::try_from(n).ok()) else {
+                continue;
+            };
             let conditions = entry
                 .args()
                 .iter()
                 .flatten()
                 .map(|a| condition(name, a))
                 .collect::<Result<Vec<_>, _>>()?;
-            let slot = rules.entry(nr).or_insert_with(|| Some(Vec::new()));
-            match (slot.as_mut(), conditions.is_empty()) {
-                (_, true) => *slot = None,
-                (Some(lists), false) => lists.push(conditions),
-                (None, false) => {}
-            }
+            syscalls.push((
+                nr,
+                vec![Rule {
+                    conditions,
+                    action: act,
+                }],
+            ));
         }
     }
-    let mut programs = vec![build(allowed, default, SeccompAction::Allow, arch)?];
-    for (act, rules) in others {
-        programs.push(build(rules, SeccompAction::Allow, act, arch)?);
-    }
-    Ok(programs)
-}
-
-fn build(
-    rules: RuleSet,
-    mismatch: SeccompAction,
-    matched: SeccompAction,
-    arch: TargetArch,
-) -> Result<BpfProgram, SeccompError> {
-    let compile_err = |e: seccompiler::BackendError| SeccompError::Compile(e.to_string());
-    let mut map = BTreeMap::new();
-    for (nr, lists) in rules {
-        // seccompiler spells "always" as an empty rule list.
-        let rules = match lists {
-            None => Vec::new(),
-            Some(lists) => lists
-                .into_iter()
-                .map(SeccompRule::new)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(compile_err)?,
-        };
-        map.insert(nr, rules);
-    }
-    let filter = SeccompFilter::new(map, mismatch, matched, arch).map_err(compile_err)?;
-    BpfProgram::try_from(filter).map_err(compile_err)
-}
-
-fn target_arch() -> Result<TargetArch, SeccompError> {
-    match std::env::consts::ARCH {
-        "x86_64" => Ok(TargetArch::x86_64),
-        other => Err(SeccompError::UnsupportedArch(other)),
-    }
+    Ok(bpf::compile(&Program {
+        audit_arch,
+        default_action,
+        syscalls,
+    })?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syscall_table_is_sorted_for_binary_search() {
+        assert!(SYSCALLS.windows(2).all(|w| w[0].0 < w[1].0));
+    }
 
     #[test]
     fn every_allowed_name_has_a_number_on_x86_64() {
@@ -920,11 +874,33 @@ mod tests {
     }
 
     #[test]
-    fn default_profile_compiles_to_two_filters() {
+    fn default_profile_behaves_like_dockers() {
         let profile = default_profile(&crate::caps::DEFAULT);
-        let programs = compile(&profile).unwrap();
-        assert_eq!(programs.len(), 2, "allowlist plus the clone3 ENOSYS filter");
-        assert!(programs.iter().all(|p| !p.is_empty()));
+        let filter = compile(&profile).unwrap();
+        let arch = 0xc000_003e;
+        let nr = |name: &str| u32::try_from(number(name).unwrap()).unwrap();
+        let eval = |name: &str, args: [u64; 6]| bpf::evaluate(&filter, arch, nr(name), args);
+        let eperm = bpf::ret::errno(libc::EPERM as u32);
+        assert_eq!(eval("read", [0; 6]), bpf::ret::ALLOW);
+        assert_eq!(eval("chroot", [0; 6]), bpf::ret::ALLOW);
+        assert_eq!(eval("unshare", [0; 6]), eperm);
+        assert_eq!(eval("keyctl", [0; 6]), eperm);
+        assert_eq!(eval("clone3", [0; 6]), bpf::ret::errno(libc::ENOSYS as u32));
+        // clone: plain fork-like flags pass, namespace flags do not.
+        assert_eq!(eval("clone", [0x0120_0011, 0, 0, 0, 0, 0]), bpf::ret::ALLOW);
+        assert_eq!(
+            eval("clone", [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0]),
+            eperm
+        );
+        assert_eq!(eval("personality", [0x8, 0, 0, 0, 0, 0]), bpf::ret::ALLOW);
+        assert_eq!(eval("personality", [0x1234, 0, 0, 0, 0, 0]), eperm);
+        // i386 entry points and x32 numbers never reach the allowlist.
+        assert_eq!(bpf::evaluate(&filter, 0x4000_0003, 3, [0; 6]), eperm);
+        assert_eq!(
+            bpf::evaluate(&filter, arch, 0x4000_0000 | nr("read"), [0; 6]),
+            eperm
+        );
+        assert!(filter.len() < 4096);
     }
 
     #[test]

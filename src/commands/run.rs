@@ -1,0 +1,186 @@
+//! `kiln run` and `kiln spec`: one command in a rootfs directory, as a build step runs.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use kiln_executor::process::{self, RunnerConfig};
+use kiln_executor::spec::{self, Host, Network, Security, Step, StepMount, StepMountKind};
+use kiln_executor::sys::LinuxSys;
+use kiln_executor::userns::{self, Entered};
+
+use crate::cli::{RunArgs, SpecArgs, StepArgs};
+
+/// Parses `type=bind,source=…,target=…[,readonly]` or `type=tmpfs,target=…[,size=…]`.
+fn parse_mount(spec: &str) -> anyhow::Result<StepMount> {
+    let mut typ = None;
+    let mut source = None;
+    let mut target = None;
+    let mut readonly = false;
+    let mut size = 0i64;
+    for field in spec.split(',') {
+        match field.split_once('=') {
+            Some(("type", v)) => typ = Some(v.to_owned()),
+            Some(("source" | "src", v)) => source = Some(PathBuf::from(v)),
+            Some(("target" | "dst" | "destination", v)) => target = Some(v.to_owned()),
+            Some(("size", v)) => {
+                size = v.parse().with_context(|| {
+                    format!("--mount {spec}: size {v:?} is not a number of bytes")
+                })?;
+            }
+            Some(("readonly" | "ro", v)) => readonly = v != "false",
+            None if matches!(field, "readonly" | "ro") => readonly = true,
+            _ => bail!("--mount {spec}: unknown field {field:?}"),
+        }
+    }
+    let target = target.with_context(|| format!("--mount {spec}: target= is required"))?;
+    if !target.starts_with('/') {
+        bail!("--mount {spec}: target {target:?} must be an absolute path");
+    }
+    let kind = match typ.as_deref() {
+        Some("bind") => {
+            let source = source.with_context(|| format!("--mount {spec}: source= is required"))?;
+            let source = source
+                .canonicalize()
+                .with_context(|| format!("--mount {spec}: source {}", source.display()))?;
+            StepMountKind::Bind {
+                source,
+                readonly,
+                restricted: false,
+            }
+        }
+        Some("tmpfs") => StepMountKind::Tmpfs { size, readonly },
+        Some(other) => bail!("--mount {spec}: unsupported type {other:?} (bind or tmpfs)"),
+        None => bail!("--mount {spec}: type= is required"),
+    };
+    Ok(StepMount {
+        destination: target,
+        kind,
+    })
+}
+
+fn build_step(args: &StepArgs) -> anyhow::Result<Step> {
+    let rootfs = args
+        .rootfs
+        .canonicalize()
+        .with_context(|| format!("rootfs {}", args.rootfs.display()))?;
+    let mut env = args.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.insert(0, format!("PATH={}", kiln_proto::DEFAULT_PATH));
+    }
+    Ok(Step {
+        args: args.command.clone(),
+        env,
+        cwd: args.cwd.clone(),
+        user: args.user.clone(),
+        hostname: args.hostname.clone(),
+        ulimits: Vec::new(),
+        cgroup_parent: String::new(),
+        extra_hosts: Vec::new(),
+        network: match args.network.as_deref() {
+            Some("none") => Network::None,
+            Some("host") => Network::Host,
+            _ => Network::Sandbox,
+        },
+        security: if args.security == "insecure" {
+            Security::Insecure
+        } else {
+            Security::Sandbox
+        },
+        rootfs,
+        readonly_rootfs: args.readonly,
+        mounts: args
+            .mount
+            .iter()
+            .map(|m| parse_mount(m))
+            .collect::<anyhow::Result<_>>()?,
+        no_new_privileges: false,
+    })
+}
+
+fn step_id() -> String {
+    format!("run{}", std::process::id())
+}
+
+fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
+pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let step = build_step(&args.step)?;
+    // Rootless: a user namespace, entered before any thread exists. As root `kiln run`
+    // mounts nothing outside the step's own mount namespace, so it needs no private one.
+    let in_user_namespace = if nix::unistd::Uid::effective().is_root() {
+        false
+    } else {
+        matches!(
+            userns::enter().context("entering kiln's user namespace")?,
+            Entered::UserNamespace(_)
+        )
+    };
+    let id = step_id();
+    let shared = root.join("run");
+    let bundle = shared.join(&id);
+    prepare_dir(&shared)?;
+    let own_hosts = !args.step.hostname.is_empty();
+    if own_hosts {
+        prepare_dir(&bundle)?;
+    }
+    let host = Host {
+        in_user_namespace,
+        shared_dir: shared,
+        run_dir: bundle.clone(),
+        id,
+    };
+    let outcome = spec::generate(&step, &host, &LinuxSys)
+        .map_err(anyhow::Error::from)
+        .and_then(|spec| {
+            let mut stub_paths = vec!["/etc/resolv.conf".to_owned(), "/etc/hosts".to_owned()];
+            stub_paths.extend(step.mounts.iter().map(|m| m.destination.clone()));
+            let config = RunnerConfig {
+                spec,
+                stub_paths,
+                stubs_recursive: true,
+                real_root: !in_user_namespace,
+                own_cgroups: kiln_executor::cgroup::wanted(
+                    &step.cgroup_parent,
+                    step.security == Security::Insecure,
+                ),
+            };
+            process::run(&config).map_err(anyhow::Error::from)
+        });
+    if own_hosts {
+        let _ = std::fs::remove_dir_all(&bundle);
+    }
+    match outcome {
+        Ok(info) => Ok(ExitCode::from(u8::try_from(info.exit_code).unwrap_or(255))),
+        // Like a shell: the message, then 127 (not found) or 126 (not executable).
+        Err(e) => match e.downcast_ref::<process::RunError>() {
+            Some(process::RunError::Exec { message, code }) => {
+                eprintln!("error: {message}");
+                Ok(ExitCode::from(u8::try_from(*code).unwrap_or(127)))
+            }
+            _ => Err(e),
+        },
+    }
+}
+
+pub fn spec(root: &Path, args: &SpecArgs) -> anyhow::Result<ExitCode> {
+    let step = build_step(&args.step)?;
+    let in_user_namespace = !nix::unistd::Uid::effective().is_root();
+    let id = step_id();
+    let bundle = args
+        .bundle
+        .clone()
+        .unwrap_or_else(|| root.join("run").join(format!("spec-{id}")));
+    prepare_dir(&bundle)?;
+    let host = Host {
+        in_user_namespace,
+        shared_dir: bundle.clone(),
+        run_dir: bundle,
+        id,
+    };
+    let spec = spec::generate(&step, &host, &LinuxSys)?;
+    println!("{}", serde_json::to_string_pretty(&spec)?);
+    Ok(ExitCode::SUCCESS)
+}
