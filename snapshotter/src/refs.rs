@@ -364,19 +364,29 @@ impl Snapshotter {
         options: &RefOptions,
     ) -> Result<MutableRef> {
         let (held, fs) = self.create(parent, options)?;
-        if let Some(p) = parent {
-            self.shared.db().touch(p.id(), true)?;
-        }
-        if let (Backend::Native { .. }, Some(p)) = (self.shared.backend, parent) {
-            copy_parent(&p.held, &fs)?;
-        }
-        if !self.shared.db().transition(
-            &held.id,
-            RecordState::Creating,
-            RecordState::Mutable,
-            None,
-        )? {
-            return Err(Error::NotFound(held.id.clone()));
+        let fill = || -> Result<()> {
+            if let Some(p) = parent {
+                self.shared.db().touch(p.id(), true)?;
+            }
+            if let (Backend::Native { .. }, Some(p)) = (self.shared.backend, parent) {
+                copy_parent(&p.held, &fs)?;
+            }
+            if !self.shared.db().transition(
+                &held.id,
+                RecordState::Creating,
+                RecordState::Mutable,
+                None,
+            )? {
+                return Err(Error::NotFound(held.id.clone()));
+            }
+            Ok(())
+        };
+        if let Err(e) = fill() {
+            let lock = lock_mutex(&held.lock);
+            if let Err(cleanup) = self.shared.delete_locked(&held.id, held.n, &lock) {
+                tracing::warn!("removing the failed snapshot {}: {cleanup}", held.id);
+            }
+            return Err(e);
         }
         tracing::debug!(id = held.id, n = held.n, "new mutable snapshot");
         Ok(MutableRef {
@@ -630,45 +640,55 @@ impl Snapshotter {
         };
         let (held, fs) = self.create(parent, &ref_options)?;
         let held = Arc::new(held);
-        if let (Backend::Native { .. }, Some(p)) = (self.shared.backend, parent) {
-            copy_parent(&p.held, &fs)?;
-        }
-        let mode = match self.shared.backend {
-            Backend::Overlay { xattrs } => layer::ApplyMode::Overlay(xattrs),
-            Backend::Native { .. } => layer::ApplyMode::Merged,
-        };
-        let applied = layer::apply(&fs, layer, mode, options)?;
-        let chain_id = layer::chain_id(parent_chain.as_deref(), &applied.diff_id);
-        if let Some(expected) = &options.diff_id {
-            if expected != &applied.diff_id {
-                return Err(LayerError::DiffIdMismatch {
-                    expected: expected.clone(),
-                    actual: applied.diff_id,
+        let fill = || -> Result<()> {
+            if let (Backend::Native { .. }, Some(p)) = (self.shared.backend, parent) {
+                copy_parent(&p.held, &fs)?;
+            }
+            let mode = match self.shared.backend {
+                Backend::Overlay { xattrs } => layer::ApplyMode::Overlay(xattrs),
+                Backend::Native { .. } => layer::ApplyMode::Merged,
+            };
+            let applied = layer::apply(&fs, layer, mode, options)?;
+            let chain_id = layer::chain_id(parent_chain.as_deref(), &applied.diff_id);
+            if let Some(expected) = &options.diff_id {
+                if expected != &applied.diff_id {
+                    return Err(LayerError::DiffIdMismatch {
+                        expected: expected.clone(),
+                        actual: applied.diff_id,
+                    }
+                    .into());
                 }
-                .into());
             }
+            let info = LayerInfo {
+                diff_id: applied.diff_id,
+                chain_id,
+                blob_digest: applied.blob_digest,
+                blob_size: applied.blob_size,
+                media_type: options.media_type.clone(),
+            };
+            let commit = || -> Result<()> {
+                let db = self.shared.db();
+                db.set_layer(&held.id, &info)?;
+                if !db.transition(
+                    &held.id,
+                    RecordState::Creating,
+                    RecordState::Committed,
+                    Some(&self.shared.boot_id),
+                )? {
+                    return Err(Error::NotFound(held.id.clone()));
+                }
+                Ok(())
+            };
+            commit()
+        };
+        if let Err(e) = fill() {
+            // Nothing half-made stays behind: the record is ours (exclusive lock) to remove.
+            let lock = lock_mutex(&held.lock);
+            if let Err(cleanup) = self.shared.delete_locked(&held.id, held.n, &lock) {
+                tracing::warn!("removing the failed import {}: {cleanup}", held.id);
+            }
+            return Err(e);
         }
-        let info = LayerInfo {
-            diff_id: applied.diff_id,
-            chain_id,
-            blob_digest: applied.blob_digest,
-            blob_size: applied.blob_size,
-            media_type: options.media_type.clone(),
-        };
-        let commit = || -> Result<()> {
-            let db = self.shared.db();
-            db.set_layer(&held.id, &info)?;
-            if !db.transition(
-                &held.id,
-                RecordState::Creating,
-                RecordState::Committed,
-                Some(&self.shared.boot_id),
-            )? {
-                return Err(Error::NotFound(held.id.clone()));
-            }
-            Ok(())
-        };
-        commit()?;
         let _ = fsutil::remove_tree(&self.shared.work_dir(held.n));
         self.publish(held)
     }
