@@ -585,8 +585,11 @@ fn differs(
         return Ok(true);
     }
     let kind = fsutil::kind(a);
+    // A changed link count means a hardlink was added or removed: the entry must be
+    // written so that its new links can refer to it.
     if kind != SFlag::S_IFDIR
         && (a.st_size != b.st_size
+            || a.st_nlink != b.st_nlink
             || a.st_mtime != b.st_mtime
             || a.st_mtime_nsec != b.st_mtime_nsec)
     {
