@@ -43,12 +43,18 @@ fn hostile_layers_are_contained(rootless: bool) -> anyhow::Result<()> {
     std::fs::create_dir(&canary)?;
     let store = Snapshotter::open(&dir.path().join("root"))?;
     let before = listing(&canary);
-    let outside_before: Vec<_> = std::fs::read_dir(dir.path())?.map(|e| e.unwrap().file_name()).collect();
+    let outside_before: Vec<_> = std::fs::read_dir(dir.path())?
+        .map(|e| e.unwrap().file_name())
+        .collect();
     let import = |layer: Vec<u8>| store.import_layer(None, &layer[..], &ImportOptions::default());
 
     // `..` is rejected outright.
-    let err = import(Layer::new().raw(header(tar::EntryType::Regular), b"../escape", b"x").finish())
-        .expect_err("`..` must be rejected");
+    let err = import(
+        Layer::new()
+            .raw(header(tar::EntryType::Regular), b"../escape", b"x")
+            .finish(),
+    )
+    .expect_err("`..` must be rejected");
     assert!(err.to_string().contains(".."), "{err}");
     let err = import(
         Layer::new()
@@ -82,7 +88,10 @@ fn hostile_layers_are_contained(rootless: bool) -> anyhow::Result<()> {
         .file("up/climbed", b"evil")
         .finish();
     if let Ok(r) = import(climb) {
-        assert!(r.dir().join("climbed").is_file(), "contained at the snapshot root");
+        assert!(
+            r.dir().join("climbed").is_file(),
+            "contained at the snapshot root"
+        );
     }
     // A hardlink to a host file.
     let err = import(Layer::new().hardlink("pw", "/etc/passwd").finish())
@@ -116,13 +125,21 @@ fn hostile_layers_are_contained(rootless: bool) -> anyhow::Result<()> {
             .file("d/f", b"x")
             .finish(),
     )?;
-    assert_eq!(xattr::get(forged.dir().join("d/f"), "user.overlay.opaque")?, None);
+    assert_eq!(
+        xattr::get(forged.dir().join("d/f"), "user.overlay.opaque")?,
+        None
+    );
 
     // Device nodes: created as root, skipped (with a warning) rootless.
     let mut dev = header(tar::EntryType::Char);
     dev.set_device_major(1)?;
     dev.set_device_minor(3)?;
-    let r = import(Layer::new().raw(dev, b"null", b"").file("after", b"ok").finish())?;
+    let r = import(
+        Layer::new()
+            .raw(dev, b"null", b"")
+            .file("after", b"ok")
+            .finish(),
+    )?;
     assert_eq!(r.dir().join("null").exists(), !rootless);
     assert!(r.dir().join("after").is_file());
 
@@ -138,8 +155,14 @@ fn hostile_layers_are_contained(rootless: bool) -> anyhow::Result<()> {
         assert!(msg.contains("far") && msg.contains("4000000"), "{msg}");
     }
 
-    assert_eq!(listing(&canary), before, "nothing may land in the canary directory");
-    let outside_after: Vec<_> = std::fs::read_dir(dir.path())?.map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(
+        listing(&canary),
+        before,
+        "nothing may land in the canary directory"
+    );
+    let outside_after: Vec<_> = std::fs::read_dir(dir.path())?
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(outside_before, outside_after);
     assert!(!Path::new("/escape").exists() && !Path::new("/climbed").exists());
     let problems = store.verify()?;

@@ -47,7 +47,10 @@ fn lifecycle() -> anyhow::Result<()> {
     let names: Vec<String> = tree(&view.path).into_keys().collect();
     assert_eq!(names, ["dir", "dir/b", "dir/c", "new0", "new1"]);
     drop(view);
-    assert!(matches!(store.get_mutable(committed.id()), Err(Error::WrongState { .. })));
+    assert!(matches!(
+        store.get_mutable(committed.id()),
+        Err(Error::WrongState { .. })
+    ));
     let again = store.get(committed.id())?;
     assert_eq!(again.id(), committed.id());
 
@@ -66,11 +69,16 @@ fn lifecycle() -> anyhow::Result<()> {
     assert_eq!(err.to_string(), format!("{cache_id} is locked"));
     // The same holds for another handle on the store (as another process would have).
     let other = Snapshotter::open(&root)?;
-    let err = other.get_mutable(&cache_id).expect_err("second holder elsewhere");
+    let err = other
+        .get_mutable(&cache_id)
+        .expect_err("second holder elsewhere");
     assert!(matches!(err, Error::Locked(_)), "{err}");
     cache.release()?;
     let found = store.find(key)?;
-    assert_eq!(found.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [cache_id.as_str()]);
+    assert_eq!(
+        found.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        [cache_id.as_str()]
+    );
     let cache: MutableRef = other.get_mutable(&found[0].id)?;
     assert_eq!(std::fs::read(cache.dir().join("pkg"))?, b"p");
     drop(cache);
@@ -134,7 +142,10 @@ fn long_chain() -> anyhow::Result<()> {
     };
     assert_eq!(o.lowers.len(), 200);
     let option_len: usize = o.lowers.iter().map(|l| l.as_os_str().len() + 1).sum();
-    assert!(option_len > 4096, "the chain would not fit a classic option string");
+    assert!(
+        option_len > 4096,
+        "the chain would not fit a classic option string"
+    );
     let view = Mounted::view(&top)?;
     assert_eq!(std::fs::read_dir(&view.path)?.count(), 200);
     assert_eq!(std::fs::read_to_string(view.path.join("f000"))?, "0");
@@ -193,7 +204,8 @@ fn native_round_trip() -> anyhow::Result<()> {
     for layer in [&base, &second, &top] {
         let mut blob = Vec::new();
         native.export_layer(layer, &mut blob, Compression::Gzip)?;
-        parent = Some(overlay.import_layer(parent.as_ref(), &blob[..], &ImportOptions::default())?);
+        parent =
+            Some(overlay.import_layer(parent.as_ref(), &blob[..], &ImportOptions::default())?);
     }
     let view = Mounted::view(parent.as_ref().unwrap())?;
     assert_same_tree(&expected, &tree(&view.path));
