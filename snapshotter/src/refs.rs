@@ -365,6 +365,11 @@ impl Snapshotter {
     ) -> Result<MutableRef> {
         let (held, fs) = self.create(parent, options)?;
         let fill = || -> Result<()> {
+            let work = self.shared.work_dir(held.n);
+            std::fs::DirBuilder::new()
+                .mode(0o711)
+                .create(&work)
+                .map_err(io_err(&work))?;
             if let Some(p) = parent {
                 self.shared.db().touch(p.id(), true)?;
             }
@@ -443,15 +448,10 @@ impl Snapshotter {
             lock: Mutex::new(lock),
         };
         let fs = shared.fs_dir(n);
-        let work = shared.work_dir(n);
         std::fs::DirBuilder::new()
             .mode(0o755)
             .create(&fs)
             .map_err(io_err(&fs))?;
-        std::fs::DirBuilder::new()
-            .mode(0o711)
-            .create(&work)
-            .map_err(io_err(&work))?;
         if let Some(p) = parent {
             // The new layer's root starts with the parent's root ownership and mode (the
             // merged root of an overlay is its upper's root).
@@ -689,7 +689,6 @@ impl Snapshotter {
             }
             return Err(e);
         }
-        let _ = fsutil::remove_tree(&self.shared.work_dir(held.n));
         self.publish(held)
     }
 
@@ -1324,8 +1323,8 @@ impl MutableRef {
         )? {
             return Err(Error::NotFound(held.id.clone()));
         }
-        // The work directory only serves a writable mount; an immutable layer never gets one.
-        let _ = fsutil::remove_tree(&shared.work_dir(held.n));
+        // The work directory stays (a few empty directories) until the snapshot is deleted:
+        // removing it here would cost more than the rest of the commit.
         Snapshotter { shared }.publish(held)
     }
 
