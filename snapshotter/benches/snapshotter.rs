@@ -10,6 +10,9 @@
 //! Needs root (it mounts, in a private mount namespace); prints `SKIPPED` otherwise. Set
 //! `KILN_BENCH_ITERS` to change the number of cycles.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 use std::io::Read as _;
 use std::path::Path;
 use std::process::{Command, Stdio};

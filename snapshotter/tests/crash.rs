@@ -2,6 +2,9 @@
 //! killed with SIGKILL at random points, several times; afterwards the store opens (which
 //! recovers), verifies clean, and every committed layer still holds what it was given.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::os::unix::process::CommandExt as _;
@@ -51,9 +54,10 @@ fn crash_and_verify(run_child: impl Fn() -> std::process::Child) -> anyhow::Resu
         let mut child = run_child();
         std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
         // The child forks into a namespace; kill the whole process group.
-        let pgid = nix::unistd::Pid::from_raw(-i32::try_from(child.id())?);
-        nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL)?;
+        let pgid = nix::unistd::Pid::from_raw(-i32::try_from(child.id()).unwrap());
+        let killed = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
         let status = child.wait()?;
+        killed?;
         assert!(
             status.code().is_none(),
             "the churn loop stopped by itself: {status}"
@@ -119,7 +123,7 @@ fn child_mode(in_namespace: impl FnOnce(Box<dyn FnOnce() -> i32>) -> i32) -> boo
 
 #[test]
 fn kill_during_commit_rootful() {
-    if child_mode(|body| kiln_testsupport::run_in_private_mount_namespace(body)) {
+    if child_mode(kiln_testsupport::run_in_private_mount_namespace) {
         return;
     }
     if !kiln_testsupport::require(kiln_testsupport::is_root(), "root") {

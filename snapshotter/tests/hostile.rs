@@ -3,6 +3,9 @@
 //! outside the user namespace's mapping. Each is rejected or contained: nothing lands
 //! outside the snapshot, and the store stays consistent.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;

@@ -2,6 +2,9 @@
 //! shows the right merged view, exports back to equivalent layers, and real image layers
 //! import with the digests their image records. Rootful and rootless.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -2,6 +2,9 @@
 //! second holder, retain for keyed lookups (cache mounts), release, du, prune and verify;
 //! a 200-layer chain mounts; the native fallback round-trips. Rootful and rootless.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -107,7 +110,7 @@ fn lifecycle() -> anyhow::Result<()> {
     })?;
     assert!(kept.is_empty(), "{kept:?}");
     let pruned = store.prune(PruneOptions::default())?;
-    assert_eq!(pruned, [cache_id.clone()]);
+    assert_eq!(pruned, std::slice::from_ref(&cache_id));
     drop((base, committed, again));
     let mut pruned = store.prune(PruneOptions::default())?;
     pruned.sort();

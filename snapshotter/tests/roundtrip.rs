@@ -5,6 +5,9 @@
 //! are imported into a fresh store, and the mounted result must equal the reference tree.
 //! Rootful and rootless.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::ErrorKind;

@@ -2,6 +2,8 @@
 //! private mount namespace) or rootless (as the test user in a user namespace), building
 //! layer tars, mounting refs, and describing trees for comparison.
 
+// Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
