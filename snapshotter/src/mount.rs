@@ -71,8 +71,9 @@ pub struct OverlayMount {
     pub userxattr: bool,
     /// Skip syncs (`volatile`): for step uppers that are committed, and synced, later.
     pub volatile: bool,
-    /// Rootful only: `index=off` and `redirect_dir=off`, so renaming a lower directory
-    /// falls back to a copy (EXDEV) and the upper stays exportable as an OCI diff.
+    /// Rootful only: `index=off`, `redirect_dir=off` and `metacopy=off`, so renaming a lower
+    /// directory falls back to a copy (EXDEV) and the upper stays exportable as an OCI diff
+    /// (`userxattr` implies the same).
     pub plain_upper: bool,
 }
 
@@ -200,6 +201,9 @@ fn mount_overlay(o: &OverlayMount, target: &Path) -> Result<(), MountError> {
     if o.plain_upper && !o.userxattr {
         set(c"index", b"off")?;
         set(c"redirect_dir", b"off")?;
+        // A metadata-only copy-up would leave an upper file without its data, and the
+        // diff export reads file data from the upper.
+        set(c"metacopy", b"off")?;
     }
     match sys::fsconfig_string(fs, c"lowerdir+", path_bytes(&o.lowers[0])) {
         Ok(()) => {

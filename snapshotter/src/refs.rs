@@ -1353,3 +1353,24 @@ impl Drop for MutableRef {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_can_cross_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Snapshotter>();
+        shareable::<ImmutableRef>();
+        shareable::<MutableRef>();
+    }
+
+    #[test]
+    fn record_ids_are_25_lowercase_alphanumerics() {
+        let id = new_id();
+        assert_eq!(id.len(), 25);
+        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert_ne!(id, new_id());
+    }
+}

@@ -50,9 +50,16 @@ fn churn(root: &Path) -> anyhow::Result<()> {
 /// The parent: kill the child repeatedly, then check the store.
 fn crash_and_verify(run_child: impl Fn() -> std::process::Child) -> anyhow::Result<()> {
     let mut rng = rand::rng();
-    for _ in 0..10 {
+    for round in 0..10 {
         let mut child = run_child();
-        std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
+        // The last round runs longer so that some work surely completes even on a slow
+        // machine; the others stop it anywhere, from startup to mid-commit.
+        let millis = if round == 9 {
+            1500
+        } else {
+            rng.random_range(100..600)
+        };
+        std::thread::sleep(Duration::from_millis(millis));
         // The child forks into a namespace; kill the whole process group.
         let pgid = nix::unistd::Pid::from_raw(-i32::try_from(child.id()).unwrap());
         let killed = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
