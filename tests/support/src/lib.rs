@@ -198,3 +198,46 @@ pub fn unpack_test_image(name: &str, dest: &Path) {
         archive.unpack(dest).expect("unpack layer");
     }
 }
+
+/// Runs `body` in a forked child inside a new private mount namespace (as the caller, so
+/// normally as root) and returns its exit code; a panic in `body` becomes exit code 101.
+/// Mounts made by `body` never reach the caller's namespace and vanish with the child.
+///
+/// # Caveats
+/// The child is forked from a possibly multi-threaded test process: `body` must not rely
+/// on locks other threads might hold (glibc resets its malloc locks across fork).
+pub fn run_in_private_mount_namespace<F: FnOnce() -> i32>(body: F) -> i32 {
+    use nix::mount::{MsFlags, mount};
+    use nix::sys::wait::{WaitStatus, waitpid};
+    // SAFETY: the child only runs `body` (fork-safe under glibc, see Caveats) and then
+    // leaves with _exit, never returning into the test harness.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => {
+            let setup = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).and_then(|()| {
+                mount(
+                    None::<&str>,
+                    "/",
+                    None::<&str>,
+                    MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                    None::<&str>,
+                )
+            });
+            let code = match setup {
+                Ok(()) => {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101)
+                }
+                Err(e) => {
+                    eprintln!("entering a private mount namespace: {e}");
+                    125
+                }
+            };
+            // SAFETY: _exit ends the forked child without running the parent's destructors.
+            unsafe { nix::libc::_exit(code) }
+        }
+        nix::unistd::ForkResult::Parent { child } => match waitpid(child, None).expect("wait") {
+            WaitStatus::Exited(_, code) => code,
+            WaitStatus::Signaled(_, signal, _) => 128 + signal as i32,
+            _ => 1,
+        },
+    }
+}

@@ -1,0 +1,304 @@
+//! Descriptor-based filesystem helpers: opening directories without following symlinks,
+//! resolving attacker-controlled paths inside a root (`openat2(RESOLVE_IN_ROOT)`), sorted
+//! listings, recursive removal, disk usage, and the reflink-or-copy tree copy of the native
+//! backend.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+use nix::unistd::UnlinkatFlags;
+
+use crate::sys;
+
+pub(crate) type NixResult<T> = Result<T, Errno>;
+
+/// Opens the directory at a trusted path.
+pub(crate) fn open_dir(path: &Path) -> NixResult<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Opens the subdirectory `name` of `dir`, refusing a symlink.
+pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr) -> NixResult<OwnedFd> {
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Opens `rel` inside `root` as if `root` were `/`: `..` and absolute symlinks cannot leave
+/// it, magic links and other mounts are refused.
+pub(crate) fn open_in_root(
+    root: BorrowedFd<'_>,
+    rel: &Path,
+    flags: OFlag,
+    mode: Mode,
+) -> NixResult<OwnedFd> {
+    let rel: &Path = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let how = OpenHow::new()
+        .flags(flags | OFlag::O_CLOEXEC)
+        .mode(mode)
+        .resolve(
+            ResolveFlag::RESOLVE_IN_ROOT
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    loop {
+        match nix::fcntl::openat2(root, rel, how) {
+            // openat2 asks for a retry when a rename raced with an in-root lookup.
+            Err(Errno::EAGAIN) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `lstat` of the entry `name` in `dir`.
+pub(crate) fn lstat_at(dir: BorrowedFd<'_>, name: &OsStr) -> NixResult<FileStat> {
+    nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+}
+
+/// The file type bits of a stat.
+pub(crate) fn kind(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & libc::S_IFMT)
+}
+
+/// The names in `dir` (without `.` and `..`), sorted bytewise.
+pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> NixResult<Vec<OsString>> {
+    let fd = nix::fcntl::openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut d = nix::dir::Dir::from_fd(fd)?;
+    let mut names = Vec::new();
+    for entry in d.iter() {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsStr::from_bytes(name).to_owned());
+        }
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+/// Removes the entry `name` of `dir`, recursively for a directory, never following a
+/// symlink. Missing entries are not an error.
+pub(crate) fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> NixResult<()> {
+    match nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::EISDIR | Errno::EPERM) => {}
+        Err(e) => return Err(e),
+    }
+    let sub = match open_dir_at(dir, name) {
+        Ok(sub) => sub,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    clear_dir(sub.as_fd())?;
+    drop(sub);
+    match nix::unistd::unlinkat(dir, name, UnlinkatFlags::RemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes everything inside `dir`.
+pub(crate) fn clear_dir(dir: BorrowedFd<'_>) -> NixResult<()> {
+    for name in list_dir(dir)? {
+        remove_at(dir, &name)?;
+    }
+    Ok(())
+}
+
+/// Removes a trusted directory tree (a snapshot's own directory); missing is fine.
+pub(crate) fn remove_tree(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Disk usage of the tree at `path`: allocated blocks of each inode, counted once.
+pub(crate) fn disk_usage(path: &Path) -> NixResult<u64> {
+    let dir = open_dir(path)?;
+    let mut seen = HashMap::new();
+    let st = nix::sys::stat::fstat(&dir)?;
+    let mut total = u64::try_from(st.st_blocks).unwrap_or(0) * 512;
+    usage_walk(dir.as_fd(), &mut seen, &mut total)?;
+    Ok(total)
+}
+
+fn usage_walk(
+    dir: BorrowedFd<'_>,
+    seen: &mut HashMap<(u64, u64), ()>,
+    total: &mut u64,
+) -> NixResult<()> {
+    for name in list_dir(dir)? {
+        let st = lstat_at(dir, &name)?;
+        if st.st_nlink > 1 && seen.insert((st.st_dev, st.st_ino), ()).is_some() {
+            continue;
+        }
+        *total += u64::try_from(st.st_blocks).unwrap_or(0) * 512;
+        if kind(&st) == SFlag::S_IFDIR {
+            let sub = open_dir_at(dir, &name)?;
+            usage_walk(sub.as_fd(), seen, total)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the xattrs of `name` in `src` to `name` in `dst` (both entries exist), except
+/// those `skip` rejects.
+pub(crate) fn copy_xattrs_at(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    name: &OsStr,
+    skip: &dyn Fn(&[u8]) -> bool,
+) -> NixResult<()> {
+    let keys = match sys::list_xattrs_at(src, name) {
+        Ok(keys) => keys,
+        Err(Errno::EOPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for key in keys {
+        if skip(&key) {
+            continue;
+        }
+        if let Some(value) = sys::get_xattr_at(src, name, &key)? {
+            sys::set_xattr_at(dst, name, &key, &value)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the contents of `src` into the (empty) directory `dst`, preserving types, modes,
+/// owners, times, xattrs (except `skip`ped ones) and hardlinks. File data is shared with
+/// `FICLONE` where the filesystem supports it, else copied with `copy_file_range` (which
+/// `std::io::copy` uses between files).
+pub(crate) fn copy_tree(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    skip: &dyn Fn(&[u8]) -> bool,
+) -> NixResult<()> {
+    let mut links = HashMap::new();
+    let mut reflink = true;
+    copy_dir_contents(src, dst, skip, &mut links, &mut reflink)
+}
+
+type LinkMap = HashMap<(u64, u64), (OwnedFd, OsString)>;
+
+fn copy_dir_contents(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    skip: &dyn Fn(&[u8]) -> bool,
+    links: &mut LinkMap,
+    reflink: &mut bool,
+) -> NixResult<()> {
+    use nix::sys::stat::{UtimensatFlags, utimensat};
+    use nix::sys::time::TimeSpec;
+    for name in list_dir(src)? {
+        let st = lstat_at(src, &name)?;
+        let kind = kind(&st);
+        if kind != SFlag::S_IFDIR && st.st_nlink > 1 {
+            if let Some((dir, first)) = links.get(&(st.st_dev, st.st_ino)) {
+                nix::unistd::linkat(
+                    dir.as_fd(),
+                    first.as_os_str(),
+                    dst,
+                    name.as_os_str(),
+                    nix::fcntl::AtFlags::empty(),
+                )?;
+                continue;
+            }
+        }
+        let perm = Mode::from_bits_truncate(st.st_mode & 0o7777);
+        match kind {
+            SFlag::S_IFDIR => {
+                nix::sys::stat::mkdirat(dst, name.as_os_str(), Mode::from_bits_truncate(0o700))?;
+                let s = open_dir_at(src, &name)?;
+                let d = open_dir_at(dst, &name)?;
+                copy_dir_contents(s.as_fd(), d.as_fd(), skip, links, reflink)?;
+            }
+            SFlag::S_IFREG => {
+                let s = File::from(nix::fcntl::openat(
+                    src,
+                    name.as_os_str(),
+                    OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )?);
+                let mut d = File::from(nix::fcntl::openat(
+                    dst,
+                    name.as_os_str(),
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )?);
+                let cloned = *reflink && sys::ficlone(&d, &s).is_ok();
+                if !cloned {
+                    *reflink = false;
+                    let mut s = &s;
+                    std::io::copy(&mut s, &mut d)
+                        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+                }
+            }
+            SFlag::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(src, name.as_os_str())?;
+                nix::unistd::symlinkat(target.as_os_str(), dst, name.as_os_str())?;
+            }
+            SFlag::S_IFCHR | SFlag::S_IFBLK | SFlag::S_IFIFO => {
+                nix::sys::stat::mknodat(dst, name.as_os_str(), kind, perm, st.st_rdev)?;
+            }
+            // Sockets are not part of a filesystem image.
+            _ => continue,
+        }
+        nix::unistd::fchownat(
+            dst,
+            name.as_os_str(),
+            Some(nix::unistd::Uid::from_raw(st.st_uid)),
+            Some(nix::unistd::Gid::from_raw(st.st_gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        if kind != SFlag::S_IFLNK {
+            nix::sys::stat::fchmodat(
+                dst,
+                name.as_os_str(),
+                perm,
+                nix::sys::stat::FchmodatFlags::FollowSymlink,
+            )?;
+        }
+        copy_xattrs_at(src, dst, &name, skip)?;
+        utimensat(
+            dst,
+            name.as_os_str(),
+            &TimeSpec::new(st.st_atime, st.st_atime_nsec),
+            &TimeSpec::new(st.st_mtime, st.st_mtime_nsec),
+            UtimensatFlags::NoFollowSymlink,
+        )?;
+        if kind != SFlag::S_IFDIR && st.st_nlink > 1 {
+            let dup = nix::unistd::dup(dst)?;
+            links.insert((st.st_dev, st.st_ino), (dup, name));
+        }
+    }
+    Ok(())
+}

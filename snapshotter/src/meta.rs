@@ -1,0 +1,542 @@
+//! Snapshot metadata in SQLite (`<root>/snapshots.db`): one row per record, keyed lookups
+//! (`cache-dir:<key>`, …), layer digests, and the store-wide settings (backend, xattr
+//! namespace, next directory number).
+//!
+//! Why SQLite: several kiln processes share one root (parallel builds), and SQLite lets them
+//! all read and write one database safely with its own file locking, whereas redb or sled
+//! admit one process at a time. WAL mode lets readers proceed during a write;
+//! `synchronous=NORMAL` keeps every transaction atomic and the database consistent after
+//! a crash at any point (a power loss may only roll back the newest transactions, which the
+//! record state machine tolerates); `busy_timeout` makes concurrent writers queue instead
+//! of failing.
+//!
+//! A record moves through `creating` → `mutable` → `committed` (or `creating` →
+//! `committed` for an imported layer) and `removing` before its row is deleted; every move
+//! is one transaction, and the directory work between them is redone or undone by crash
+//! recovery (see the crate docs).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// Errors from the metadata database.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("snapshot database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("snapshot database {path} has an unknown record state {state:?} for {id}")]
+    BadState {
+        path: PathBuf,
+        id: String,
+        state: String,
+    },
+}
+
+/// Where a record is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordState {
+    /// Being made; its maker holds the exclusive lock. Removed by recovery otherwise.
+    Creating,
+    /// A writable layer.
+    Mutable,
+    /// An immutable layer.
+    Committed,
+    /// Being deleted; recovery finishes the job.
+    Removing,
+}
+
+impl RecordState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RecordState::Creating => "creating",
+            RecordState::Mutable => "mutable",
+            RecordState::Committed => "committed",
+            RecordState::Removing => "removing",
+        }
+    }
+
+    fn parse(s: &str) -> Option<RecordState> {
+        Some(match s {
+            "creating" => RecordState::Creating,
+            "mutable" => RecordState::Mutable,
+            "committed" => RecordState::Committed,
+            "removing" => RecordState::Removing,
+            _ => return None,
+        })
+    }
+}
+
+/// Digests of an OCI layer a record holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// sha256 of the uncompressed tar (`sha256:…`).
+    pub diff_id: String,
+    /// Chain id of this layer on top of its parents.
+    pub chain_id: String,
+    /// Digest of the compressed blob, when known.
+    pub blob_digest: Option<String>,
+    /// Size of the compressed blob, when known.
+    pub blob_size: Option<u64>,
+    /// Media type of the blob, when known.
+    pub media_type: Option<String>,
+}
+
+/// One record as stored.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub id: String,
+    /// Directory number: the snapshot lives in `snapshots/<n>`.
+    pub n: u64,
+    pub state: RecordState,
+    pub parent: Option<String>,
+    pub created_at: SystemTime,
+    pub last_used_at: SystemTime,
+    pub usage_count: u64,
+    /// Cached size of the record's own directory, when computed.
+    pub size: Option<u64>,
+    /// Keep the record when its last mutable handle is released.
+    pub retain: bool,
+    pub description: String,
+    pub record_type: String,
+    pub layer: Option<LayerInfo>,
+    /// Boot id under which the record's data was committed without a sync; `None` once
+    /// synced. Such data survives a crash of kiln but not a reboot.
+    pub unsynced_boot: Option<String>,
+}
+
+/// Fields of a new record.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NewRecord<'a> {
+    pub id: &'a str,
+    pub parent: Option<&'a str>,
+    pub retain: bool,
+    pub description: &'a str,
+    pub record_type: &'a str,
+}
+
+/// The open database.
+#[derive(Debug)]
+pub(crate) struct Db {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    id TEXT PRIMARY KEY,
+    n INTEGER NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    parent TEXT,
+    created_at INTEGER NOT NULL,
+    last_used_at INTEGER NOT NULL,
+    usage_count INTEGER NOT NULL DEFAULT 0,
+    size INTEGER,
+    retain INTEGER NOT NULL DEFAULT 0,
+    description TEXT NOT NULL DEFAULT '',
+    record_type TEXT NOT NULL DEFAULT 'regular',
+    diff_id TEXT,
+    chain_id TEXT,
+    blob_digest TEXT,
+    blob_size INTEGER,
+    media_type TEXT,
+    unsynced_boot TEXT
+);
+CREATE INDEX IF NOT EXISTS records_parent ON records(parent);
+CREATE INDEX IF NOT EXISTS records_chain ON records(chain_id);
+CREATE TABLE IF NOT EXISTS record_keys (
+    key TEXT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (key, id)
+);
+CREATE INDEX IF NOT EXISTS record_keys_id ON record_keys(id);
+";
+
+const COLUMNS: &str = "id, n, state, parent, created_at, last_used_at, usage_count, size, \
+    retain, description, record_type, diff_id, chain_id, blob_digest, blob_size, media_type, \
+    unsynced_boot";
+
+fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .unwrap_or(0)
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+impl Db {
+    pub(crate) fn open(path: &Path) -> Result<Db, MetaError> {
+        let err = |source| MetaError::Db {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Db {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> MetaError + '_ {
+        |source| MetaError::Db {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub(crate) fn setting(&self, key: &str) -> Result<Option<String>, MetaError> {
+        self.conn
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Sets `key` to `value` unless it is already set; returns the value in force.
+    pub(crate) fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, MetaError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO settings (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map_err(self.err())?;
+        Ok(self.setting(key)?.unwrap_or_else(|| value.to_owned()))
+    }
+
+    /// Inserts a `creating` record with a fresh directory number inside one write
+    /// transaction, calling `prepare(n)` before the transaction commits: `prepare` takes
+    /// the record's lock and makes its directory, so no other process can see the row
+    /// without the lock being held.
+    pub(crate) fn insert_creating<T, E: From<MetaError>>(
+        &mut self,
+        new: &NewRecord<'_>,
+        prepare: impl FnOnce(u64) -> Result<T, E>,
+    ) -> Result<(u64, T), E> {
+        let path = self.path.clone();
+        let err = |source| MetaError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let next: Option<String> = tx
+            .query_row("SELECT value FROM settings WHERE key = 'next_n'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        let n: u64 = next.and_then(|v| v.parse().ok()).unwrap_or(1);
+        tx.execute(
+            "INSERT OR REPLACE INTO settings (key, value) VALUES ('next_n', ?1)",
+            [(n + 1).to_string()],
+        )
+        .map_err(err)?;
+        let now = millis(SystemTime::now());
+        tx.execute(
+            "INSERT INTO records (id, n, state, parent, created_at, last_used_at, retain, \
+             description, record_type) VALUES (?1, ?2, 'creating', ?3, ?4, ?4, ?5, ?6, ?7)",
+            params![
+                new.id,
+                i64::try_from(n).unwrap_or(i64::MAX),
+                new.parent,
+                now,
+                new.retain,
+                new.description,
+                new.record_type
+            ],
+        )
+        .map_err(err)?;
+        let prepared = prepare(n)?;
+        tx.commit().map_err(err)?;
+        Ok((n, prepared))
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Record, String)> {
+        let state: String = r.get(2)?;
+        let diff_id: Option<String> = r.get(11)?;
+        let chain_id: Option<String> = r.get(12)?;
+        let layer = match (diff_id, chain_id) {
+            (Some(diff_id), Some(chain_id)) => Some(LayerInfo {
+                diff_id,
+                chain_id,
+                blob_digest: r.get(13)?,
+                blob_size: r
+                    .get::<_, Option<i64>>(14)?
+                    .and_then(|s| u64::try_from(s).ok()),
+                media_type: r.get(15)?,
+            }),
+            _ => None,
+        };
+        Ok((
+            Record {
+                id: r.get(0)?,
+                n: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                state: RecordState::Creating,
+                parent: r.get(3)?,
+                created_at: from_millis(r.get(4)?),
+                last_used_at: from_millis(r.get(5)?),
+                usage_count: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+                size: r
+                    .get::<_, Option<i64>>(7)?
+                    .and_then(|s| u64::try_from(s).ok()),
+                retain: r.get(8)?,
+                description: r.get(9)?,
+                record_type: r.get(10)?,
+                layer,
+                unsynced_boot: r.get(16)?,
+            },
+            state,
+        ))
+    }
+
+    fn finish(&self, (mut record, state): (Record, String)) -> Result<Record, MetaError> {
+        record.state = RecordState::parse(&state).ok_or_else(|| MetaError::BadState {
+            path: self.path.clone(),
+            id: record.id.clone(),
+            state,
+        })?;
+        Ok(record)
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Result<Option<Record>, MetaError> {
+        let row = self
+            .conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM records WHERE id = ?1"),
+                [id],
+                Self::row,
+            )
+            .optional()
+            .map_err(self.err())?;
+        row.map(|r| self.finish(r)).transpose()
+    }
+
+    pub(crate) fn get_by_n(&self, n: u64) -> Result<Option<Record>, MetaError> {
+        let row = self
+            .conn
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM records WHERE n = ?1"),
+                [i64::try_from(n).unwrap_or(i64::MAX)],
+                Self::row,
+            )
+            .optional()
+            .map_err(self.err())?;
+        row.map(|r| self.finish(r)).transpose()
+    }
+
+    fn query(&self, sql: &str, arg: Option<&str>) -> Result<Vec<Record>, MetaError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
+        let rows = match arg {
+            Some(a) => stmt.query_map([a], Self::row),
+            None => stmt.query_map([], Self::row),
+        }
+        .map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(self.finish(row.map_err(self.err())?)?);
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn all(&self) -> Result<Vec<Record>, MetaError> {
+        self.query(&format!("SELECT {COLUMNS} FROM records ORDER BY n"), None)
+    }
+
+    pub(crate) fn children(&self, id: &str) -> Result<Vec<Record>, MetaError> {
+        self.query(
+            &format!("SELECT {COLUMNS} FROM records WHERE parent = ?1 ORDER BY n"),
+            Some(id),
+        )
+    }
+
+    pub(crate) fn by_chain_id(&self, chain_id: &str) -> Result<Vec<Record>, MetaError> {
+        self.query(
+            &format!(
+                "SELECT {COLUMNS} FROM records WHERE chain_id = ?1 AND state = 'committed' \
+                 ORDER BY n"
+            ),
+            Some(chain_id),
+        )
+    }
+
+    pub(crate) fn by_key(&self, key: &str) -> Result<Vec<Record>, MetaError> {
+        self.query(
+            &format!(
+                "SELECT {} FROM records r JOIN record_keys k ON k.id = r.id WHERE k.key = ?1 \
+                 ORDER BY r.n",
+                COLUMNS
+                    .split(", ")
+                    .map(|c| format!("r.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(key),
+        )
+    }
+
+    pub(crate) fn keys(&self, id: &str) -> Result<Vec<String>, MetaError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key FROM record_keys WHERE id = ?1 ORDER BY key")
+            .map_err(self.err())?;
+        let rows = stmt.query_map([id], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<Result<Vec<String>, _>>().map_err(self.err())
+    }
+
+    pub(crate) fn add_key(&self, id: &str, key: &str) -> Result<(), MetaError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO record_keys (key, id) VALUES (?1, ?2)",
+                params![key, id],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    pub(crate) fn remove_key(&self, id: &str, key: &str) -> Result<(), MetaError> {
+        self.conn
+            .execute(
+                "DELETE FROM record_keys WHERE key = ?1 AND id = ?2",
+                params![key, id],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Moves `id` from state `from` to `to`; returns whether the row was in state `from`.
+    pub(crate) fn transition(
+        &self,
+        id: &str,
+        from: RecordState,
+        to: RecordState,
+        unsynced_boot: Option<&str>,
+    ) -> Result<bool, MetaError> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE records SET state = ?3, unsynced_boot = COALESCE(?4, unsynced_boot) \
+                 WHERE id = ?1 AND state = ?2",
+                params![id, from.as_str(), to.as_str(), unsynced_boot],
+            )
+            .map_err(self.err())?;
+        Ok(changed == 1)
+    }
+
+    /// Marks `id` as being removed (from any state).
+    pub(crate) fn mark_removing(&self, id: &str) -> Result<(), MetaError> {
+        self.conn
+            .execute("UPDATE records SET state = 'removing' WHERE id = ?1", [id])
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    pub(crate) fn delete(&mut self, id: &str) -> Result<(), MetaError> {
+        let path = self.path.clone();
+        let err = |source| MetaError::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute("DELETE FROM record_keys WHERE id = ?1", [id])
+            .map_err(err)?;
+        tx.execute("DELETE FROM records WHERE id = ?1", [id])
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    pub(crate) fn touch(&self, id: &str, count_use: bool) -> Result<(), MetaError> {
+        self.conn
+            .execute(
+                "UPDATE records SET last_used_at = ?2, usage_count = usage_count + ?3 \
+                 WHERE id = ?1",
+                params![id, millis(SystemTime::now()), i64::from(count_use)],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    pub(crate) fn set_retain(&self, id: &str, retain: bool) -> Result<(), MetaError> {
+        self.conn
+            .execute(
+                "UPDATE records SET retain = ?2 WHERE id = ?1",
+                params![id, retain],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    pub(crate) fn set_size(&self, id: &str, size: Option<u64>) -> Result<(), MetaError> {
+        self.conn
+            .execute(
+                "UPDATE records SET size = ?2 WHERE id = ?1",
+                params![id, size.and_then(|s| i64::try_from(s).ok())],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    pub(crate) fn set_layer(&self, id: &str, layer: &LayerInfo) -> Result<(), MetaError> {
+        self.conn
+            .execute(
+                "UPDATE records SET diff_id = ?2, chain_id = ?3, blob_digest = ?4, \
+                 blob_size = ?5, media_type = ?6 WHERE id = ?1",
+                params![
+                    id,
+                    layer.diff_id,
+                    layer.chain_id,
+                    layer.blob_digest,
+                    layer.blob_size.and_then(|s| i64::try_from(s).ok()),
+                    layer.media_type
+                ],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Clears the unsynced marker of every record committed under `boot`.
+    pub(crate) fn mark_synced(&self, boot: &str) -> Result<(), MetaError> {
+        self.conn
+            .execute(
+                "UPDATE records SET unsynced_boot = NULL WHERE unsynced_boot = ?1",
+                [boot],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    pub(crate) fn has_unsynced(&self) -> Result<bool, MetaError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM records WHERE unsynced_boot IS NOT NULL)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
+    }
+
+    /// `PRAGMA quick_check`: `None` when the database file is sound.
+    pub(crate) fn integrity(&self) -> Result<Option<String>, MetaError> {
+        let result: String = self
+            .conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(self.err())?;
+        Ok((result != "ok").then_some(result))
+    }
+}
