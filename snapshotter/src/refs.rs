@@ -1370,7 +1370,10 @@ mod tests {
     fn record_ids_are_25_lowercase_alphanumerics() {
         let id = new_id();
         assert_eq!(id.len(), 25);
-        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        );
         assert_ne!(id, new_id());
     }
 }
