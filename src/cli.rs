@@ -23,6 +23,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Build a BuildKit Definition (marshaled pb.Definition on standard input or FILE),
+    /// as `buildctl build` does.
+    Build(BuildArgs),
+    /// Remove build results and cache directories no build is using.
+    Prune(PruneArgs),
+    /// Show disk usage of build results and cache directories.
+    Du(DuArgs),
     /// Run one command in a rootfs directory, in fresh namespaces, as a build step would.
     /// The exit status is the command's (128+N when signal N ended it).
     Run(RunArgs),
@@ -31,6 +38,54 @@ pub enum Command {
     /// Inspection tools for LLB definitions.
     #[command(subcommand)]
     Debug(DebugCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Definition file; standard input when absent.
+    pub file: Option<PathBuf>,
+    /// `type=local,dest=DIR`, `type=tar,dest=FILE` (`-` for stdout) or
+    /// `type=oci,dest=FILE,name=REF`; repeatable.
+    #[arg(long, short = 'o', value_name = "SPEC")]
+    pub output: Vec<String>,
+    /// Progress output: auto, plain, tty or rawjson.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "plain", "tty", "rawjson"])]
+    pub progress: String,
+    /// `id=ID,src=FILE` (or `env=VAR`): a secret for secret mounts and env; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub secret: Vec<String>,
+    /// `ID[=SOCKET]` (e.g. `default`): an SSH agent for SSH mounts; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub ssh: Vec<String>,
+    /// Grant an entitlement: network.host or security.insecure; repeatable.
+    #[arg(long, value_name = "ENTITLEMENT")]
+    pub allow: Vec<String>,
+    /// Ignore cached results (everything runs; results are still saved).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// `NAME=DIR`: the directory for `local://NAME` sources; repeatable.
+    #[arg(long, value_name = "NAME=DIR")]
+    pub local: Vec<String>,
+    /// `NAME=DIR`: the OCI layout for `oci-layout://` sources of store NAME; repeatable.
+    #[arg(long, value_name = "NAME=DIR")]
+    pub oci_layout: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Remove everything not in use, including downloaded image blobs.
+    #[arg(long)]
+    pub all: bool,
+    /// Keep what was used more recently than this (e.g. 48h, 30m).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_duration: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DuArgs {
+    /// Show every field of every record.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
 }
 
 /// The step `kiln run` and `kiln spec` describe.

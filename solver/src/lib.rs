@@ -8,3 +8,4 @@ pub mod op;
 pub mod progress;
 pub mod scheduler;
 pub mod store;
+pub mod worker;

@@ -1,5 +1,6 @@
 //! One module per `kiln` subcommand.
 
+mod build;
 mod debug;
 mod run;
 
@@ -14,6 +15,9 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = cli.root_dir();
     match cli.command {
+        Command::Build(args) => build::build(&root, &args),
+        Command::Prune(args) => build::prune(&root, &args),
+        Command::Du(args) => build::du(&root, &args),
         Command::Run(args) => run::run(&root, &args),
         Command::Spec(args) => run::spec(&root, &args),
         Command::Debug(command) => debug::run(command),

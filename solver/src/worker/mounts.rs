@@ -1,0 +1,290 @@
+//! Where the worker mounts snapshots for a step, and how those mounts go away.
+//!
+//! Each kiln process owns `<root>/mnt/<pid>/` while it holds `<root>/mnt/<pid>.lock`; its
+//! mounts live in its own mount namespace, so they vanish if it dies, and the next kiln
+//! process removes the empty directories of dead owners (never a directory whose owner
+//! still holds its lock: its mounts are invisible from here, and deleting the mount points
+//! would detach them). A [`StepMounts`] unmounts everything it mounted, in reverse, and
+//! removes only directories it created — never recursively — so a failed unmount can
+//! never delete snapshot content.
+//!
+//! Selectors (sub-paths of a mount source, chosen by the build) are resolved in-root by fd
+//! inside the mounted source and bound onto a private mount point from that fd, so the
+//! executor only ever sees kiln-owned paths (CVE-2024-23651).
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use kiln_executor::sys::{FileKind, LinuxSys, Sys};
+use kiln_snapshotter::Mountable;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+
+/// Errors from step mounts; each names the path concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum MountsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Mount(#[from] kiln_snapshotter::mount::MountError),
+    #[error("selector {selector:?}: {source}")]
+    Selector {
+        selector: String,
+        #[source]
+        source: kiln_executor::path::PathError,
+    },
+    #[error("{op} {path}: {source}")]
+    Sys {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MountsError + '_ {
+    move |source| MountsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// This process's directory for mount points.
+#[derive(Debug)]
+pub struct MountsDir {
+    dir: PathBuf,
+    _lock: Flock<File>,
+}
+
+/// An exclusive lock on `file` if nobody holds it.
+fn try_lock(file: File) -> Option<Flock<File>> {
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()
+}
+
+impl MountsDir {
+    /// Creates this process's directory under `<root>/mnt` and removes those of dead kiln
+    /// processes.
+    pub fn open(root: &Path) -> Result<Self, MountsError> {
+        let base = root.join("mnt");
+        std::fs::create_dir_all(&base).map_err(io(&base))?;
+        let pid = std::process::id();
+        let lock_path = base.join(format!("{pid}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        let lock = try_lock(file).ok_or_else(|| MountsError::Io {
+            path: lock_path.clone(),
+            source: std::io::Error::other("locked by another process with this pid"),
+        })?;
+        clean_stale(&base, pid);
+        let dir = base.join(pid.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(io(&dir))?;
+        Ok(MountsDir { dir, _lock: lock })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Removes the mount directories of kiln processes that no longer hold their lock.
+fn clean_stale(base: &Path, own_pid: u32) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_suffix(".lock") else {
+            continue;
+        };
+        if pid == own_pid.to_string() {
+            continue;
+        }
+        let Ok(file) = File::open(entry.path()) else {
+            continue;
+        };
+        if try_lock(file).is_some() {
+            // Its owner is gone, and with it its mount namespace: only empty mount
+            // points and directories remain.
+            let _ = std::fs::remove_dir_all(base.join(pid));
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The mounts of one step (or one cache directory), unmounted when dropped.
+#[derive(Debug)]
+pub struct StepMounts {
+    dir: PathBuf,
+    mounted: Vec<PathBuf>,
+    created: Vec<PathBuf>,
+}
+
+impl StepMounts {
+    /// A fresh directory `<mounts dir>/<name>`.
+    pub fn new(parent: &MountsDir, name: &str) -> Result<Self, MountsError> {
+        let dir = parent.path().join(name);
+        std::fs::create_dir(&dir).map_err(io(&dir))?;
+        Ok(StepMounts {
+            dir: dir.clone(),
+            mounted: Vec::new(),
+            created: vec![dir],
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn target(&mut self, name: &str, kind: FileKind) -> Result<PathBuf, MountsError> {
+        let path = self.dir.join(name);
+        match kind {
+            FileKind::Directory => std::fs::create_dir(&path).map_err(io(&path))?,
+            _ => {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+            }
+        }
+        self.created.push(path.clone());
+        Ok(path)
+    }
+
+    /// Mounts `mountable` at `<dir>/<name>` (read-only when asked).
+    pub fn mount(
+        &mut self,
+        name: &str,
+        mountable: &Mountable,
+        readonly: bool,
+    ) -> Result<PathBuf, MountsError> {
+        let target = self.target(name, FileKind::Directory)?;
+        if readonly {
+            mountable.mount_readonly(&target)?;
+        } else {
+            mountable.mount(&target)?;
+        }
+        self.mounted.push(target.clone());
+        Ok(target)
+    }
+
+    /// Mounts a fresh tmpfs at `<dir>/<name>` with `options` (for secrets).
+    pub fn tmpfs(&mut self, name: &str, options: &str) -> Result<PathBuf, MountsError> {
+        let target = self.target(name, FileKind::Directory)?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            &target,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NOEXEC,
+            Some(options),
+        )
+        .map_err(|source| MountsError::Sys {
+            op: "mount tmpfs",
+            path: target.clone(),
+            source,
+        })?;
+        self.mounted.push(target.clone());
+        Ok(target)
+    }
+
+    /// Binds `selector` (resolved in-root inside the mounted `source`) onto
+    /// `<dir>/<name>`. `/` or empty returns `source` itself.
+    pub fn select(
+        &mut self,
+        name: &str,
+        source: &Path,
+        selector: &str,
+    ) -> Result<PathBuf, MountsError> {
+        if kiln_executor::path::clean(selector) == "/" {
+            return Ok(source.to_owned());
+        }
+        let sys = LinuxSys;
+        let root = nix::fcntl::open(
+            source,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| MountsError::Sys {
+            op: "open",
+            path: source.to_owned(),
+            source: e,
+        })?;
+        let selected = kiln_executor::path::open(&sys, root.as_fd(), selector, OFlag::O_PATH)
+            .map_err(|source| MountsError::Selector {
+                selector: selector.to_owned(),
+                source,
+            })?;
+        let kind = sys
+            .file_kind(selected.as_fd())
+            .map_err(|e| MountsError::Sys {
+                op: "stat selector",
+                path: source.join(selector.trim_start_matches('/')),
+                source: e,
+            })?;
+        // Bind from the descriptor itself: a swap of the path after resolution cannot
+        // change what is mounted.
+        let tree = sys
+            .clone_tree(selected.as_fd(), Path::new(""), true)
+            .map_err(|e| MountsError::Sys {
+                op: "clone selector",
+                path: source.to_owned(),
+                source: e,
+            })?;
+        let target = self.target(name, kind)?;
+        let target_fd = nix::fcntl::open(
+            &target,
+            OFlag::O_PATH | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| MountsError::Sys {
+            op: "open",
+            path: target.clone(),
+            source: e,
+        })?;
+        sys.move_mount_onto(tree.as_fd(), target_fd.as_fd())
+            .map_err(|e| MountsError::Sys {
+                op: "bind selector",
+                path: target.clone(),
+                source: e,
+            })?;
+        self.mounted.push(target.clone());
+        Ok(target)
+    }
+
+    /// Unmounts everything (lazily: a process that still holds a file open cannot keep a
+    /// snapshot mounted) and removes the directories and files this guard created.
+    pub fn release(&mut self) {
+        for target in self.mounted.drain(..).rev() {
+            if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(path = %target.display(), error = %e, "unmount failed");
+            }
+        }
+        for path in self.created.drain(..).rev() {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(e) = removed {
+                tracing::debug!(path = %path.display(), error = %e, "mount point left behind");
+            }
+        }
+    }
+}
+
+impl Drop for StepMounts {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

@@ -1,0 +1,372 @@
+//! Rendering solve progress like buildctl: `plain` (numbered vertices, CACHED / DONE with
+//! times, timestamped output lines), `tty` (a live view redrawn in place with the tail of
+//! each running step's output), `rawjson` (one SolveStatus-shaped JSON object per event),
+//! and `auto` (tty on an interactive terminal outside CI, plain otherwise).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use kiln_proto::Digest;
+use kiln_solver::progress::{LogStream, ProgressEvent};
+use tokio::sync::mpsc;
+
+/// How progress is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Plain,
+    Tty,
+    RawJson,
+}
+
+impl Mode {
+    /// `auto`, `plain`, `tty` or `rawjson` (buildctl's names).
+    pub fn parse(name: &str) -> Self {
+        match name {
+            "plain" => Mode::Plain,
+            "tty" => Mode::Tty,
+            "rawjson" => Mode::RawJson,
+            _ => {
+                let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                let ci = std::env::var_os("CI").is_some();
+                let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
+                if interactive && !ci && !dumb {
+                    Mode::Tty
+                } else {
+                    Mode::Plain
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct VertexView {
+    number: usize,
+    name: String,
+    started: Option<Instant>,
+    finished: Option<Duration>,
+    cached: bool,
+    error: Option<String>,
+    /// Bytes of an unfinished output line.
+    partial: Vec<u8>,
+    /// Last lines of output (tty view).
+    tail: Vec<String>,
+}
+
+/// Turns progress events into text on standard error.
+#[derive(Debug)]
+pub struct Renderer {
+    mode: Mode,
+    start: Instant,
+    vertices: HashMap<Digest, VertexView>,
+    order: Vec<Digest>,
+    drawn_lines: usize,
+}
+
+const TAIL: usize = 6;
+
+fn rfc3339(at: SystemTime) -> String {
+    let d = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, dd) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (i64, u32, u32) {
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+impl Renderer {
+    pub fn new(mode: Mode) -> Self {
+        Renderer {
+            mode,
+            start: Instant::now(),
+            vertices: HashMap::new(),
+            order: Vec::new(),
+            drawn_lines: 0,
+        }
+    }
+
+    fn view(&mut self, vertex: &Digest, name: Option<&str>) -> &mut VertexView {
+        if !self.vertices.contains_key(vertex) {
+            self.order.push(vertex.clone());
+            let number = self.order.len();
+            self.vertices.insert(
+                vertex.clone(),
+                VertexView {
+                    number,
+                    name: name.unwrap_or_default().to_owned(),
+                    started: None,
+                    finished: None,
+                    cached: false,
+                    error: None,
+                    partial: Vec::new(),
+                    tail: Vec::new(),
+                },
+            );
+        }
+        let view = self
+            .vertices
+            .get_mut(vertex)
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        if let Some(name) = name {
+            if view.name.is_empty() {
+                name.clone_into(&mut view.name);
+            }
+        }
+        view
+    }
+
+    /// Consumes events until the channel closes.
+    pub async fn run(mut self, mut events: mpsc::Receiver<ProgressEvent>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => break,
+                },
+                _ = tick.tick(), if self.mode == Mode::Tty => self.draw(false),
+            }
+        }
+        self.finish();
+    }
+
+    fn handle(&mut self, event: ProgressEvent) {
+        match self.mode {
+            Mode::RawJson => self.json(&event),
+            Mode::Plain => self.plain(event),
+            Mode::Tty => self.track(event),
+        }
+    }
+
+    fn json(&mut self, event: &ProgressEvent) {
+        let line = match event {
+            ProgressEvent::Started { vertex, name, at } => serde_json::json!({
+                "vertexes": [{"digest": vertex.as_str(), "name": name, "started": rfc3339(*at)}]
+            }),
+            ProgressEvent::Done { vertex, name, at } => serde_json::json!({
+                "vertexes": [{"digest": vertex.as_str(), "name": name, "completed": rfc3339(*at)}]
+            }),
+            ProgressEvent::Cached { vertex, name, at } => serde_json::json!({
+                "vertexes": [{"digest": vertex.as_str(), "name": name, "cached": true,
+                              "started": rfc3339(*at), "completed": rfc3339(*at)}]
+            }),
+            ProgressEvent::Error {
+                vertex,
+                name,
+                at,
+                error,
+            } => serde_json::json!({
+                "vertexes": [{"digest": vertex.as_str(), "name": name,
+                              "completed": rfc3339(*at), "error": error}]
+            }),
+            ProgressEvent::Log {
+                vertex,
+                stream,
+                data,
+                at,
+            } => serde_json::json!({
+                "logs": [{"vertex": vertex.as_str(),
+                          "stream": if *stream == LogStream::Stdout { 1 } else { 2 },
+                          "data": base64::engine::general_purpose::STANDARD.encode(data),
+                          "timestamp": rfc3339(*at)}]
+            }),
+        };
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    }
+
+    fn plain(&mut self, event: ProgressEvent) {
+        let elapsed = self.start.elapsed();
+        let mut err = std::io::stderr().lock();
+        match event {
+            ProgressEvent::Started { vertex, name, .. } => {
+                let v = self.view(&vertex, Some(&name));
+                v.started = Some(Instant::now());
+                let _ = writeln!(err, "\n#{} {}", v.number, v.name);
+            }
+            ProgressEvent::Cached { vertex, name, .. } => {
+                let v = self.view(&vertex, Some(&name));
+                v.cached = true;
+                let _ = writeln!(err, "\n#{} {}\n#{} CACHED", v.number, v.name, v.number);
+            }
+            ProgressEvent::Log { vertex, data, .. } => {
+                let v = self.view(&vertex, None);
+                v.partial.extend_from_slice(&data);
+                while let Some(pos) = v.partial.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = v.partial.drain(..=pos).collect();
+                    let _ = writeln!(
+                        err,
+                        "#{} {:.3} {}",
+                        v.number,
+                        elapsed.as_secs_f64(),
+                        String::from_utf8_lossy(&line[..line.len() - 1])
+                    );
+                }
+            }
+            ProgressEvent::Done { vertex, name, .. } => {
+                let v = self.view(&vertex, Some(&name));
+                flush_partial(&mut err, v, elapsed);
+                let took = v.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                let _ = writeln!(err, "#{} DONE {took:.1}s", v.number);
+            }
+            ProgressEvent::Error {
+                vertex,
+                name,
+                error,
+                ..
+            } => {
+                let v = self.view(&vertex, Some(&name));
+                flush_partial(&mut err, v, elapsed);
+                let _ = writeln!(err, "#{} ERROR: {}", v.number, error);
+            }
+        }
+    }
+
+    fn track(&mut self, event: ProgressEvent) {
+        match event {
+            ProgressEvent::Started { vertex, name, .. } => {
+                self.view(&vertex, Some(&name)).started = Some(Instant::now());
+            }
+            ProgressEvent::Cached { vertex, name, .. } => {
+                let v = self.view(&vertex, Some(&name));
+                v.cached = true;
+                v.finished = Some(Duration::ZERO);
+            }
+            ProgressEvent::Log { vertex, data, .. } => {
+                let v = self.view(&vertex, None);
+                v.partial.extend_from_slice(&data);
+                while let Some(pos) = v.partial.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = v.partial.drain(..=pos).collect();
+                    v.tail
+                        .push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+                    if v.tail.len() > TAIL {
+                        v.tail.remove(0);
+                    }
+                }
+            }
+            ProgressEvent::Done { vertex, name, .. } => {
+                let v = self.view(&vertex, Some(&name));
+                v.finished = Some(v.started.map_or(Duration::ZERO, |s| s.elapsed()));
+                v.tail.clear();
+            }
+            ProgressEvent::Error {
+                vertex,
+                name,
+                error,
+                ..
+            } => {
+                let v = self.view(&vertex, Some(&name));
+                v.finished = Some(v.started.map_or(Duration::ZERO, |s| s.elapsed()));
+                v.error = Some(error);
+            }
+        }
+    }
+
+    /// Redraws the tty view over the previous one.
+    fn draw(&mut self, last: bool) {
+        let mut out = String::new();
+        if self.drawn_lines > 0 {
+            out.push_str(&format!("\x1b[{}A\x1b[J", self.drawn_lines));
+        }
+        let done = self
+            .vertices
+            .values()
+            .filter(|v| v.finished.is_some())
+            .count();
+        let mut lines = vec![format!(
+            "[+] Building {:.1}s ({}/{}){}",
+            self.start.elapsed().as_secs_f64(),
+            done,
+            self.vertices.len(),
+            if last { " FINISHED" } else { "" }
+        )];
+        for digest in &self.order {
+            let Some(v) = self.vertices.get(digest) else {
+                continue;
+            };
+            let time = match (v.finished, v.started) {
+                (Some(d), _) => format!("{:.1}s", d.as_secs_f64()),
+                (None, Some(s)) => format!("{:.1}s", s.elapsed().as_secs_f64()),
+                (None, None) => String::new(),
+            };
+            let status = if v.cached {
+                "CACHED ".to_owned()
+            } else if v.error.is_some() {
+                "ERROR ".to_owned()
+            } else {
+                String::new()
+            };
+            lines.push(format!(" => {status}{} {time}", v.name));
+            if v.finished.is_none() && v.started.is_some() {
+                lines.extend(v.tail.iter().map(|l| format!(" => => # {l}")));
+            }
+            if let Some(error) = &v.error {
+                lines.push(format!(" => => # ERROR: {error}"));
+            }
+        }
+        for line in &lines {
+            out.push_str(line);
+            out.push('\n');
+        }
+        self.drawn_lines = lines.len();
+        let _ = std::io::stderr().lock().write_all(out.as_bytes());
+    }
+
+    fn finish(&mut self) {
+        if self.mode == Mode::Tty {
+            self.draw(true);
+        }
+    }
+}
+
+fn flush_partial(err: &mut impl Write, v: &mut VertexView, elapsed: Duration) {
+    if !v.partial.is_empty() {
+        let _ = writeln!(
+            err,
+            "#{} {:.3} {}",
+            v.number,
+            elapsed.as_secs_f64(),
+            String::from_utf8_lossy(&v.partial)
+        );
+        v.partial.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(
+            rfc3339(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000000Z"
+        );
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.000000005Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000000000Z");
+    }
+}
