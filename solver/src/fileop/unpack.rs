@@ -177,6 +177,15 @@ fn clean_components(path: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
+/// A numeric header field; an empty one (all NUL or blanks) is 0, as Go's reader has it.
+fn numeric(value: std::io::Result<u64>, raw: &[u8]) -> std::io::Result<u64> {
+    match value {
+        Ok(v) => Ok(v),
+        Err(_) if raw.iter().all(|b| *b == 0 || *b == b' ') => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
 /// The PAX records of an entry that Docker applies.
 #[derive(Default)]
 struct Pax {
@@ -267,15 +276,23 @@ impl Extractor {
                 }
             }
             let header = entry.header();
-            let mode = header.mode().map_err(read_err)? & 0o7777;
-            let uid = pax.uid.map_or_else(|| header.uid(), Ok).map_err(read_err)?;
-            let gid = pax.gid.map_or_else(|| header.gid(), Ok).map_err(read_err)?;
+            let old = header.as_old();
+            let mode = numeric(header.mode().map(u64::from), &old.mode).map_err(read_err)?;
+            let mode = (mode & 0o7777) as u32;
+            let uid = match pax.uid {
+                Some(uid) => uid,
+                None => numeric(header.uid(), &old.uid).map_err(read_err)?,
+            };
+            let gid = match pax.gid {
+                Some(gid) => gid,
+                None => numeric(header.gid(), &old.gid).map_err(read_err)?,
+            };
             let mtime = match pax.mtime {
                 Some(t) => t,
-                None => sys::timespec(
-                    i64::try_from(header.mtime().map_err(read_err)?).unwrap_or(i64::MAX),
-                    0,
-                ),
+                None => {
+                    let secs = numeric(header.mtime(), &old.mtime).map_err(read_err)?;
+                    sys::timespec(i64::try_from(secs).unwrap_or(i64::MAX), 0)
+                }
             };
             let atime = match pax.atime {
                 Some(t) if t >= mtime => t,

@@ -81,11 +81,12 @@ pub fn resolve(
     };
     let depth = pattern.split('/').count();
     let mut out = Vec::new();
-    // Iterative depth-first walk in Go's order: (directory, names left, relative path).
-    let mut stack: Vec<(OwnedFd, std::vec::IntoIter<OsString>, String)> = Vec::new();
+    // Iterative depth-first walk in Go's order: (directory, names left, relative path,
+    // in-root path).
+    let mut stack: Vec<(OwnedFd, std::vec::IntoIter<OsString>, String, String)> = Vec::new();
     let names = sys::list_dir(dir.as_fd(), &base_path)?;
-    stack.push((dir, names.into_iter(), String::new()));
-    while let Some((dir, names, rel)) = stack.last_mut() {
+    stack.push((dir, names.into_iter(), String::new(), base_path.clone()));
+    while let Some((dir, names, rel, dir_path)) = stack.last_mut() {
         let Some(name) = names.next() else {
             stack.pop();
             continue;
@@ -97,7 +98,7 @@ pub fn resolve(
             push_component(&mut r, &name);
             r
         };
-        let mut child_path = base_path.clone();
+        let mut child_path = dir_path.clone();
         push_component(&mut child_path, &name);
         let Some(stat) = sys::lstat_at(dir.as_fd(), &name, &child_path)? else {
             continue;
@@ -111,7 +112,7 @@ pub fn resolve(
         if sys::is_dir(&stat) && level < depth {
             let child = sys::open_dir_at(dir.as_fd(), &name, &child_path)?;
             let names = sys::list_dir(child.as_fd(), &child_path)?;
-            stack.push((child, names.into_iter(), child_rel));
+            stack.push((child, names.into_iter(), child_rel, child_path));
         }
     }
     Ok(out)
