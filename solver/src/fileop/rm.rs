@@ -2,11 +2,15 @@
 //!
 //! BuildKit's `rmPath`: the parent is resolved in-root following symlinks, the final name
 //! is not followed (removing a symlink removes the link, never what it points to); without
-//! `allowNotFound` the path must exist (following a final symlink, so a dangling one
-//! counts as missing, as Go's `os.Stat` does); the root itself cannot be removed. With
+//! `allowNotFound` the path must exist; the root itself cannot be removed. With
 //! `allowWildcard` the pattern is resolved first and each match removed. Directories are
 //! removed depth-first through descriptors opened `O_NOFOLLOW`, so a symlink inside a
 //! removed tree is unlinked, never descended.
+//!
+//! One deliberate difference: BuildKit checks existence with `os.Stat`, which follows a
+//! final symlink *on the host*, so whether `rm /link` fails depended on the host's file
+//! system. Here existence is the entry's own (`lstat`): a symlink, dangling or not, is
+//! there and is removed.
 
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -68,18 +72,11 @@ fn rm_path(root: BorrowedFd<'_>, path: &str, allow_not_found: bool) -> Result<()
         _ if allow_not_found => return Ok(()),
         _ => return Err(SysError::NotFound { path: cleaned }.into()),
     };
-    let Some(stat) = sys::lstat_at(dir.as_fd(), &name, &target)? else {
+    if sys::lstat_at(dir.as_fd(), &name, &target)?.is_none() {
         if allow_not_found {
             return Ok(());
         }
         return Err(SysError::NotFound { path: cleaned }.into());
-    };
-    if !allow_not_found && sys::is_symlink(&stat) {
-        // os.Stat follows the link: a dangling one is "not found".
-        let followed = walk::walk(root, &target, true)?;
-        if followed.stat()?.is_none() {
-            return Err(SysError::NotFound { path: cleaned }.into());
-        }
     }
     remove_all(dir.as_fd(), &name, &target)?;
     Ok(())
