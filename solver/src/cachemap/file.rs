@@ -234,7 +234,7 @@ pub fn contains_wildcards(name: &str) -> bool {
 }
 
 /// Go's `path.Base`.
-fn path_base(p: &str) -> String {
+pub(crate) fn path_base(p: &str) -> String {
     if p.is_empty() {
         return ".".to_owned();
     }
