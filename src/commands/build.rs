@@ -150,7 +150,16 @@ pub fn build(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|o| parse_output(o))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut session = BuildSession::default();
+    let mut session = BuildSession {
+        id: format!(
+            "kiln{}x{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
+        ..BuildSession::default()
+    };
     for s in &args.secret {
         let (id, data) = parse_secret(s)?;
         session.secrets.insert(id, data);

@@ -8,6 +8,8 @@
 
 pub mod cache_mounts;
 mod exec;
+mod file;
+mod local;
 pub mod mounts;
 pub mod prepare;
 
@@ -50,6 +52,8 @@ pub struct BuildSession {
     pub locals: HashMap<String, PathBuf>,
     /// OCI layout store name → directory (`--oci-layout name=DIR`).
     pub oci_layouts: HashMap<String, PathBuf>,
+    /// This build's session id (`local://` CacheMaps are only comparable within it).
+    pub id: String,
 }
 
 /// How to build a [`KilnWorker`].
@@ -153,6 +157,22 @@ impl Worker for KilnWorker {
                 self.inner.clone(),
                 vertex.clone(),
                 exec.clone(),
+            ))),
+            Some(pb::op::Op::File(file)) => Ok(Arc::new(file::FileOp::new(
+                self.inner.clone(),
+                vertex.clone(),
+                file.clone(),
+            ))),
+            Some(pb::op::Op::Source(source)) if source.identifier.starts_with("local://") => {
+                Ok(Arc::new(local::LocalSource::new(
+                    self.inner.clone(),
+                    vertex.clone(),
+                    source.clone(),
+                )))
+            }
+            Some(pb::op::Op::Source(source)) => Err(OpError::Failed(format!(
+                "source {} is not supported by kiln",
+                source.identifier
             ))),
             _ => Err(OpError::Failed(format!(
                 "no support for {} ops",
