@@ -3,6 +3,7 @@
 
 pub mod cachemap;
 pub mod contenthash;
+pub mod image;
 pub mod keys;
 pub mod op;
 pub mod progress;
