@@ -320,7 +320,10 @@ mod tests {
         format!("sha256:{}", hex::encode([n; 32]))
     }
 
-    fn index(entries: &[(Option<(&str, &str, &str)>, u8)]) -> Vec<u8> {
+    /// `(os, architecture, variant)`.
+    type Triple<'a> = (&'a str, &'a str, &'a str);
+
+    fn index(entries: &[(Option<Triple<'_>>, u8)]) -> Vec<u8> {
         let manifests: Vec<serde_json::Value> = entries
             .iter()
             .map(|(platform, n)| {

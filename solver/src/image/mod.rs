@@ -84,7 +84,8 @@ pub enum ImageError {
     Snapshot {
         image: String,
         layer: Digest,
+        // Boxed: the snapshotter's error is large and this enum travels in every Result.
         #[source]
-        source: kiln_snapshotter::Error,
+        source: Box<kiln_snapshotter::Error>,
     },
 }

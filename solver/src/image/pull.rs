@@ -34,7 +34,7 @@ pub struct PullProgress<'a> {
 }
 
 /// Receives pull progress (called from the pulling task; keep it cheap).
-pub type ProgressFn = dyn Fn(&PullProgress<'_>) + Send + Sync;
+pub type ProgressFn<'a> = dyn Fn(&PullProgress<'_>) + Send + Sync + 'a;
 
 /// The result of a pull.
 #[derive(Clone, Debug)]
@@ -47,7 +47,7 @@ pub struct Pulled {
     pub reused: usize,
 }
 
-fn report(progress: &ProgressFn, layer: &Descriptor, done: u64, state: PullState) {
+fn report(progress: &ProgressFn<'_>, layer: &Descriptor, done: u64, state: PullState) {
     progress(&PullProgress {
         layer: &layer.digest,
         done,
@@ -74,7 +74,7 @@ pub async fn pull(
     snapshotter: &Snapshotter,
     image: &ResolvedImage,
     limit: Option<usize>,
-    progress: &ProgressFn,
+    progress: &ProgressFn<'_>,
 ) -> Result<Pulled, ImageError> {
     let summary = image
         .config
@@ -122,7 +122,7 @@ pub async fn pull(
         let snap_err = |source| ImageError::Snapshot {
             image: image.name.clone(),
             layer: layer.digest.clone(),
-            source,
+            source: Box::new(source),
         };
         let existing = {
             let (store, id) = (snapshotter.clone(), chain_id.clone());

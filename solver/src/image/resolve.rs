@@ -26,7 +26,7 @@ const MAX_INDEX_DEPTH: usize = 4;
 /// Where an image's blobs come from.
 #[derive(Debug)]
 pub(crate) enum Fetcher {
-    Registry(RegistryFetcher),
+    Registry(Box<RegistryFetcher>),
     Layout(OciLayout),
 }
 
@@ -165,7 +165,7 @@ impl ImageResolver {
                         }
                     }
                 };
-                (Fetcher::Registry(fetcher), digest, String::new())
+                (Fetcher::Registry(Box::new(fetcher)), digest, String::new())
             }
             ImageSource::OciLayout(id) => {
                 let dir = self
