@@ -3,6 +3,7 @@
 
 pub mod cachemap;
 pub mod contenthash;
+pub mod export;
 pub mod image;
 pub mod keys;
 pub mod op;
