@@ -2,7 +2,8 @@
 //! directory is opened with `O_NOFOLLOW|O_DIRECTORY` relative to its parent, regular files
 //! with `O_NOFOLLOW`, symlinks are read with `readlinkat`; a path string is only ever used
 //! for messages. Hardlinked non-directories are reported once as themselves and then as
-//! links to the first path seen. The walk is iterative, so depth cannot overflow the stack.
+//! links to the first path seen. Sockets are skipped. The walk is iterative, so depth
+//! cannot overflow the stack.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -29,7 +30,7 @@ pub(crate) enum Kind {
 
 impl Kind {
     fn of(st: &FileStat) -> Kind {
-        match SFlag::from_bits_truncate(st.st_mode & libc_ifmt()) {
+        match SFlag::from_bits_truncate(st.st_mode & nix::libc::S_IFMT) {
             SFlag::S_IFDIR => Kind::Dir,
             SFlag::S_IFLNK => Kind::Symlink,
             SFlag::S_IFIFO => Kind::Fifo,
@@ -39,10 +40,6 @@ impl Kind {
             _ => Kind::File,
         }
     }
-}
-
-fn libc_ifmt() -> u32 {
-    nix::libc::S_IFMT
 }
 
 /// One entry of the tree.
@@ -150,6 +147,10 @@ pub(crate) fn walk(root: &Path, visitor: &mut dyn Visitor) -> Result<(), ExportE
         let stat = nix::sys::stat::fstatat(dir, name.as_os_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(sys_err("stat", &rel))?;
         let kind = Kind::of(&stat);
+        if kind == Kind::Socket {
+            // Sockets are not exported (as tar and buildctl skip them), nor linked to.
+            continue;
+        }
         let entry = Entry {
             rel: &rel,
             name: &name,
@@ -198,7 +199,8 @@ pub(crate) fn walk(root: &Path, visitor: &mut dyn Visitor) -> Result<(), ExportE
                     .map_err(sys_err("reading the link", &rel))?;
                 visitor.symlink(&entry, &target)?;
             }
-            Kind::Fifo | Kind::Char | Kind::Block | Kind::Socket => visitor.special(&entry)?,
+            Kind::Fifo | Kind::Char | Kind::Block => visitor.special(&entry)?,
+            Kind::Socket => {}
         }
     }
     Ok(())

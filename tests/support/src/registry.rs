@@ -5,11 +5,11 @@
 //! `skopeo`, and the busybox manifest digest checked.
 //!
 //! [`test_registry`] hands out guards on one instance per test process; the registry stops
-//! when the last guard drops, and it is killed with the process if that dies
-//! (`PR_SET_PDEATHSIG`, set by a thread that lives as long as the process). A registry
-//! already serving the right images at 127.0.0.1:5000 (another test process's, or the
-//! outer process of a test re-run as the test user) is reused without being owned. Starting
-//! one is serialised across processes with a lock file.
+//! when the last guard drops (after any other process borrowing it is done), and it is
+//! killed with the process if that dies (`PR_SET_PDEATHSIG`, set by a thread that lives as
+//! long as the process). A registry already serving the right images at 127.0.0.1:5000
+//! (another test process's, or the outer process of a test re-run as the test user) is
+//! borrowed, not owned. Starting one is serialised across processes with a lock file.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -33,7 +33,11 @@ pub const BUSYBOX_MANIFEST_DIGEST: &str =
 /// The images pushed from the shared layout.
 pub const TEST_IMAGES: [&str; 2] = ["busybox", "alpine"];
 
+/// Serialises starting a registry across processes.
 const LOCK_PATH: &str = "/tmp/kiln-test-registry.lock";
+/// Held shared by every process borrowing a registry it did not start; the owner takes it
+/// exclusively before stopping its registry, so it waits for them.
+const USERS_LOCK_PATH: &str = "/tmp/kiln-test-registry.users";
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, \
      application/vnd.oci.image.index.v1+json, \
      application/vnd.docker.distribution.manifest.v2+json, \
@@ -67,11 +71,15 @@ struct Instance {
     child: Option<Mutex<Child>>,
     /// Config, storage and log of a registry this process started.
     dir: Option<tempfile::TempDir>,
+    /// A borrower's shared hold on the users lock.
+    _users: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
         if let Some(child) = &self.child {
+            // Wait until no other process borrows this registry.
+            let _no_users = lock(USERS_LOCK_PATH, nix::fcntl::FlockArg::LockExclusive);
             let mut child = child.lock().unwrap_or_else(PoisonError::into_inner);
             let _ = child.kill();
             let _ = child.wait();
@@ -94,46 +102,82 @@ pub fn test_registry() -> Option<RegistryGuard> {
     if let Some(instance) = current.upgrade() {
         return Some(RegistryGuard { instance });
     }
-    let instance = match serves_test_images() {
-        true => Instance {
-            child: None,
-            dir: None,
-        },
-        false => {
+    let mut checked_tools = false;
+    // A few rounds: a registry seen serving may be stopping by the time it is borrowed.
+    let mut instance = None;
+    for _ in 0..5 {
+        // Borrowers hold the users lock shared, taken *before* checking, so an owner that
+        // is about to stop its registry either waits for them or is done before the check.
+        let users = lock(USERS_LOCK_PATH, nix::fcntl::FlockArg::LockShared);
+        if serves_test_images() {
+            instance = Some(Instance {
+                child: None,
+                dir: None,
+                _users: Some(users),
+            });
+            break;
+        }
+        drop(users);
+        if !checked_tools {
             if !require(
                 which("docker-registry") && which("skopeo"),
                 "docker-registry and skopeo (for the test registry)",
             ) {
                 return None;
             }
-            let _lock = lock_file();
-            if serves_test_images() {
-                Instance {
-                    child: None,
-                    dir: None,
-                }
-            } else if TcpStream::connect_timeout(&addr(), Duration::from_secs(2)).is_ok() {
+            checked_tools = true;
+        }
+        let _start = lock(LOCK_PATH, nix::fcntl::FlockArg::LockExclusive);
+        match wait_for_port() {
+            // Someone else's registry came up: borrow it in the next round.
+            Port::Serving => continue,
+            Port::Free => {
+                instance = Some(start());
+                break;
+            }
+            Port::Taken => {
                 let _ = require(
                     false,
                     "a free 127.0.0.1:5000 for the test registry (something else listens there)",
                 );
                 return None;
-            } else {
-                start()
             }
         }
-    };
-    let instance = Arc::new(instance);
+    }
+    let instance =
+        Arc::new(instance.expect("the test registry kept stopping while being borrowed"));
     *current = Arc::downgrade(&instance);
     Some(RegistryGuard { instance })
+}
+
+enum Port {
+    Serving,
+    Free,
+    Taken,
+}
+
+/// What is on the port, waiting a little while something listens without serving the
+/// images: another process's registry may be stopping (or still being filled by a process
+/// that does not take the lock).
+fn wait_for_port() -> Port {
+    for _ in 0..50 {
+        if serves_test_images() {
+            return Port::Serving;
+        }
+        if TcpStream::connect_timeout(&addr(), Duration::from_secs(2)).is_err() {
+            return Port::Free;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Port::Taken
 }
 
 fn addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 5000))
 }
 
-/// Holds the cross-process start lock until dropped.
-fn lock_file() -> nix::fcntl::Flock<std::fs::File> {
+/// Takes a `flock` on `path` (created if needed, usable by every user) until dropped.
+fn lock(path: &str, how: nix::fcntl::FlockArg) -> nix::fcntl::Flock<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -141,12 +185,11 @@ fn lock_file() -> nix::fcntl::Flock<std::fs::File> {
         .create(true)
         .truncate(false)
         .mode(0o666)
-        .open(LOCK_PATH)
+        .open(path)
         // Another user's lock file can still be locked through a read-only descriptor.
-        .or_else(|_| std::fs::File::open(LOCK_PATH))
-        .unwrap_or_else(|e| panic!("opening {LOCK_PATH}: {e}"));
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .unwrap_or_else(|(_, e)| panic!("locking {LOCK_PATH}: {e}"))
+        .or_else(|_| std::fs::File::open(path))
+        .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    nix::fcntl::Flock::lock(file, how).unwrap_or_else(|(_, e)| panic!("locking {path}: {e}"))
 }
 
 /// A plain HTTP/1.1 GET to the registry: `(status, body)`.
@@ -266,6 +309,7 @@ fn start() -> Instance {
     let instance = Instance {
         child: Some(Mutex::new(child)),
         dir: Some(dir),
+        _users: None,
     };
     wait_until_ready(&instance, &log_path);
     let layout = shared_dir().join("conformance/image/oci");
