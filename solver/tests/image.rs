@@ -562,3 +562,38 @@ fn platform_selection_from_an_index_in_a_layout() {
         );
     });
 }
+
+/// `kiln.toml` reaches the registry client: forcing HTTPS on the plain-HTTP test registry
+/// makes the request fail, the loopback default (plain HTTP) succeeds.
+#[test]
+fn kiln_toml_transport_reaches_the_client() {
+    let _serial = serial();
+    let Some(_registry) = registry() else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let https = RegistryHosts::parse(
+        "[registry.\"localhost:5000\"]\nhttp = false\n",
+        Path::new("kiln.toml"),
+    )
+    .unwrap();
+    let forced =
+        ImageResolver::new(root.path(), https, Credentials::default(), HashMap::new()).unwrap();
+    let plain = resolver(root.path(), HashMap::new()).unwrap();
+    let src = source("docker-image://localhost:5000/busybox:latest", &[]);
+    rt().block_on(async {
+        let err = forced
+            .resolve(&src, &amd64())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("localhost:5000/busybox:latest: ")
+                && err.contains("https://localhost:5000/v2/busybox/manifests/latest"),
+            "unexpected error: {err}"
+        );
+        assert!(forced.content().list().unwrap().is_empty());
+        let ok = plain.resolve(&src, &amd64()).await.unwrap();
+        assert_eq!(ok.digest.as_str(), BUSYBOX_MANIFEST_DIGEST);
+    });
+}
