@@ -3,7 +3,9 @@
 
 pub mod cachemap;
 pub mod contenthash;
+pub mod export;
 pub mod fileop;
+pub mod image;
 pub mod keys;
 pub mod op;
 pub mod progress;

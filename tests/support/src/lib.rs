@@ -7,6 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod registry;
+
+pub use registry::{RegistryGuard, test_registry};
+
 /// Name of the unprivileged user rootless tests run as (created by `scripts/setup-test-env`).
 pub const TEST_USER: &str = "kiln-test";
 
@@ -240,4 +244,24 @@ pub fn run_in_private_mount_namespace<F: FnOnce() -> i32>(body: F) -> i32 {
             _ => 1,
         },
     }
+}
+
+/// Makes the child `command` starts get SIGKILL when the thread that spawns it ends (see
+/// `registry::spawn_long_lived` for a thread that lives as long as the process), and refuse
+/// to start when that parent is already gone.
+pub(crate) fn die_with_this_process(command: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the hook runs in the forked child before exec and only makes the
+    // async-signal-safe calls prctl and getppid, without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The parent may have died between fork and prctl: then nobody would kill us.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        })
+    };
 }
