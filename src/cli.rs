@@ -14,6 +14,9 @@ pub struct Cli {
     /// State directory (snapshots, cache, metadata).
     #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
     pub root: Option<PathBuf>,
+    /// Configuration file (registry hosts); default `<root>/kiln.toml`, if it exists.
+    #[arg(long, global = true, env = "KILN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Log what kiln decides and why.
     #[arg(long, global = true)]
     pub debug: bool,

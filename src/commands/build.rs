@@ -6,10 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use std::io::Write;
+
 use anyhow::{Context, bail};
 use kiln_executor::supervisor::RunnerCommand;
 use kiln_executor::userns::{self, Entered};
 use kiln_proto::{Entitlements, LoadOptions, decode_definition, load};
+use kiln_solver::export;
+use kiln_solver::image::{Credentials, RegistryHosts};
 use kiln_solver::op::Session;
 use kiln_solver::progress::ProgressSender;
 use kiln_solver::scheduler::{JobOptions, Solver, SolverOptions};
@@ -144,7 +148,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-pub fn build(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
+pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
+    let registry_hosts = RegistryHosts::load(config)?;
+    let credentials = Credentials::load_default()?;
     let outputs = args
         .output
         .iter()
@@ -203,6 +209,8 @@ pub fn build(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
             runner: RunnerCommand::current_exe("__runner").context("locating kiln")?,
             in_user_namespace,
             session,
+            registry_hosts,
+            credentials,
         })?;
         let store = Arc::new(Store::open(&root)?);
         let solver = Solver::new(
@@ -224,12 +232,18 @@ pub fn build(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
             cancel,
             session: Arc::new(Session::default()),
         };
+        let platform = result_platform(&graph);
         let solved = solver.solve(graph, job).await;
         let _ = renderer.await;
         let result = solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
-        for output in &outputs {
-            export(&worker, &result, output)?;
-        }
+        tokio::task::spawn_blocking(move || {
+            outputs
+                .iter()
+                .try_for_each(|output| export(&worker, &result, output, &platform))
+        })
+        .await
+        .context("export task")?
+        .context("failed to solve")?;
         anyhow::Ok(())
     });
     // A solve cancelled while waiting on another process's lock leaves a blocking thread.
@@ -237,12 +251,53 @@ pub fn build(root: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
+/// The platform of the op producing the result (the host's when it has none).
+fn result_platform(graph: &kiln_proto::Graph) -> kiln_proto::pb::Platform {
+    let host = kiln_proto::platform::host_platform();
+    let target = graph.vertex(graph.target().vertex);
+    kiln_proto::platform::normalize(target.platform(), &host)
+}
+
+/// Writes `result` where `output` says. Runs on a blocking thread: exports mount a view
+/// and walk it synchronously.
 fn export(
-    _worker: &KilnWorker,
-    _result: &kiln_snapshotter::ImmutableRef,
+    worker: &KilnWorker,
+    result: &kiln_snapshotter::ImmutableRef,
     output: &OutputSpec,
+    platform: &kiln_proto::pb::Platform,
 ) -> anyhow::Result<()> {
-    bail!("exporting {output:?} is not available yet")
+    match output {
+        OutputSpec::Local { dest } => export::local(result, dest)
+            .with_context(|| format!("exporting to {}", dest.display()))?,
+        OutputSpec::Tar { dest } => {
+            let mut out = open_output(dest)?;
+            export::tar(result, &mut out)?;
+            out.flush()
+                .with_context(|| format!("writing {}", dest.display()))?;
+        }
+        OutputSpec::Oci { dest, name } => {
+            let mut out = open_output(dest)?;
+            let options = export::OciExportOptions {
+                name,
+                platform,
+                base_config: None,
+            };
+            export::oci(worker.snapshotter(), result, &mut out, &options)?;
+            out.flush()
+                .with_context(|| format!("writing {}", dest.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `-` is standard output (buildctl's `dest=-`); anything else a file created or truncated.
+fn open_output(dest: &Path) -> anyhow::Result<Box<dyn Write>> {
+    if dest == Path::new("-") {
+        return Ok(Box::new(std::io::BufWriter::new(std::io::stdout().lock())));
+    }
+    let file =
+        std::fs::File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
+    Ok(Box::new(std::io::BufWriter::new(file)))
 }
 
 fn human(bytes: u64) -> String {

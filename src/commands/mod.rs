@@ -15,7 +15,10 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = cli.root_dir();
     match cli.command {
-        Command::Build(args) => build::build(&root, &args),
+        Command::Build(args) => {
+            let config = cli.config.clone().unwrap_or_else(|| root.join("kiln.toml"));
+            build::build(&root, &config, &args)
+        }
         Command::Prune(args) => build::prune(&root, &args),
         Command::Du(args) => build::du(&root, &args),
         Command::Run(args) => run::run(&root, &args),

@@ -9,6 +9,7 @@
 pub mod cache_mounts;
 mod exec;
 mod file;
+mod image;
 mod local;
 pub mod mounts;
 pub mod prepare;
@@ -26,6 +27,7 @@ use kiln_snapshotter::{ImmutableRef, Snapshotter};
 
 use crate::cachemap::ContentSelector;
 use crate::contenthash;
+use crate::image::{Credentials, ImageResolver, RegistryHosts};
 use crate::op::{Op, OpError, Worker};
 use cache_mounts::CacheMounts;
 use mounts::{MountsDir, StepMounts};
@@ -39,6 +41,8 @@ pub enum WorkerError {
     Mounts(#[from] mounts::MountsError),
     #[error("preparing the step runner: {0}")]
     Executor(#[from] kiln_executor::supervisor::ExecError),
+    #[error(transparent)]
+    Images(#[from] crate::image::ImageError),
 }
 
 /// What a build brings besides its graph (buildctl's session).
@@ -66,6 +70,10 @@ pub struct WorkerConfig {
     /// kiln runs as uid 0 of its own user namespace (rootless).
     pub in_user_namespace: bool,
     pub session: BuildSession,
+    /// How to reach registries (`kiln.toml`).
+    pub registry_hosts: RegistryHosts,
+    /// Registry credentials (Docker's `config.json`).
+    pub credentials: Credentials,
 }
 
 /// State shared by the worker and its ops.
@@ -75,6 +83,7 @@ pub(crate) struct Inner {
     pub executor: Executor,
     pub mounts_dir: MountsDir,
     pub cache_mounts: CacheMounts,
+    pub images: ImageResolver,
     pub config: WorkerConfig,
     counter: AtomicU64,
 }
@@ -106,12 +115,19 @@ impl KilnWorker {
         let snapshotter = Snapshotter::open(&config.root)?;
         let executor = Executor::new(config.runner.clone(), &config.root.join("run"))?;
         let mounts_dir = MountsDir::open(&config.root)?;
+        let images = ImageResolver::new(
+            &config.root,
+            config.registry_hosts.clone(),
+            config.credentials.clone(),
+            config.session.oci_layouts.clone(),
+        )?;
         Ok(KilnWorker {
             inner: Arc::new(Inner {
                 snapshotter,
                 executor,
                 mounts_dir,
                 cache_mounts: CacheMounts::default(),
+                images,
                 config,
                 counter: AtomicU64::new(0),
             }),
@@ -169,6 +185,16 @@ impl Worker for KilnWorker {
                     vertex.clone(),
                     source.clone(),
                 )))
+            }
+            Some(pb::op::Op::Source(source))
+                if source.identifier.starts_with("docker-image://")
+                    || source.identifier.starts_with("oci-layout://") =>
+            {
+                Ok(Arc::new(image::ImageSourceOp::new(
+                    self.inner.clone(),
+                    vertex.clone(),
+                    source,
+                )?))
             }
             Some(pb::op::Op::Source(source)) => Err(OpError::Failed(format!(
                 "source {} is not supported by kiln",
