@@ -178,8 +178,24 @@ pub struct CachemapArgs {
     pub session: String,
 }
 
+/// Parses the command line. Usage errors follow kiln's error contract (one line
+/// `error: …`, exit status 1); `--help` and `--version` print as usual.
 pub fn parse() -> Cli {
-    Cli::parse()
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let message: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("{}", message.join(" "));
+            std::process::exit(1);
+        }
+    }
 }
 
 impl Cli {

@@ -813,6 +813,32 @@ impl Snapshotter {
         }
     }
 
+    /// Removes committed snapshots that are not retained (no cache record keeps them),
+    /// that nobody holds and nothing is built on: the temporary results of a build, such as
+    /// a `local://` copy whose key can never match again or an output nobody cached.
+    /// Returns the removed ids.
+    pub fn remove_unretained(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        loop {
+            let mut progress = false;
+            // Collected first: the store's lock must not be held while removing.
+            let records = self.shared.db().all()?;
+            for r in records {
+                if r.state != RecordState::Committed || r.retain {
+                    continue;
+                }
+                if self.try_remove(&r.id)? {
+                    removed.push(r.id);
+                    progress = true;
+                }
+            }
+            // Removing a child can free its parent.
+            if !progress {
+                return Ok(removed);
+            }
+        }
+    }
+
     /// Removes record `id` if nobody holds it and it has no children.
     fn try_remove(&self, id: &str) -> Result<bool> {
         let Some(record) = self.shared.db().get(id)? else {

@@ -130,6 +130,54 @@ fn lifecycle_rootless() {
     rootless(lifecycle);
 }
 
+/// `remove_unretained`: temporary results (committed, not retained) go once nobody holds
+/// them and nothing is built on them; retained ones, held ones and parents stay.
+fn temporary_results() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let store = Snapshotter::open(&tmp.path().join("root"))?;
+    let commit = |parent: Option<&kiln_snapshotter::ImmutableRef>| {
+        store
+            .new_mutable(parent, &RefOptions::default())
+            .and_then(MutableRef::commit)
+    };
+    let base = commit(None)?;
+    let child = commit(Some(&base))?;
+    let retained = commit(None)?;
+    retained.set_retain(true)?;
+    let held = commit(None)?;
+    let (base_id, child_id, retained_id) = (
+        base.id().to_owned(),
+        child.id().to_owned(),
+        retained.id().to_owned(),
+    );
+    drop((base, child, retained));
+
+    // Held by this handle (as by a running build): kept; the chain goes child first.
+    let mut removed = store.remove_unretained()?;
+    removed.sort();
+    let mut want = vec![base_id, child_id];
+    want.sort();
+    assert_eq!(removed, want);
+    let left: Vec<String> = store.du()?.into_iter().map(|u| u.id).collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.contains(&retained_id) && left.contains(&held.id().to_owned()));
+    drop(held);
+    assert_eq!(store.remove_unretained()?.len(), 1);
+    assert_eq!(store.du()?.len(), 1, "only the retained result is left");
+    assert!(store.verify()?.is_empty(), "{:?}", store.verify()?);
+    Ok(())
+}
+
+#[test]
+fn temporary_results_rootful() {
+    rootful(temporary_results);
+}
+
+#[test]
+fn temporary_results_rootless() {
+    rootless(temporary_results);
+}
+
 fn long_chain() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let store = Snapshotter::open(&tmp.path().join("root"))?;

@@ -641,8 +641,15 @@ impl<W: Worker> Job<W> {
         let Some(map) = first else {
             return Err(self.fail(id, "op returned no cache map").await);
         };
-        let _lock = self.lock(id, &map, edge.index, &[]).await?;
-        if !ignore {
+        // A session-bound key (`random:`, a `local://` source) can never match in another
+        // solve: nothing to wait for or to save, and its result stays temporary.
+        let shareable = !map.digest.is_random();
+        let _lock = if shareable {
+            Some(self.lock(id, &map, edge.index, &[]).await?)
+        } else {
+            None
+        };
+        if !ignore && shareable {
             if let Some((result, _)) = self.try_load(id, &keys).await? {
                 return Ok(EdgeOutcome {
                     result,
@@ -652,8 +659,10 @@ impl<W: Worker> Job<W> {
             }
         }
         let result = self.execute(id, Vec::new(), edge.index).await?;
-        for key in &keys {
-            self.save(id, key, Vec::new(), &result).await?;
+        if shareable {
+            for key in &keys {
+                self.save(id, key, Vec::new(), &result).await?;
+            }
         }
         Ok(EdgeOutcome {
             result,

@@ -234,17 +234,28 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
         };
         let platform = result_platform(&graph);
         let solved = solver.solve(graph, job).await;
+        drop(solver);
         let _ = renderer.await;
-        let result = solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
-        tokio::task::spawn_blocking(move || {
-            outputs
-                .iter()
-                .try_for_each(|output| export(&worker, &result, output, &platform))
-        })
-        .await
-        .context("export task")?
-        .context("failed to solve")?;
-        anyhow::Ok(())
+        let snapshotter = worker.snapshotter().clone();
+        let outcome = match solved {
+            Ok(result) => tokio::task::spawn_blocking(move || {
+                outputs
+                    .iter()
+                    .try_for_each(|output| export(&worker, &result, output, &platform))
+            })
+            .await
+            .context("export task")
+            .and_then(|exported| exported.context("failed to solve")),
+            Err(e) => Err(anyhow::anyhow!("failed to solve: {e}")),
+        };
+        // Whatever the outcome, results nothing cached (local copies, outputs of a failed
+        // solve) go now rather than waiting for a prune.
+        match tokio::task::spawn_blocking(move || snapshotter.remove_unretained()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("removing temporary snapshots: {e}"),
+            Err(e) => tracing::warn!("removing temporary snapshots: {e}"),
+        }
+        outcome
     });
     // A solve cancelled while waiting on another process's lock leaves a blocking thread.
     runtime.shutdown_background();

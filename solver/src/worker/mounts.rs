@@ -95,6 +95,20 @@ impl MountsDir {
     }
 }
 
+impl Drop for MountsDir {
+    /// Leaves nothing behind on a clean exit. `remove_dir` (not recursive): if a step's
+    /// mount point were still there, it stays for the next kiln to clean up. The lock
+    /// file goes while the lock is still held, so no other process can mistake it for a
+    /// dead owner's.
+    fn drop(&mut self) {
+        if std::fs::remove_dir(&self.dir).is_ok() {
+            let mut lock = self.dir.clone().into_os_string();
+            lock.push(".lock");
+            let _ = std::fs::remove_file(lock);
+        }
+    }
+}
+
 /// Removes the mount directories of kiln processes that no longer hold their lock.
 fn clean_stale(base: &Path, own_pid: u32) {
     let Ok(entries) = std::fs::read_dir(base) else {

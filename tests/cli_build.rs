@@ -1,0 +1,469 @@
+//! `kiln build` end to end as users call it: a local root filesystem copied into scratch,
+//! RUN steps with a cache mount and a bind-mounted output, every exporter, the cache on a
+//! second build and `--no-cache`, a failing step and Ctrl-C (no mounts, processes or
+//! half-made snapshots left behind), and one-line errors for bad flags and inputs; as root
+//! and as the unprivileged test user.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_proto::builder::{DefinitionBuilder, Exec, ExecMount, FileActions, default_copy};
+use kiln_proto::encode::GogoEncode;
+use kiln_proto::pb;
+use kiln_testsupport::{
+    AsTestUser, is_root, require, rerun_as_test_user, unpack_test_image, which,
+};
+use serde_json::Value;
+
+const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn kiln(state: &Path, args: &[&str], def: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(state)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kiln");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // kiln may reject its flags before reading the Definition (a broken pipe here).
+    let _ = std::io::Write::write_all(&mut stdin, def);
+    drop(stdin);
+    child.wait_with_output().expect("wait for kiln")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The busybox root filesystem as a local directory the caller owns the files of
+/// (unpacked inside a user namespace when rootless).
+fn rootfs() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    if is_root() {
+        unpack_test_image("busybox", dir.path());
+    } else {
+        let path = dir.path().to_owned();
+        let code = kiln_executor::userns::run_in_user_namespace(move || {
+            unpack_test_image("busybox", &path);
+            0
+        })
+        .expect("user namespace");
+        assert_eq!(code, 0, "unpacking in the user namespace");
+    }
+    dir
+}
+
+/// `local://rootfs` copied into scratch (content-hashed, so later builds hit the cache).
+fn base(b: &mut DefinitionBuilder) -> kiln_proto::builder::Output {
+    let local = b.source(
+        "local://rootfs",
+        BTreeMap::from([("local.sharedkeyhint".to_owned(), "rootfs".to_owned())]),
+    );
+    b.file(FileActions::on(None).copy(
+        local,
+        "/",
+        "/",
+        pb::FileActionCopy {
+            dir_copy_contents: true,
+            ..default_copy()
+        },
+    ))
+}
+
+fn sh(root: Option<kiln_proto::builder::Output>, script: &str) -> Exec {
+    Exec::new(root, &["/bin/sh", "-c", script]).env(PATH_ENV)
+}
+
+/// The main graph: two RUN steps (a cache mount, an output mount) and the output copied
+/// into scratch. Returns the Definition and the digests of its exec ops.
+fn main_graph() -> (Vec<u8>, HashSet<String>) {
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let base = base(&mut b);
+    let first = b.exec(&sh(Some(base), "echo hello > /hello && id -u > /uid"));
+    let second = b.exec(
+        &sh(
+            first.root(),
+            "cp /hello /uid /out/ && echo run >> /cache/runs && wc -l < /cache/runs > /out/runs",
+        )
+        .mount(ExecMount::bind("/out", None))
+        .mount(ExecMount::cache(
+            "/cache",
+            "cli-build-test",
+            pb::CacheSharingOpt::Shared,
+        )),
+    );
+    let out = second.output("/out").expect("/out is an output");
+    let execs = HashSet::from([
+        first.root().expect("root").digest.as_str().to_owned(),
+        out.digest.as_str().to_owned(),
+    ]);
+    let result = b.file(FileActions::on(None).copy(
+        out,
+        "/",
+        "/",
+        pb::FileActionCopy {
+            dir_copy_contents: true,
+            ..default_copy()
+        },
+    ));
+    (b.finish(&result).gogo_encode(), execs)
+}
+
+/// A graph whose one RUN step on the base runs `script`.
+fn one_step(script: &str) -> (Vec<u8>, String) {
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let base = base(&mut b);
+    let step = b.exec(&sh(Some(base), script));
+    let root = step.root().expect("root");
+    let digest = root.digest.as_str().to_owned();
+    (b.finish(&root).gogo_encode(), digest)
+}
+
+/// Vertex digests that started without being cached, from `--progress rawjson`.
+fn executed(stderr: &str) -> HashSet<String> {
+    let mut started = HashSet::new();
+    let mut cached = HashSet::new();
+    for line in stderr.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        for vertex in v["vertexes"].as_array().into_iter().flatten() {
+            let digest = vertex["digest"].as_str().unwrap_or_default().to_owned();
+            if vertex["cached"] == true {
+                cached.insert(digest);
+            } else if vertex.get("started").is_some() {
+                started.insert(digest);
+            }
+        }
+    }
+    started.difference(&cached).cloned().collect()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn snapshot_count(state: &Path) -> usize {
+    std::fs::read_dir(state.join("snapshots")).map_or(0, |d| d.count())
+}
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains(marker) && !text.contains("cli_build") {
+                found.push(format!("{}: {text}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+/// Nothing of a build may outlive it: no step process, no mount under the state
+/// directory (in this namespace), no per-process mount directory, no new snapshot.
+fn assert_nothing_left(state: &Path, marker: &str, snapshots_before: usize) {
+    // The step's processes die with its pid namespace; give the kernel a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !processes_with(marker).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        processes_with(marker),
+        Vec::<String>::new(),
+        "processes left"
+    );
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let state_text = state.to_string_lossy();
+    assert!(
+        !mountinfo.contains(state_text.as_ref()),
+        "mounts left under {state_text}:\n{mountinfo}"
+    );
+    let mnt: Vec<_> = std::fs::read_dir(state.join("mnt"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(mnt.is_empty(), "mount directories left: {mnt:?}");
+    assert_eq!(
+        snapshot_count(state),
+        snapshots_before,
+        "a failed or cancelled step left snapshots"
+    );
+}
+
+struct Setup {
+    state: tempfile::TempDir,
+    _rootfs: tempfile::TempDir,
+    local: String,
+    work: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let rootfs = rootfs();
+        let local = format!("rootfs={}", rootfs.path().display());
+        Setup {
+            state: tempfile::tempdir().expect("state"),
+            _rootfs: rootfs,
+            local,
+            work: tempfile::tempdir().expect("work"),
+        }
+    }
+
+    fn state(&self) -> &Path {
+        self.state.path()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    fn build(&self, def: &[u8], extra: &[&str]) -> Output {
+        let mut args = vec!["build", "--progress", "rawjson", "--local", &self.local];
+        args.extend_from_slice(extra);
+        kiln(self.state(), &args, def)
+    }
+}
+
+fn check_outputs_and_cache(s: &Setup) {
+    let (def, execs) = main_graph();
+
+    let out1 = s.path("out1");
+    let dest = format!("type=local,dest={}", out1.display());
+    let cold = s.build(&def, &["-o", &dest]);
+    assert!(cold.status.success(), "cold build: {}", stderr(&cold));
+    assert_eq!(read(&out1.join("hello")), "hello\n");
+    assert_eq!(
+        read(&out1.join("uid")).trim(),
+        "0",
+        "steps run as root by default"
+    );
+    assert_eq!(read(&out1.join("runs")).trim(), "1");
+    assert_eq!(
+        executed(&stderr(&cold)).intersection(&execs).count(),
+        2,
+        "both steps run cold"
+    );
+
+    let out2 = s.path("out2");
+    let dest = format!("type=local,dest={}", out2.display());
+    let warm = s.build(&def, &["-o", &dest]);
+    assert!(warm.status.success(), "warm build: {}", stderr(&warm));
+    let rerun: Vec<_> = executed(&stderr(&warm))
+        .intersection(&execs)
+        .cloned()
+        .collect();
+    assert!(rerun.is_empty(), "a warm build ran {rerun:?}");
+    assert_eq!(
+        read(&out2.join("runs")).trim(),
+        "1",
+        "result from the cache"
+    );
+
+    // --no-cache runs everything again; the cache mount keeps its content.
+    let out3 = s.path("out3");
+    let dest = format!("type=local,dest={}", out3.display());
+    let forced = s.build(&def, &["--no-cache", "-o", &dest]);
+    assert!(forced.status.success(), "--no-cache: {}", stderr(&forced));
+    assert_eq!(executed(&stderr(&forced)).intersection(&execs).count(), 2);
+    assert_eq!(
+        read(&out3.join("runs")).trim(),
+        "2",
+        "cache mount persisted"
+    );
+
+    // tar to standard output.
+    let tar = s.build(&def, &["-o", "type=tar,dest=-"]);
+    assert!(tar.status.success(), "tar: {}", stderr(&tar));
+    let mut archive = tar::Archive::new(tar.stdout.as_slice());
+    let mut names: Vec<String> = archive
+        .entries()
+        .expect("tar entries")
+        .map(|e| {
+            e.expect("tar entry")
+                .path()
+                .expect("path")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["hello", "runs", "uid"]);
+
+    // An OCI archive skopeo reads.
+    let oci = s.path("image.tar");
+    let dest = format!("type=oci,dest={},name=kiln.test/cli:1", oci.display());
+    let built = s.build(&def, &["-o", &dest]);
+    assert!(built.status.success(), "oci: {}", stderr(&built));
+    if require(which("skopeo"), "skopeo (to read the OCI archive)") {
+        let inspect = Command::new("skopeo")
+            .args(["inspect", &format!("oci-archive:{}", oci.display())])
+            .output()
+            .expect("skopeo");
+        assert!(inspect.status.success(), "{}", stderr(&inspect));
+        let info: Value = serde_json::from_slice(&inspect.stdout).expect("skopeo json");
+        assert_eq!(info["Layers"].as_array().map(Vec::len), Some(1), "{info}");
+        assert_eq!(info["Os"], "linux");
+    }
+}
+
+fn check_failure_cleans_up(s: &Setup) {
+    // Build the base first so only the failing step is new.
+    let (warmup, _) = one_step("true");
+    assert!(s.build(&warmup, &[]).status.success());
+    let before = snapshot_count(s.state());
+    let marker = format!("{}", 3_000_000 + std::process::id());
+    let script = format!("echo partial > /partial; sleep {marker} & exit 3");
+    let (def, step) = one_step(&script);
+    let out = s.build(&def, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    let last = text.lines().last().unwrap_or_default();
+    // BuildKit's words, after the name and digest of the failed vertex.
+    assert!(last.starts_with("error: failed to solve: "), "{last}");
+    assert!(last.contains(&step), "names the vertex: {last}");
+    assert!(
+        last.ends_with(&format!(
+            "process \"/bin/sh -c {script}\" did not complete successfully: exit code: 3"
+        )),
+        "{last}"
+    );
+    assert_nothing_left(s.state(), &marker, before);
+}
+
+fn check_cancel_cleans_up(s: &Setup) {
+    let before = snapshot_count(s.state());
+    let marker = format!("{}", 4_000_000 + std::process::id());
+    let (def, step) = one_step(&format!("sleep {marker}"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(s.state())
+        .args(["build", "--progress", "rawjson", "--local", &s.local])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kiln");
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, &def).expect("write definition");
+    drop(stdin);
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    // Wait until the step runs (its vertex started and its process exists).
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains(&step) && l.contains("\"started\""));
+    assert!(started, "the step never started");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processes_with(&marker).is_empty() {
+        assert!(Instant::now() < deadline, "the step process never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("wait");
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        sent.elapsed()
+    );
+    assert!(!status.success(), "a cancelled build must fail");
+    let last = rest.last().cloned().unwrap_or_default();
+    assert!(last.starts_with("error: "), "one-line error, got {last:?}");
+    assert!(last.contains("cancel"), "{last}");
+    assert_nothing_left(s.state(), &marker, before);
+}
+
+fn check_input_errors(s: &Setup) {
+    let (def, _) = main_graph();
+    // The local directory was not given.
+    let out = kiln(s.state(), &["build", "--progress", "plain"], &def);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stderr(&out);
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("error: ") && l.contains("--local rootfs=DIR")),
+        "{text}"
+    );
+    // Host networking without the entitlement: BuildKit's error.
+    let mut b = DefinitionBuilder::new();
+    let base = base(&mut b);
+    let mut exec = sh(Some(base), "true");
+    exec.network = pb::NetMode::Host;
+    let root = b.exec(&exec).root().expect("root");
+    let def = b.finish(&root).gogo_encode();
+    let out = s.build(&def, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out).trim_end(),
+        "error: failed to solve: failed to load LLB: network.host is not allowed"
+    );
+}
+
+fn check_build() {
+    let s = Setup::new();
+    check_outputs_and_cache(&s);
+    check_failure_cleans_up(&s);
+    check_cancel_cleans_up(&s);
+    check_input_errors(&s);
+}
+
+#[test]
+fn build_as_root() {
+    if !require(is_root(), "root") {
+        return;
+    }
+    check_build();
+}
+
+#[test]
+fn build_rootless() {
+    if rerun_as_test_user() != AsTestUser::Inner {
+        return;
+    }
+    check_build();
+}
+
+#[test]
+fn bad_build_flags_are_one_line_errors() {
+    let state = tempfile::tempdir().expect("state");
+    let (def, _) = main_graph();
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["build", "-o", "type=bogus,dest=x"],
+            "unsupported type \"bogus\"",
+        ),
+        (&["build", "-o", "type=local"], "dest= is required"),
+        (&["build", "-o", "dest=x"], "type= is required"),
+        (&["build", "--allow", "nope"], "unknown entitlement"),
+        (&["build", "--secret", "id=x"], "--secret"),
+        (&["build", "--local", "nodir"], "--local"),
+        (&["build", "--progress", "fancy"], "invalid value 'fancy'"),
+    ];
+    for (args, want) in cases {
+        let out = kiln(state.path(), args, &def);
+        let text = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.contains(want), "{args:?}: {text}");
+        assert_eq!(text.lines().count(), 1, "{args:?}: one line: {text}");
+        assert!(text.starts_with("error: "), "{args:?}: {text}");
+    }
+    // Garbage instead of a Definition.
+    let out = kiln(state.path(), &["build"], b"\xff\xffnot a definition");
+    assert_eq!(out.status.code(), Some(1));
+    let text = stderr(&out);
+    assert!(
+        text.starts_with("error: failed to solve: failed to load LLB"),
+        "{text}"
+    );
+    assert_eq!(text.lines().count(), 1, "{text}");
+}
