@@ -209,8 +209,12 @@ fn bad_flags_and_rootfs_are_one_line_errors() {
             "{stderr}"
         );
     }
+    // Usage errors follow the same contract.
     let out = kiln(state.path(), &["run", "--network", "bogus", "--", "true"]);
-    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "usage error: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.contains("bogus"), "{stderr}");
 }
 
 #[test]
