@@ -214,7 +214,10 @@ fn bad_flags_and_rootfs_are_one_line_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "usage error: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error: ") && stderr.contains("bogus"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("bogus"),
+        "{stderr}"
+    );
 }
 
 #[test]
