@@ -200,8 +200,14 @@ pub fn parse() -> Cli {
 
 impl Cli {
     /// `--root`, else `/var/lib/kiln` as root, else `$XDG_DATA_HOME/kiln` or
-    /// `~/.local/share/kiln`.
+    /// `~/.local/share/kiln`; always absolute, because the step's mount namespace and the
+    /// runner resolve it from a different working directory than the caller's.
     pub fn root_dir(&self) -> PathBuf {
+        let root = self.root_dir_as_given();
+        std::path::absolute(&root).unwrap_or(root)
+    }
+
+    fn root_dir_as_given(&self) -> PathBuf {
         if let Some(root) = &self.root {
             return root.clone();
         }

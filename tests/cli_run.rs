@@ -57,6 +57,25 @@ fn check_run_flags() {
     );
     assert_eq!(out.status.code(), Some(128 + 15), "signal → 128+N");
 
+    // Relative --root and --rootfs, as a user types them in their working directory.
+    let cwd = rootfs.path().parent().expect("rootfs has a parent");
+    let relative = |p: &Path| {
+        p.strip_prefix(cwd)
+            .expect("tempdirs share a parent")
+            .to_owned()
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(cwd)
+        .arg("--root")
+        .arg(relative(state.path()))
+        .args(["run", "--rootfs"])
+        .arg(relative(rootfs.path()))
+        .args(["--", "hostname"])
+        .output()
+        .expect("run kiln");
+    assert_eq!(out.status.code(), Some(0), "relative paths: {out:?}");
+    assert_eq!(stdout(&out), "buildkitsandbox\n");
+
     let host_dir = tempfile::tempdir().expect("host dir");
     std::fs::write(host_dir.path().join("f"), b"from host").expect("write");
     let bind = format!(
