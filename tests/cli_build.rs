@@ -409,9 +409,51 @@ fn check_input_errors(s: &Setup) {
     );
 }
 
+/// A step straight on the `local://` context (a writable root: no content-based key) is
+/// bound to its session: it runs in every build, as in BuildKit, and leaves no snapshot
+/// and no cache record behind.
+fn check_session_bound_steps_leave_nothing(s: &Setup) {
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let local = b.source(
+        "local://rootfs",
+        BTreeMap::from([("local.sharedkeyhint".to_owned(), "rootfs".to_owned())]),
+    );
+    let step = b.exec(&sh(Some(local), "echo in-context > /ctx-step"));
+    let root = step.root().expect("root");
+    let digest = root.digest.as_str().to_owned();
+    let def = b.finish(&root).gogo_encode();
+    let snapshots_before = snapshot_count(s.state());
+    let links_before = kiln_solver::store::Store::open(s.state())
+        .and_then(|store| store.check())
+        .expect("cache store")
+        .links;
+    for round in 0..2 {
+        let out_dir = s.path(&format!("session-{round}"));
+        let dest = format!("type=local,dest={}", out_dir.display());
+        let out = s.build(&def, &["-o", &dest]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            executed(&stderr(&out)).contains(&digest),
+            "round {round} runs the step"
+        );
+        assert_eq!(read(&out_dir.join("ctx-step")), "in-context\n");
+        assert_eq!(
+            snapshot_count(s.state()),
+            snapshots_before,
+            "round {round}: snapshots"
+        );
+    }
+    let links_after = kiln_solver::store::Store::open(s.state())
+        .and_then(|store| store.check())
+        .expect("cache store")
+        .links;
+    assert_eq!(links_after, links_before, "no links from session keys");
+}
+
 fn check_build() {
     let s = Setup::new();
     check_outputs_and_cache(&s);
+    check_session_bound_steps_leave_nothing(&s);
     check_failure_cleans_up(&s);
     check_cancel_cleans_up(&s);
     check_input_errors(&s);

@@ -18,6 +18,11 @@
 //! the solve returns, naming the vertex. IgnoreCache (§7): the vertex skips every
 //! lookup, executes and still saves; every dependent in that solve executes too (saving
 //! under its existing key), and later solves load the newest result.
+//!
+//! Session-bound edges (a `random:` source such as `local://`, and every step reached from
+//! it only through definition-based keys) can never hit in another solve: they execute
+//! without a lock, are not saved, and nothing links from their keys; a content-based key
+//! downstream makes the chain durable again.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -167,6 +172,10 @@ struct EdgeOutcome<R> {
     keys: Vec<String>,
     /// Executed in this solve because of IgnoreCache (itself or an input).
     forced: bool,
+    /// Its keys can never be reached from another solve (a session-bound source, such as
+    /// `local://`, upstream with no content-based key in between): it is neither locked
+    /// nor saved, nothing links from its keys, and its result stays temporary.
+    session_bound: bool,
 }
 
 type Shared1<T> = Arc<OnceCell<Result<T, SolveError>>>;
@@ -498,6 +507,7 @@ impl<W: Worker> Job<W> {
                     result,
                     keys: key_ids,
                     forced: false,
+                    session_bound: false,
                 });
             }
         }
@@ -558,6 +568,27 @@ impl<W: Worker> Job<W> {
             }
             deps.push(list);
         }
+        let session_bound = inputs.iter().zip(&deps).any(|(input, list)| {
+            input.session_bound && list.iter().all(|d| input.keys.contains(&d.key))
+        });
+        if session_bound {
+            let refs: Vec<W::Ref> = inputs.iter().map(|i| i.result.clone()).collect();
+            let result = self.execute(id, refs, edge.index).await?;
+            return Ok(EdgeOutcome {
+                result,
+                keys: vec![random_id()],
+                forced,
+                session_bound: true,
+            });
+        }
+        // Keys of session-bound inputs are never looked up again: link, look up and lock
+        // through the durable (content-based) keys only, so the store does not grow by a
+        // dead link per build.
+        for (input, list) in inputs.iter().zip(deps.iter_mut()) {
+            if input.session_bound {
+                list.retain(|d| !input.keys.contains(&d.key));
+            }
+        }
         let key = CacheKey {
             digest: map.digest.clone(),
             output: edge.index,
@@ -589,6 +620,7 @@ impl<W: Worker> Job<W> {
             result,
             keys: vec![key_id],
             forced,
+            session_bound: false,
         })
     }
 
@@ -611,6 +643,7 @@ impl<W: Worker> Job<W> {
             result,
             keys: vec![hit],
             forced: false,
+            session_bound: false,
         }))
     }
 
@@ -634,6 +667,7 @@ impl<W: Worker> Job<W> {
                         result,
                         keys,
                         forced: false,
+                        session_bound: false,
                     });
                 }
             }
@@ -655,6 +689,7 @@ impl<W: Worker> Job<W> {
                     result,
                     keys,
                     forced: false,
+                    session_bound: false,
                 });
             }
         }
@@ -668,6 +703,7 @@ impl<W: Worker> Job<W> {
             result,
             keys,
             forced: ignore,
+            session_bound: !shareable,
         })
     }
 

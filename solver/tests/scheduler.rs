@@ -76,6 +76,15 @@ impl Op<FakeRef> for FakeOp {
     ) -> Result<CacheMapResponse, OpError> {
         let map = match &self.vertex.op.op {
             // Sources: keyed by identifier (as if resolved).
+            // A local source is bound to its session: a new random key every solve.
+            Some(pb::op::Op::Source(s)) if s.identifier.starts_with("local://") => CacheMap {
+                digest: CacheDigest::new(format!(
+                    "random:{}",
+                    self.world.next_id.fetch_add(1, Ordering::SeqCst)
+                )),
+                deps: Vec::new(),
+                hashed: None,
+            },
             Some(pb::op::Op::Source(s)) => CacheMap {
                 digest: CacheDigest::sha256_of(s.identifier.as_bytes()),
                 deps: Vec::new(),
@@ -483,6 +492,65 @@ async fn equal_content_from_another_source_hits_through_the_content_key() {
     .unwrap();
     assert_eq!(third, first);
     assert_eq!(world.execs().len(), 3);
+}
+
+/// `local://ctx` → a step on it as a writable root (definition-based key) → a step on that.
+fn session_chain() -> pb::Definition {
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let attrs = [("content".to_owned(), "ctx".to_owned())]
+        .into_iter()
+        .collect();
+    let local = b.source("local://ctx", attrs);
+    let first = run(&mut b, Some(local), &["first"]);
+    let second = run(&mut b, Some(first), &["second"]);
+    b.finish(&second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_bound_steps_are_neither_saved_nor_retained() {
+    let root = tempfile::tempdir().unwrap();
+    let world = Arc::new(World::default());
+    for _ in 0..3 {
+        bounded(
+            solver(&world, root.path(), 4).solve(graph(&session_chain()), JobOptions::default()),
+        )
+        .await
+        .unwrap();
+    }
+    // As in BuildKit, steps keyed only through a session's source run every time...
+    assert_eq!(world.exec_count("first"), 3);
+    assert_eq!(world.exec_count("second"), 3);
+    // ...but nothing is kept for them: no retained result, no record, no link.
+    assert!(world.retained.lock().unwrap().is_empty(), "retained");
+    let stats = Store::open(root.path()).unwrap().check().unwrap();
+    assert_eq!((stats.keys, stats.links, stats.results), (0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_key_after_a_session_source_hits_without_growing_the_store() {
+    let root = tempfile::tempdir().unwrap();
+    let world = Arc::new(World::default());
+    let solve = || async {
+        bounded(
+            solver(&world, root.path(), 4)
+                .solve(graph(&content_def("local://ctx")), JobOptions::default()),
+        )
+        .await
+        .unwrap()
+    };
+    let first = solve().await;
+    let after_first = Store::open(root.path()).unwrap().check().unwrap();
+    for _ in 0..3 {
+        assert_eq!(solve().await, first);
+    }
+    assert_eq!(world.exec_count("build"), 1, "hits through the content key");
+    let after = Store::open(root.path()).unwrap().check().unwrap();
+    assert_eq!(
+        (after.keys, after.links, after.results),
+        (after_first.keys, after_first.links, after_first.results),
+        "no dead links from session keys"
+    );
+    assert_eq!(after.results, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
