@@ -175,6 +175,32 @@ fn apply(root: &Path, op: &Op, exdev: Option<bool>) -> (Result<(), ErrorKind>, b
     (result.map_err(|e| e.kind()), fell_back)
 }
 
+/// A case the kernel's overlayfs answers differently from a plain filesystem through no
+/// fault of the snapshotter; the case is discarded (and reported), not failed.
+#[derive(Debug)]
+struct KernelQuirk(String);
+
+impl std::fmt::Display for KernelQuirk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KernelQuirk {}
+
+/// `rename(i, j)` where both names are links of one inode (in the reference tree).
+fn renames_a_link_onto_itself(reference: &Path, op: &Op) -> bool {
+    let Op::Rename(i, j) = *op else {
+        return false;
+    };
+    let id = |k: usize| {
+        std::fs::symlink_metadata(reference.join(PATHS[k]))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    i != j && id(i).is_some() && id(i) == id(j)
+}
+
 struct Ctx {
     dir: tempfile::TempDir,
     store: Snapshotter,
@@ -196,6 +222,15 @@ fn one_case(ctx: &Ctx, ops: &[Op], case: usize) -> anyhow::Result<()> {
         let mnt = Mounted::new(&m.mountable())?;
         for op in ops {
             let (on_overlay, fell_back) = apply(&mnt.path, op, None);
+            if on_overlay == Err(ErrorKind::StaleNetworkFileHandle)
+                && renames_a_link_onto_itself(&reference, op)
+            {
+                return Err(KernelQuirk(format!(
+                    "{op:?}: overlayfs (userxattr) answers ESTALE to renaming a hard link \
+                     onto another link of the same copied-up inode, where POSIX makes it a no-op"
+                ))
+                .into());
+            }
             let (on_ref, _) = apply(&reference, op, Some(fell_back));
             anyhow::ensure!(
                 on_overlay == on_ref,
@@ -261,11 +296,19 @@ fn property() -> anyhow::Result<()> {
             Op::SetXattr(9, 3),
             Op::Symlink(12, 6),
         ],
+        // A lower symlink hard-linked, then renamed onto its own other link: a no-op that
+        // rootless overlayfs refuses with ESTALE (see KernelQuirk).
+        vec![Op::Remove(4), Op::Hardlink(10, 4), Op::Rename(4, 10)],
     ];
     let mut case = 0;
     for ops in &fixed {
         case += 1;
-        one_case(&ctx, ops, case)?;
+        if let Err(e) = one_case(&ctx, ops, case) {
+            match e.downcast_ref::<KernelQuirk>() {
+                Some(quirk) => eprintln!("fixed case {case} discarded: {quirk}"),
+                None => return Err(e),
+            }
+        }
     }
     let cases = std::env::var("KILN_PROPTEST_CASES")
         .ok()
@@ -280,7 +323,13 @@ fn property() -> anyhow::Result<()> {
     runner
         .run(&prop::collection::vec(op(), 1..24), |ops| {
             counter.set(counter.get() + 1);
-            one_case(&ctx, &ops, counter.get()).map_err(|e| TestCaseError::fail(format!("{e:#}")))
+            one_case(&ctx, &ops, counter.get()).map_err(|e| match e.downcast_ref::<KernelQuirk>() {
+                Some(quirk) => {
+                    eprintln!("discarded: {quirk}");
+                    TestCaseError::reject(quirk.to_string())
+                }
+                None => TestCaseError::fail(format!("{e:#}")),
+            })
         })
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
