@@ -299,6 +299,8 @@ fn property() -> anyhow::Result<()> {
         // A lower symlink hard-linked, then renamed onto its own other link: a no-op that
         // rootless overlayfs refuses with ESTALE (see KernelQuirk).
         vec![Op::Remove(4), Op::Hardlink(10, 4), Op::Rename(4, 10)],
+        // An xattr value holding a newline (binary values such as security.capability do).
+        vec![Op::SetXattr(0, b'\n')],
     ];
     let mut case = 0;
     for ops in &fixed {

@@ -219,6 +219,44 @@ fn clean(path: &[u8]) -> Result<Vec<&[u8]>, LayerError> {
     Ok(out)
 }
 
+/// The records of a PAX extended header, `"<length> <key>=<value>\n"` each, split by their
+/// length prefix: values (binary xattrs such as `security.capability`) may hold newlines,
+/// which the tar crate's own line-based parser cannot take.
+fn pax_records(mut data: &[u8]) -> impl Iterator<Item = Result<(&[u8], &[u8]), String>> {
+    std::iter::from_fn(move || {
+        if data.is_empty() {
+            return None;
+        }
+        let record = (|| {
+            let space = data
+                .iter()
+                .position(|b| *b == b' ')
+                .ok_or("no length prefix")?;
+            let length: usize = std::str::from_utf8(&data[..space])
+                .ok()
+                .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|digits| digits.parse().ok())
+                .ok_or("bad length prefix")?;
+            if length <= space + 1 || length > data.len() || data[length - 1] != b'\n' {
+                return Err("length does not end a record");
+            }
+            let body = &data[space + 1..length - 1];
+            let equals = body
+                .iter()
+                .position(|b| *b == b'=')
+                .ok_or("no '=' in record")?;
+            let fields = (&body[..equals], &body[equals + 1..]);
+            data = &data[length..];
+            Ok(fields)
+        })();
+        if record.is_err() {
+            // One malformed record makes the rest unreadable: report it once and stop.
+            data = &[];
+        }
+        Some(record.map_err(str::to_owned))
+    })
+}
+
 fn parse_mtime(v: &[u8]) -> Option<TimeSpec> {
     let s = std::str::from_utf8(v).ok()?;
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
@@ -520,10 +558,8 @@ fn attrs<R: Read>(entry: &tar::Entry<'_, R>, pending: Pending) -> Result<Attrs, 
     let rdev = nix::sys::stat::makedev(u64::from(major), u64::from(minor));
     let mut xattrs = Vec::new();
     if let Some(pax) = &pending.pax {
-        for record in tar::PaxExtensions::new(pax) {
-            let record = record.map_err(|e| bad(format!("bad pax record: {e}")))?;
-            let key = record.key_bytes();
-            let value = record.value_bytes();
+        for record in pax_records(pax) {
+            let (key, value) = record.map_err(|e| bad(format!("bad pax record: {e}")))?;
             let number = || -> Result<u64, LayerError> {
                 std::str::from_utf8(value)
                     .ok()
@@ -798,6 +834,39 @@ mod tests {
         assert!(clean(b"a/../../x").is_err());
         assert_eq!(clean(b"/abs/./x/").unwrap(), vec![&b"abs"[..], &b"x"[..]]);
         assert_eq!(clean(b"./").unwrap(), Vec::<&[u8]>::new());
+    }
+
+    #[test]
+    fn pax_records_are_split_by_length_so_values_may_hold_newlines() {
+        let data = b"28 SCHILY.xattr.user.k=a\nb\n\n12 uid=1000\n";
+        let records: Vec<_> = pax_records(data).collect();
+        assert_eq!(
+            records,
+            vec![
+                Ok((&b"SCHILY.xattr.user.k"[..], &b"a\nb\n"[..])),
+                Ok((&b"uid"[..], &b"1000"[..]))
+            ]
+        );
+        assert_eq!(pax_records(b"").count(), 0);
+    }
+
+    #[test]
+    fn malformed_pax_records_are_errors_not_panics() {
+        for bad in [
+            &b"x"[..],
+            b"12",
+            b"abc k=v\n",
+            b"-5 k=v\n",
+            b"99 k=v\n",
+            b"2 k=v\n",
+            b"8 k=vv\n",
+            b"7 kvv\n\n",
+            b"18446744073709551616 k=v\n",
+        ] {
+            let records: Vec<_> = pax_records(bad).collect();
+            assert_eq!(records.len(), 1, "{bad:?}");
+            assert!(records[0].is_err(), "{bad:?}: {records:?}");
+        }
     }
 
     #[test]
