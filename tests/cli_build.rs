@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use kiln_proto::builder::{DefinitionBuilder, Exec, ExecMount, FileActions, default_copy};
 use kiln_proto::encode::GogoEncode;
 use kiln_proto::pb;
-use kiln_testsupport::{
-    AsTestUser, is_root, require, rerun_as_test_user, unpack_test_image, which,
-};
+mod common;
+
+use kiln_testsupport::{AsTestUser, is_root, require, rerun_as_test_user, which};
 use serde_json::Value;
 
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -39,24 +39,6 @@ fn kiln(state: &Path, args: &[&str], def: &[u8]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The busybox root filesystem as a local directory the caller owns the files of
-/// (unpacked inside a user namespace when rootless).
-fn rootfs() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    if is_root() {
-        unpack_test_image("busybox", dir.path());
-    } else {
-        let path = dir.path().to_owned();
-        let code = kiln_executor::userns::run_in_user_namespace(move || {
-            unpack_test_image("busybox", &path);
-            0
-        })
-        .expect("user namespace");
-        assert_eq!(code, 0, "unpacking in the user namespace");
-    }
-    dir
 }
 
 /// `local://rootfs` copied into scratch (content-hashed, so later builds hit the cache).
@@ -206,7 +188,7 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
-        let rootfs = rootfs();
+        let rootfs = common::busybox_rootfs();
         let local = format!("rootfs={}", rootfs.path().display());
         Setup {
             state: tempfile::tempdir().expect("state"),

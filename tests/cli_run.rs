@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use kiln_testsupport::{
-    AsTestUser, is_root, require, rerun_as_test_user, unpack_test_image, which,
-};
+mod common;
+
+use kiln_testsupport::{AsTestUser, is_root, require, rerun_as_test_user, which};
 
 fn kiln(root: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -21,27 +21,9 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A busybox rootfs the caller may use: unpacked as root, or (rootless) inside a user
-/// namespace so its files belong to ids kiln's namespace maps.
-fn rootfs() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    if is_root() {
-        unpack_test_image("busybox", dir.path());
-    } else {
-        let path = dir.path().to_owned();
-        let code = kiln_executor::userns::run_in_user_namespace(move || {
-            unpack_test_image("busybox", &path);
-            0
-        })
-        .expect("user namespace");
-        assert_eq!(code, 0, "unpacking in the user namespace");
-    }
-    dir
-}
-
 fn check_run_flags() {
     let state = tempfile::tempdir().expect("state");
-    let rootfs = rootfs();
+    let rootfs = common::busybox_rootfs();
     let r = rootfs.path().to_str().expect("utf-8 path");
 
     let out = kiln(
@@ -245,7 +227,7 @@ fn spec_is_accepted_by_runc() {
         return;
     }
     let state = tempfile::tempdir().expect("state");
-    let rootfs = rootfs();
+    let rootfs = common::busybox_rootfs();
     let bundle = tempfile::tempdir().expect("bundle");
     let out = kiln(
         state.path(),

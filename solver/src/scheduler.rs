@@ -568,19 +568,6 @@ impl<W: Worker> Job<W> {
             }
             deps.push(list);
         }
-        let session_bound = inputs.iter().zip(&deps).any(|(input, list)| {
-            input.session_bound && list.iter().all(|d| input.keys.contains(&d.key))
-        });
-        if session_bound {
-            let refs: Vec<W::Ref> = inputs.iter().map(|i| i.result.clone()).collect();
-            let result = self.execute(id, refs, edge.index).await?;
-            return Ok(EdgeOutcome {
-                result,
-                keys: vec![random_id()],
-                forced,
-                session_bound: true,
-            });
-        }
         // Keys of session-bound inputs are never looked up again: link, look up and lock
         // through the durable (content-based) keys only, so the store does not grow by a
         // dead link per build.
@@ -588,6 +575,17 @@ impl<W: Worker> Job<W> {
             if input.session_bound {
                 list.retain(|d| !input.keys.contains(&d.key));
             }
+        }
+        let refs: Vec<W::Ref> = inputs.iter().map(|i| i.result.clone()).collect();
+        // An input left without a durable key makes this edge session-bound too.
+        if deps.iter().any(Vec::is_empty) {
+            let result = self.execute(id, refs, edge.index).await?;
+            return Ok(EdgeOutcome {
+                result,
+                keys: vec![random_id()],
+                forced,
+                session_bound: true,
+            });
         }
         let key = CacheKey {
             digest: map.digest.clone(),
@@ -610,7 +608,6 @@ impl<W: Worker> Job<W> {
                 return Ok(outcome);
             }
         }
-        let refs: Vec<W::Ref> = inputs.iter().map(|i| i.result.clone()).collect();
         let result = self.execute(id, refs, edge.index).await?;
         let k = key.clone();
         let existing = self.store(id, move |s| k.existing_ids(s)).await?;

@@ -227,34 +227,40 @@ fn pax_records(mut data: &[u8]) -> impl Iterator<Item = Result<(&[u8], &[u8]), S
         if data.is_empty() {
             return None;
         }
-        let record = (|| {
-            let space = data
-                .iter()
-                .position(|b| *b == b' ')
-                .ok_or("no length prefix")?;
-            let length: usize = std::str::from_utf8(&data[..space])
-                .ok()
-                .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|digits| digits.parse().ok())
-                .ok_or("bad length prefix")?;
-            if length <= space + 1 || length > data.len() || data[length - 1] != b'\n' {
-                return Err("length does not end a record");
-            }
-            let body = &data[space + 1..length - 1];
-            let equals = body
-                .iter()
-                .position(|b| *b == b'=')
-                .ok_or("no '=' in record")?;
-            let fields = (&body[..equals], &body[equals + 1..]);
-            data = &data[length..];
-            Ok(fields)
-        })();
-        if record.is_err() {
-            // One malformed record makes the rest unreadable: report it once and stop.
-            data = &[];
-        }
-        Some(record.map_err(str::to_owned))
+        let record = split_pax_record(data);
+        // One malformed record makes the rest unreadable: report it once and stop.
+        data = record.as_ref().map_or(&[][..], |(_, _, rest)| rest);
+        Some(
+            record
+                .map(|(key, value, _)| (key, value))
+                .map_err(str::to_owned),
+        )
     })
+}
+
+/// One PAX record's key and value, and the bytes after it.
+type PaxSplit<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
+/// The first record of `data` as `(key, value, rest)`.
+fn split_pax_record(data: &[u8]) -> Result<PaxSplit<'_>, &'static str> {
+    let space = data
+        .iter()
+        .position(|b| *b == b' ')
+        .ok_or("no length prefix")?;
+    let length: usize = std::str::from_utf8(&data[..space])
+        .ok()
+        .filter(|digits| digits.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|digits| digits.parse().ok())
+        .ok_or("bad length prefix")?;
+    if length <= space + 1 || length > data.len() || data[length - 1] != b'\n' {
+        return Err("length does not end a record");
+    }
+    let body = &data[space + 1..length - 1];
+    let equals = body
+        .iter()
+        .position(|b| *b == b'=')
+        .ok_or("no '=' in record")?;
+    Ok((&body[..equals], &body[equals + 1..], &data[length..]))
 }
 
 fn parse_mtime(v: &[u8]) -> Option<TimeSpec> {

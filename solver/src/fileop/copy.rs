@@ -289,6 +289,18 @@ struct Frame {
     finish_info: bool,
 }
 
+impl Frame {
+    /// The destination directory, which must exist by now.
+    fn dst_fd(&self) -> Result<BorrowedFd<'_>, CopyError> {
+        self.dst
+            .as_ref()
+            .map(AsFd::as_fd)
+            .ok_or_else(|| CopyError::Vanished {
+                path: self.dst_path.clone(),
+            })
+    }
+}
+
 struct Copier<'a> {
     options: &'a Options<'a>,
     dest_root: BorrowedFd<'a>,
@@ -452,15 +464,7 @@ impl Copier<'_> {
             let (before, rest) = frames.split_at_mut(i);
             let frame = &mut rest[0];
             let parent = match before.last() {
-                Some(parent) => {
-                    parent
-                        .dst
-                        .as_ref()
-                        .map(AsFd::as_fd)
-                        .ok_or_else(|| CopyError::Vanished {
-                            path: parent.dst_path.clone(),
-                        })?
-                }
+                Some(parent) => parent.dst_fd()?,
                 None => target_dir,
             };
             let Place::Child(name) = &frame.place else {
@@ -494,15 +498,7 @@ impl Copier<'_> {
             return Ok(());
         };
         let parent = match frames.last() {
-            Some(parent) => {
-                parent
-                    .dst
-                    .as_ref()
-                    .map(AsFd::as_fd)
-                    .ok_or_else(|| CopyError::Vanished {
-                        path: parent.dst_path.clone(),
-                    })?
-            }
+            Some(parent) => parent.dst_fd()?,
             None => target_dir,
         };
         self.copy_file_info(parent, name, &done.src_stat, &done.dst_path)?;
@@ -623,16 +619,12 @@ impl Copier<'_> {
 
 /// The destination directory of the innermost frame.
 fn innermost_dst(frames: &[Frame]) -> Result<BorrowedFd<'_>, CopyError> {
-    let frame = frames.last().ok_or_else(|| CopyError::Vanished {
-        path: String::from("/"),
-    })?;
-    frame
-        .dst
-        .as_ref()
-        .map(AsFd::as_fd)
+    frames
+        .last()
         .ok_or_else(|| CopyError::Vanished {
-            path: frame.dst_path.clone(),
-        })
+            path: String::from("/"),
+        })?
+        .dst_fd()
 }
 
 /// fsutil's `copyDirectoryOnly`: creates the directory, or reuses an existing one (whose
