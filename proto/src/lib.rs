@@ -10,6 +10,7 @@ pub mod encode;
 pub mod gojson;
 pub mod graph;
 pub mod load;
+pub mod paths;
 pub mod platform;
 
 /// The generated LLB messages (package `pb`).

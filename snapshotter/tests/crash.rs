@@ -12,8 +12,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Layer, Mounted};
+use common::Layer;
 use kiln_snapshotter::{ImportOptions, PruneOptions, RefOptions, Snapshotter};
+use kiln_testsupport::{Mounted, rootful};
 use rand::Rng as _;
 
 const CHILD_ENV: &str = "KILN_CRASH_CHILD_ROOT";
@@ -139,7 +140,7 @@ fn kill_during_commit_rootful() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     crash_and_verify(|| child_command("kill_during_commit_rootful", &root)).unwrap();
-    common::rootful(|| check_store(&root));
+    rootful(|| check_store(&root));
 }
 
 #[test]

@@ -10,8 +10,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{Layer, Mounted, rootful, rootless};
+use common::Layer;
 use kiln_snapshotter::{ImportOptions, Snapshotter};
+use kiln_testsupport::{Mounted, rootful, rootless};
 
 fn header(kind: tar::EntryType) -> tar::Header {
     let mut h = tar::Header::new_ustar();

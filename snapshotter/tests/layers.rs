@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 
 use anyhow::Context as _;
-use common::{Layer, Mounted, assert_same_tree, rootful, rootless, tree};
+use common::{Layer, assert_same_tree, tree};
 use kiln_snapshotter::{Compression, ImmutableRef, ImportOptions, Snapshotter};
+use kiln_testsupport::{Mounted, rootful, rootless};
 use sha2::Digest as _;
 
 fn layer1() -> Layer {

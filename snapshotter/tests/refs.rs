@@ -9,11 +9,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Layer, Mounted, assert_same_tree, rootful, rootless, tree};
+use common::{Layer, assert_same_tree, tree};
 use kiln_snapshotter::{
     BackendChoice, Compression, Error, ImportOptions, MutableRef, PruneOptions, RecordState,
     RefOptions, Snapshotter, StoreOptions,
 };
+use kiln_testsupport::{Mounted, rootful, rootless};
 
 fn base_layer() -> Vec<u8> {
     Layer::new()

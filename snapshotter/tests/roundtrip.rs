@@ -14,8 +14,9 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use common::{Layer, Mounted, assert_same_tree, rootful, rootless, tree};
+use common::{Layer, assert_same_tree, tree};
 use kiln_snapshotter::{Compression, ImmutableRef, ImportOptions, RefOptions, Snapshotter};
+use kiln_testsupport::{Mounted, rootful, rootless};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 

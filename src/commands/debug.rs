@@ -8,8 +8,8 @@ use kiln_proto::gojson::{GoJson, ObjectWriter, to_go_json, write_string};
 use kiln_proto::{Entitlements, LoadOptions, OpKind, decode_definition, decode_ops, load, pb};
 use kiln_solver::cachemap::{self, SourceContext, diff};
 
-use super::read_input;
 use crate::cli::{CachemapArgs, DebugCommand, DumpLlbArgs};
+use crate::input::read_input;
 
 pub fn run(command: DebugCommand) -> anyhow::Result<ExitCode> {
     match command {

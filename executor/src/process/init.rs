@@ -8,10 +8,25 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
-use super::{InitReport, workload};
+use serde::{Deserialize, Serialize};
+
+use super::workload;
 use crate::rootfs::{self, CgroupView, Context};
 use crate::seccomp::bpf::SockFilter;
 use crate::sys::{self, Forked, LinuxSys, Sys as _};
+
+/// What the init reports to the runner over its status pipe.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum InitReport {
+    Exited(i32),
+    Signaled(i32),
+    /// Setup failed; `exec_code` is 127/126 when only the final exec did (not found / not
+    /// executable), as shells report it.
+    Failed {
+        message: String,
+        exec_code: Option<i32>,
+    },
+}
 
 pub(super) struct InitArgs<'a> {
     pub spec: &'a Spec,

@@ -37,6 +37,7 @@ use crate::path::{self, PathError};
 use crate::rootfs::RootfsError;
 use crate::stubs::{self, Stubs};
 use crate::sys::{self, Forked, LinuxSys};
+use init::InitReport;
 
 /// Errors of the runner itself (a failing command is an [`ExitInfo`], not an error).
 #[derive(Debug, thiserror::Error)]
@@ -111,19 +112,6 @@ impl ExitInfo {
     pub fn success(&self) -> bool {
         self.exit_code == 0 && !self.cancelled
     }
-}
-
-/// What the init reports to the runner over its status pipe.
-#[derive(Debug, Serialize, Deserialize)]
-enum InitReport {
-    Exited(i32),
-    Signaled(i32),
-    /// Setup failed; `exec_code` is 127/126 when only the final exec did (not found / not
-    /// executable), as shells report it.
-    Failed {
-        message: String,
-        exec_code: Option<i32>,
-    },
 }
 
 /// Signals the runner and init wait for synchronously.

@@ -25,7 +25,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
 use tar::EntryType;
 
-use super::{HashReader, ImportOptions, LayerError};
+use super::descriptor::{HashReader, ImportOptions, LayerError};
 use crate::backend::{self, XattrNamespace};
 use crate::fsutil;
 use crate::sys;

@@ -23,7 +23,7 @@ use nix::fcntl::OFlag;
 use nix::sys::stat::{FileStat, Mode, SFlag};
 use tar::{EntryType, Header};
 
-use super::{Compression, HashWriter, LayerDescriptor, LayerError};
+use super::descriptor::{Compression, HashWriter, LayerDescriptor, LayerError};
 use crate::fsutil;
 use crate::sys;
 

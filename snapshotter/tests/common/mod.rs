@@ -1,6 +1,6 @@
-//! Helpers shared by the snapshotter's integration tests: running a body rootful (in a
-//! private mount namespace) or rootless (as the test user in a user namespace), building
-//! layer tars, mounting refs, and describing trees for comparison.
+//! Helpers shared by the snapshotter's integration tests: building layer tars and
+//! describing trees for comparison (rootful/rootless bodies and mounts come from
+//! `kiln-testsupport`).
 
 // Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
 #![allow(clippy::unwrap_used)]
@@ -9,66 +9,6 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-use kiln_snapshotter::{ImmutableRef, Mountable, unmount};
-use kiln_testsupport::{AsTestUser, is_root, require, rerun_as_test_user};
-
-/// Runs `body` as root in a private mount namespace (skips without root outside CI).
-pub fn rootful(body: impl FnOnce() -> anyhow::Result<()>) {
-    if !require(is_root(), "root") {
-        return;
-    }
-    let code = kiln_testsupport::run_in_private_mount_namespace(|| report(body()));
-    assert_eq!(code, 0, "the rootful test body failed (see its output)");
-}
-
-/// Runs `body` as uid 0 of a user namespace of the unprivileged test user.
-pub fn rootless(body: impl FnOnce() -> anyhow::Result<()>) {
-    if rerun_as_test_user() != AsTestUser::Inner {
-        return;
-    }
-    let code = kiln_executor::userns::run_in_user_namespace(|| report(body()))
-        .expect("enter the user namespace");
-    assert_eq!(code, 0, "the rootless test body failed (see its output)");
-}
-
-fn report(result: anyhow::Result<()>) -> i32 {
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("test body failed: {e:#}");
-            1
-        }
-    }
-}
-
-/// A mount that is undone on drop.
-pub struct Mounted {
-    pub path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Mounted {
-    pub fn new(m: &Mountable) -> anyhow::Result<Mounted> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("m");
-        std::fs::create_dir(&path)?;
-        m.mount(&path)?;
-        Ok(Mounted { path, _dir: dir })
-    }
-
-    pub fn view(r: &ImmutableRef) -> anyhow::Result<Mounted> {
-        Mounted::new(&r.mountable())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if let Err(e) = unmount(&self.path) {
-            eprintln!("unmounting {}: {e}", self.path.display());
-        }
-    }
-}
 
 /// Builds layer tars in memory.
 pub struct Layer {

@@ -7,8 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod bodies;
 pub mod registry;
 
+pub use bodies::{Mounted, rootful, rootless, rt, serial};
 pub use registry::{RegistryGuard, test_registry};
 
 /// Name of the unprivileged user rootless tests run as (created by `scripts/setup-test-env`).
@@ -169,10 +171,15 @@ fn shared_dir_lenient() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The shared OCI layout holding the test images (`busybox`, `alpine`).
+pub fn test_image_layout() -> PathBuf {
+    shared_dir().join("conformance/image/oci")
+}
+
 /// Unpacks the shared test image `busybox` or `alpine` (one gzip layer each) into `dest`,
 /// keeping ownership when allowed (as root, or inside kiln's user namespace).
 pub fn unpack_test_image(name: &str, dest: &Path) {
-    let layout = shared_dir().join("conformance/image/oci");
+    let layout = test_image_layout();
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("read index.json"))
             .expect("parse index.json");

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use sha2::Digest as _;
 
-use crate::{require, shared_dir, which};
+use crate::{require, which};
 
 /// The registry as test images name it.
 pub const REGISTRY_HOST: &str = "localhost:5000";
@@ -312,7 +312,7 @@ fn start() -> Instance {
         _users: None,
     };
     wait_until_ready(&instance, &log_path);
-    let layout = shared_dir().join("conformance/image/oci");
+    let layout = crate::test_image_layout();
     for name in TEST_IMAGES {
         push(&layout, name);
     }

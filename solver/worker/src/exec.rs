@@ -1,0 +1,543 @@
+//! The ExecOp: PrepareMounts materialised over snapshots (../shared/spec/prepare-mounts.md),
+//! the step run through the executor with BuildKit's runtime settings, and its outputs
+//! committed in positional order. On success outputs become results; on any failure every
+//! snapshot the step created is released and every mount removed.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kiln_executor::hosts::ExtraHost;
+use kiln_executor::process::RunnerConfig;
+use kiln_executor::spec::{self, Host, Network, Security, Step, StepMount, StepMountKind};
+use kiln_executor::supervisor::{StepRequest, Stream};
+use kiln_proto::{Vertex, pb};
+use kiln_snapshotter::{ImmutableRef, MutableRef, RefOptions};
+use tokio::sync::mpsc;
+
+use crate::cache_mounts::{self, CacheDir};
+use crate::mounts::StepMounts;
+use crate::prepare::{self, Kind, Output, Planned, Source};
+use crate::state::{Inner, blocking, failed};
+use kiln_solver::cachemap;
+use kiln_solver::op::{CacheMapResponse, JobContext, Op, OpError};
+use kiln_solver::progress::LogStream;
+
+pub(crate) struct ExecOp {
+    inner: Arc<Inner>,
+    vertex: Vertex,
+    exec: pb::ExecOp,
+}
+
+impl ExecOp {
+    pub fn new(inner: Arc<Inner>, vertex: Vertex, exec: pb::ExecOp) -> Self {
+        ExecOp {
+            inner,
+            vertex,
+            exec,
+        }
+    }
+}
+
+/// A mutable layer the step writes to, kept as an output or thrown away.
+struct Layer {
+    mount_index: usize,
+    mutable: MutableRef,
+}
+
+/// Everything a prepared step holds until it has run.
+struct Prepared {
+    mounts: StepMounts,
+    rootfs: PathBuf,
+    readonly_rootfs: bool,
+    step_mounts: Vec<StepMount>,
+    layers: Vec<Layer>,
+    caches: Vec<Arc<CacheDir>>,
+    ssh: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Prepared {
+    /// Unmounts everything, then commits the outputs in order (`outputs` of the plan).
+    fn finish(
+        mut self,
+        outputs: &[Output],
+        inputs: &[ImmutableRef],
+        keep: bool,
+    ) -> Result<Vec<ImmutableRef>, OpError> {
+        for task in self.ssh.drain(..) {
+            task.abort();
+        }
+        self.mounts.release();
+        self.caches.clear();
+        if !keep {
+            for layer in self.layers.drain(..) {
+                let _ = layer.mutable.release();
+            }
+            return Ok(Vec::new());
+        }
+        let mut layers: Vec<Option<Layer>> = self.layers.drain(..).map(Some).collect();
+        let mut results = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            match output {
+                Output::PassThrough { input } => results.push(inputs[*input].clone()),
+                Output::Layer { mount } => {
+                    let layer = layers
+                        .iter_mut()
+                        .find(|l| l.as_ref().is_some_and(|l| l.mount_index == *mount))
+                        .and_then(Option::take)
+                        .ok_or_else(|| {
+                            failed(format!("internal error: no layer for mount {mount}"))
+                        })?;
+                    let id = layer.mutable.id().to_owned();
+                    let committed = layer
+                        .mutable
+                        .commit()
+                        .map_err(|e| failed(format!("error committing {id}: {e}")))?;
+                    results.push(committed);
+                }
+            }
+        }
+        // Writable mounts that are not outputs: their writes are discarded.
+        for layer in layers.into_iter().flatten() {
+            let _ = layer.mutable.release();
+        }
+        Ok(results)
+    }
+}
+
+impl ExecOp {
+    fn meta(&self) -> pb::Meta {
+        self.exec.meta.clone().unwrap_or_default()
+    }
+
+    fn args_text(&self) -> String {
+        self.meta().args.join(" ")
+    }
+
+    /// The step's environment as BuildKit's exec wrapper assembles it: `Meta.env`, proxy
+    /// variables (upper-case first), the default PATH if none, then secret variables.
+    fn environment(&self) -> Result<Vec<String>, OpError> {
+        let meta = self.meta();
+        let mut env = meta.env.clone();
+        if let Some(proxy) = &meta.proxy_env {
+            for (upper, lower, value) in [
+                ("HTTP_PROXY", "http_proxy", &proxy.http_proxy),
+                ("HTTPS_PROXY", "https_proxy", &proxy.https_proxy),
+                ("FTP_PROXY", "ftp_proxy", &proxy.ftp_proxy),
+                ("NO_PROXY", "no_proxy", &proxy.no_proxy),
+                ("ALL_PROXY", "all_proxy", &proxy.all_proxy),
+            ] {
+                if !value.is_empty() {
+                    env.push(format!("{upper}={value}"));
+                    env.push(format!("{lower}={value}"));
+                }
+            }
+        }
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.push(format!("PATH={}", kiln_proto::DEFAULT_PATH));
+        }
+        let secrets = &self.inner.config.session.secrets;
+        for secret in &self.exec.secretenv {
+            if secret.id.is_empty() {
+                return Err(failed(format!(
+                    "secret ID missing for {:?} environment variable",
+                    secret.name
+                )));
+            }
+            let value = match secrets.get(&secret.id) {
+                Some(value) => String::from_utf8_lossy(value).into_owned(),
+                None if secret.optional => String::new(),
+                None => return Err(failed(format!("secret {}: not found", secret.id))),
+            };
+            env.push(format!("{}={value}", secret.name));
+        }
+        Ok(env)
+    }
+
+    /// Materialises the plan: snapshots, cache directories, secrets and agent sockets,
+    /// all mounted under a private step directory.
+    fn prepare(
+        &self,
+        plan: &prepare::Plan,
+        inputs: &[ImmutableRef],
+        ctx_cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Prepared, OpError> {
+        let inner = &self.inner;
+        let args = self.args_text();
+        let mut prepared = Prepared {
+            mounts: StepMounts::new(&inner.mounts_dir, &inner.next_id()).map_err(failed)?,
+            rootfs: PathBuf::new(),
+            readonly_rootfs: false,
+            step_mounts: Vec::new(),
+            layers: Vec::new(),
+            caches: Vec::new(),
+            ssh: Vec::new(),
+        };
+        let root = plan
+            .root
+            .as_ref()
+            .ok_or_else(|| failed("mount / has no input"))?;
+        let all = std::iter::once(root).chain(plan.mounts.iter());
+        for (n, planned) in all.enumerate() {
+            let is_root = planned.dest == "/";
+            let name = format!("m{n}");
+            let description = format!("mount {} from exec {args}", planned.dest);
+            match &planned.kind {
+                Kind::Bind { source } => {
+                    let (path, immutable) = match source {
+                        Source::Input(i) => {
+                            let path = prepared
+                                .mounts
+                                .mount(&name, &inputs[*i].mountable(), true)
+                                .map_err(failed)?;
+                            (path, true)
+                        }
+                        Source::Mutable { parent } => {
+                            let mutable = inner
+                                .snapshotter
+                                .new_mutable(
+                                    parent.map(|i| &inputs[i]),
+                                    &RefOptions {
+                                        description,
+                                        ..RefOptions::default()
+                                    },
+                                )
+                                .map_err(failed)?;
+                            let mounted = prepared.mounts.mount(&name, &mutable.mountable(), false);
+                            prepared.layers.push(Layer {
+                                mount_index: planned.index,
+                                mutable,
+                            });
+                            (mounted.map_err(failed)?, false)
+                        }
+                    };
+                    if is_root {
+                        prepared.rootfs = path;
+                        prepared.readonly_rootfs = immutable || planned.readonly;
+                    } else {
+                        self.bind(&mut prepared, planned, &path, &format!("{name}s"))?;
+                    }
+                }
+                Kind::Cache {
+                    id,
+                    sharing,
+                    parent,
+                } => {
+                    let base = parent.map(|i| &inputs[i]);
+                    let key = cache_mounts::key(id, base);
+                    let dir = inner
+                        .cache_mounts
+                        .acquire(
+                            &inner.snapshotter,
+                            &inner.mounts_dir,
+                            &inner.locks_dir(),
+                            &key,
+                            *sharing,
+                            base,
+                            &format!("cached mount {} from exec {args}", planned.dest),
+                            ctx_cancel,
+                        )
+                        .map_err(failed)?;
+                    let path = dir.path().to_owned();
+                    prepared.caches.push(dir);
+                    self.bind(&mut prepared, planned, &path, &format!("{name}s"))?;
+                }
+                Kind::Tmpfs { size } => prepared.step_mounts.push(StepMount {
+                    destination: planned.dest.clone(),
+                    kind: StepMountKind::Tmpfs {
+                        size: *size,
+                        readonly: planned.readonly,
+                    },
+                }),
+                Kind::Secret(opt) => {
+                    let data = inner
+                        .config
+                        .session
+                        .secrets
+                        .get(&opt.id)
+                        .ok_or_else(|| failed(format!("secret {}: not found", opt.id)))?;
+                    let file = self.secret_file(&mut prepared, &name, opt, data)?;
+                    prepared.step_mounts.push(StepMount {
+                        destination: planned.dest.clone(),
+                        kind: StepMountKind::Bind {
+                            source: file,
+                            readonly: true,
+                            restricted: true,
+                        },
+                    });
+                }
+                Kind::Ssh(opt) => {
+                    let socket = self.ssh_socket(&mut prepared, &name, opt)?;
+                    prepared.step_mounts.push(StepMount {
+                        destination: planned.dest.clone(),
+                        kind: StepMountKind::Bind {
+                            source: socket,
+                            readonly: false,
+                            restricted: false,
+                        },
+                    });
+                }
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// A bind of `path` (or the planned selector inside it) at the planned destination.
+    fn bind(
+        &self,
+        prepared: &mut Prepared,
+        planned: &Planned,
+        path: &std::path::Path,
+        name: &str,
+    ) -> Result<(), OpError> {
+        let source = prepared
+            .mounts
+            .select(name, path, &planned.selector)
+            .map_err(|e| failed(format!("mount {}: {e}", planned.dest)))?;
+        prepared.step_mounts.push(StepMount {
+            destination: planned.dest.clone(),
+            kind: StepMountKind::Bind {
+                source,
+                readonly: planned.readonly,
+                restricted: false,
+            },
+        });
+        Ok(())
+    }
+
+    /// The secret as a file on a private tmpfs, owned and moded as the mount asks.
+    fn secret_file(
+        &self,
+        prepared: &mut Prepared,
+        name: &str,
+        opt: &pb::SecretOpt,
+        data: &[u8],
+    ) -> Result<PathBuf, OpError> {
+        let dir = prepared
+            .mounts
+            .tmpfs(&format!("{name}secret"), "mode=0711,size=16m")
+            .map_err(failed)?;
+        let file = dir.join("secret");
+        let write = || -> std::io::Result<()> {
+            std::fs::write(&file, data)?;
+            std::os::unix::fs::chown(&file, Some(opt.uid), Some(opt.gid))?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(opt.mode & 0o777))
+        };
+        write().map_err(|e| failed(format!("secret {}: {e}", opt.id)))?;
+        Ok(file)
+    }
+
+    /// A socket in a private directory that forwards to the build's SSH agent.
+    fn ssh_socket(
+        &self,
+        prepared: &mut Prepared,
+        name: &str,
+        opt: &pb::SshOpt,
+    ) -> Result<PathBuf, OpError> {
+        let id = if opt.id.is_empty() {
+            "default"
+        } else {
+            opt.id.as_str()
+        };
+        let agent = self
+            .inner
+            .config
+            .session
+            .ssh
+            .get(id)
+            .cloned()
+            .ok_or_else(|| failed(format!("no SSH key {id:?} forwarded from the client")))?;
+        let dir = prepared.mounts.dir().join(format!("{name}ssh"));
+        std::fs::create_dir(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+        let socket = dir.join("ssh_auth_sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket)
+            .map_err(|e| failed(format!("{}: {e}", socket.display())))?;
+        let mode = if opt.mode == 0 {
+            0o600
+        } else {
+            opt.mode & 0o777
+        };
+        std::os::unix::fs::chown(&socket, Some(opt.uid), Some(opt.gid))
+            .and_then(|()| std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(mode)))
+            .map_err(|e| failed(format!("{}: {e}", socket.display())))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| failed(format!("{}: {e}", socket.display())))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| failed(format!("{}: {e}", socket.display())))?;
+        prepared.ssh.push(tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut upstream) = tokio::net::UnixStream::connect(&agent).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                });
+            }
+        }));
+        Ok(socket)
+    }
+}
+
+#[async_trait]
+impl Op<ImmutableRef> for ExecOp {
+    async fn cache_map(
+        &self,
+        _ctx: &JobContext,
+        _index: usize,
+    ) -> Result<CacheMapResponse, OpError> {
+        let map = cachemap::exec::cache_map(
+            &self.vertex.digest,
+            &self.exec,
+            self.vertex.platform(),
+            self.vertex.op.inputs.len(),
+        )
+        .map_err(failed)?;
+        Ok(CacheMapResponse { map, done: true })
+    }
+
+    async fn exec(
+        &self,
+        ctx: &JobContext,
+        inputs: Vec<ImmutableRef>,
+    ) -> Result<Vec<ImmutableRef>, OpError> {
+        let meta = self.meta();
+        let args = self.args_text();
+        let session = &self.inner.config.session;
+        let plan = prepare::plan(
+            &self.exec.mounts,
+            inputs.len(),
+            &meta.cwd,
+            &|id| session.secrets.contains_key(id),
+            &|id| session.ssh.contains_key(id),
+        )
+        .map_err(failed)?;
+        let extra_hosts = meta
+            .extra_hosts
+            .iter()
+            .map(|h| ExtraHost::parse(&h.host, &h.ip))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(failed)?;
+        let network = Network::try_from(self.exec.network)
+            .map_err(|mode| failed(format!("unknown network mode {mode}")))?;
+        let security = Security::try_from(self.exec.security)
+            .map_err(|mode| failed(format!("unknown security mode {mode}")))?;
+        let env = self.environment()?;
+
+        // Prepare on a blocking thread: snapshots and mounts are synchronous.
+        let this = ExecOp::new(self.inner.clone(), self.vertex.clone(), self.exec.clone());
+        let plan_for_prepare = plan.clone();
+        let inputs_for_prepare = inputs.clone();
+        let cancel = ctx.cancel.clone();
+        let prepared =
+            blocking(move || this.prepare(&plan_for_prepare, &inputs_for_prepare, &cancel)).await?;
+
+        let inner = self.inner.clone();
+        let step = Step {
+            args: meta.args.clone(),
+            env,
+            cwd: meta.cwd.clone(),
+            user: meta.user.clone(),
+            hostname: meta.hostname.clone(),
+            ulimits: meta.ulimit.clone(),
+            cgroup_parent: meta.cgroup_parent.clone(),
+            extra_hosts,
+            network,
+            security,
+            rootfs: prepared.rootfs.clone(),
+            readonly_rootfs: prepared.readonly_rootfs,
+            mounts: prepared.step_mounts.clone(),
+            no_new_privileges: false,
+        };
+        let mut stub_paths = vec!["/etc/resolv.conf".to_owned(), "/etc/hosts".to_owned()];
+        stub_paths.extend(plan.mounts.iter().map(|m| m.dest.clone()));
+        let outcome = run_step(
+            &inner,
+            ctx,
+            step,
+            stub_paths,
+            meta.remove_mount_stubs_recursive,
+        )
+        .await;
+
+        let keep = matches!(&outcome, Ok(exit) if exit.success());
+        let outputs = plan.outputs.clone();
+        let results = blocking(move || prepared.finish(&outputs, &inputs, keep)).await;
+        match outcome {
+            Err(OpError::Cancelled) => Err(OpError::Cancelled),
+            Err(e) => Err(failed(format!(
+                "process {args:?} did not complete successfully: {e}"
+            ))),
+            Ok(exit) if exit.cancelled => Err(OpError::Cancelled),
+            Ok(exit) if !exit.success() => Err(failed(format!(
+                "process {args:?} did not complete successfully: {}",
+                kiln_executor::supervisor::exit_error_text(&exit)
+            ))),
+            Ok(_) => results,
+        }
+    }
+}
+
+/// Generates the step's spec and runs it, streaming its output to the job's progress.
+async fn run_step(
+    inner: &Arc<Inner>,
+    ctx: &JobContext,
+    step: Step,
+    stub_paths: Vec<String>,
+    stubs_recursive: bool,
+) -> Result<kiln_executor::process::ExitInfo, OpError> {
+    let id = inner.next_id();
+    let bundle = inner.executor.prepare_bundle(&id).map_err(failed)?;
+    let host = Host {
+        in_user_namespace: inner.config.in_user_namespace,
+        shared_dir: inner.config.root.join("run"),
+        run_dir: bundle.clone(),
+        id: id.clone(),
+    };
+    let for_spec = step.clone();
+    let spec = blocking(move || {
+        spec::generate(&for_spec, &host, &kiln_executor::sys::LinuxSys).map_err(failed)
+    })
+    .await;
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&bundle);
+            return Err(e);
+        }
+    };
+    let request = StepRequest {
+        id,
+        config: RunnerConfig {
+            spec,
+            stub_paths,
+            stubs_recursive,
+            real_root: !inner.config.in_user_namespace,
+            own_cgroups: kiln_executor::cgroup::wanted(
+                &step.cgroup_parent,
+                step.security == Security::Insecure,
+            ),
+        },
+    };
+    let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(64);
+    let log_ctx = ctx.clone();
+    let forward = tokio::spawn(async move {
+        while let Some((stream, data)) = rx.recv().await {
+            let stream = match stream {
+                Stream::Stdout => LogStream::Stdout,
+                Stream::Stderr => LogStream::Stderr,
+            };
+            log_ctx.log(stream, &data).await;
+        }
+    });
+    let result = inner
+        .executor
+        .run(&request, Some(tx), ctx.cancel.clone())
+        .await;
+    let _ = forward.await;
+    let result = result.map_err(failed)?;
+    Ok(result.exit)
+}

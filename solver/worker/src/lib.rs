@@ -1,0 +1,152 @@
+//! kiln's worker: the [`Worker`] the scheduler drives. Results are committed snapshots
+//! ([`ImmutableRef`]s of the snapshotter); exec ops run as steps through the executor. The
+//! worker also holds what a build brings besides its graph (secrets, SSH agents, local
+//! directories, OCI layouts) and resolves each vertex to its op.
+//!
+//! It must run where kiln may mount: as real root in kiln's private mount namespace, or
+//! as uid 0 of kiln's user namespace (docs/DESIGN.md).
+
+pub mod cache_mounts;
+mod config;
+pub mod contenthash;
+mod exec;
+mod file;
+pub mod image;
+mod local;
+pub mod mounts;
+pub mod prepare;
+mod state;
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kiln_proto::{Digest, OpKind, Vertex, pb};
+use kiln_snapshotter::{ImmutableRef, Snapshotter};
+use kiln_solver::cachemap::ContentSelector;
+use kiln_solver::op::{Op, OpError, Worker};
+
+pub use config::{BuildSession, WorkerConfig};
+use mounts::StepMounts;
+pub use state::WorkerError;
+use state::{Inner, blocking, failed};
+
+/// The worker.
+#[derive(Clone, Debug)]
+pub struct KilnWorker {
+    inner: Arc<Inner>,
+}
+
+impl KilnWorker {
+    /// Opens the snapshot store and prepares step directories under `config.root`.
+    pub fn open(config: WorkerConfig) -> Result<Self, WorkerError> {
+        Ok(KilnWorker {
+            inner: Arc::new(Inner::open(config)?),
+        })
+    }
+
+    pub fn snapshotter(&self) -> &Snapshotter {
+        &self.inner.snapshotter
+    }
+
+    /// Mounts `r` read-only for the duration of `f` (exports, inspection).
+    pub fn with_mounted<T>(
+        &self,
+        r: &ImmutableRef,
+        f: impl FnOnce(&Path) -> T,
+    ) -> Result<T, mounts::MountsError> {
+        let mut mounts = StepMounts::new(&self.inner.mounts_dir, &self.inner.next_id())?;
+        let path = mounts.mount("root", &r.mountable(), true)?;
+        Ok(f(&path))
+    }
+}
+
+#[async_trait]
+impl Worker for KilnWorker {
+    type Ref = ImmutableRef;
+
+    fn resolve_op(&self, vertex: &Vertex) -> Result<Arc<dyn Op<ImmutableRef>>, OpError> {
+        match &vertex.op.op {
+            Some(pb::op::Op::Exec(exec)) => Ok(Arc::new(exec::ExecOp::new(
+                self.inner.clone(),
+                vertex.clone(),
+                exec.clone(),
+            ))),
+            Some(pb::op::Op::File(file)) => Ok(Arc::new(file::FileOp::new(
+                self.inner.clone(),
+                vertex.clone(),
+                file.clone(),
+            ))),
+            Some(pb::op::Op::Source(source)) if source.identifier.starts_with("local://") => {
+                Ok(Arc::new(local::LocalSource::new(
+                    self.inner.clone(),
+                    vertex.clone(),
+                    source.clone(),
+                )))
+            }
+            Some(pb::op::Op::Source(source))
+                if source.identifier.starts_with("docker-image://")
+                    || source.identifier.starts_with("oci-layout://") =>
+            {
+                Ok(Arc::new(image::ImageSourceOp::new(
+                    self.inner.clone(),
+                    vertex.clone(),
+                    source,
+                )?))
+            }
+            Some(pb::op::Op::Source(source)) => Err(OpError::Failed(format!(
+                "source {} is not supported by kiln",
+                source.identifier
+            ))),
+            _ => Err(OpError::Failed(format!(
+                "no support for {} ops",
+                match vertex.kind() {
+                    OpKind::Unknown => "<nil>",
+                    kind => kind.as_str(),
+                }
+            ))),
+        }
+    }
+
+    async fn load_result(&self, result_id: &str) -> Result<Option<ImmutableRef>, OpError> {
+        let inner = self.inner.clone();
+        let id = result_id.to_owned();
+        blocking(move || match inner.snapshotter.get(&id) {
+            Ok(r) => Ok(Some(r)),
+            Err(kiln_snapshotter::Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(failed(e)),
+        })
+        .await
+    }
+
+    fn result_id(&self, r: &ImmutableRef) -> String {
+        r.id().to_owned()
+    }
+
+    async fn on_cached(&self, r: &ImmutableRef) -> Result<(), OpError> {
+        let r = r.clone();
+        blocking(move || r.set_retain(true).map_err(failed)).await
+    }
+
+    async fn content_digest(
+        &self,
+        input: Option<&ImmutableRef>,
+        selectors: &[ContentSelector],
+    ) -> Result<Digest, OpError> {
+        let Some(input) = input.cloned() else {
+            return contenthash::dep_digest(None, selectors).map_err(failed);
+        };
+        let worker = self.clone();
+        let selectors = selectors.to_vec();
+        blocking(move || {
+            worker
+                .with_mounted(&input, |path| {
+                    let root = contenthash::open_root(path).map_err(failed)?;
+                    contenthash::dep_digest(Some(root.as_fd()), &selectors).map_err(failed)
+                })
+                .map_err(failed)?
+        })
+        .await
+    }
+}

@@ -1,0 +1,90 @@
+//! The state a worker shares with its ops (snapshot store, step runner, mount points,
+//! cache directories, image resolver, configuration), and the helpers every op uses to
+//! run blocking work and report failures.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use kiln_executor::supervisor::Executor;
+use kiln_registry::ImageResolver;
+use kiln_snapshotter::Snapshotter;
+use kiln_solver::op::OpError;
+
+use crate::cache_mounts::CacheMounts;
+use crate::config::WorkerConfig;
+use crate::mounts::{self, MountsDir};
+
+/// Errors from setting a worker up.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("opening the snapshot store: {0}")]
+    Snapshots(#[from] kiln_snapshotter::Error),
+    #[error(transparent)]
+    Mounts(#[from] mounts::MountsError),
+    #[error("preparing the step runner: {0}")]
+    Executor(#[from] kiln_executor::supervisor::ExecError),
+    #[error(transparent)]
+    Images(#[from] kiln_registry::ImageError),
+}
+
+/// State shared by the worker and its ops.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub snapshotter: Snapshotter,
+    pub executor: Executor,
+    pub mounts_dir: MountsDir,
+    pub cache_mounts: CacheMounts,
+    pub images: ImageResolver,
+    pub config: WorkerConfig,
+    counter: AtomicU64,
+}
+
+impl Inner {
+    /// A unique, alphanumeric name for a step's directories.
+    pub fn next_id(&self) -> String {
+        format!(
+            "s{}x{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Opens the snapshot store and prepares step directories under `config.root`.
+    pub fn open(config: WorkerConfig) -> Result<Self, WorkerError> {
+        let snapshotter = Snapshotter::open(&config.root)?;
+        let executor = Executor::new(config.runner.clone(), &config.root.join("run"))?;
+        let mounts_dir = MountsDir::open(&config.root)?;
+        let images = ImageResolver::new(
+            &config.root,
+            config.registry_hosts.clone(),
+            config.credentials.clone(),
+            config.session.oci_layouts.clone(),
+        )?;
+        Ok(Inner {
+            snapshotter,
+            executor,
+            mounts_dir,
+            cache_mounts: CacheMounts::default(),
+            images,
+            config,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn locks_dir(&self) -> PathBuf {
+        self.config.root.join("locks")
+    }
+}
+
+pub(crate) fn failed(e: impl std::fmt::Display) -> OpError {
+    OpError::Failed(e.to_string())
+}
+
+/// Runs blocking work (snapshots, mounts, file copies) off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, OpError> + Send + 'static,
+) -> Result<T, OpError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| OpError::Failed(format!("internal error: {e}")))?
+}

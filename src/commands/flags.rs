@@ -1,0 +1,179 @@
+//! buildctl's flags of `kiln build`, parsed into what the crates take: the build's
+//! session (secrets, SSH agents, local directories, OCI layouts), its outputs and its
+//! entitlements. Errors name the flag and the value.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use kiln_proto::Entitlements;
+use kiln_worker::BuildSession;
+
+use crate::cli::BuildArgs;
+
+/// One `--output`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputSpec {
+    Local { dest: PathBuf },
+    Tar { dest: PathBuf },
+    Oci { dest: PathBuf, name: String },
+}
+
+fn key_values(spec: &str, flag: &str) -> anyhow::Result<HashMap<String, String>> {
+    spec.split(',')
+        .map(|field| {
+            field
+                .split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+                .with_context(|| format!("{flag} {spec}: {field:?} is not key=value"))
+        })
+        .collect()
+}
+
+/// Parses `type=local,dest=DIR`, `type=tar,dest=FILE` or `type=oci,dest=FILE,name=REF`.
+pub fn parse_output(spec: &str) -> anyhow::Result<OutputSpec> {
+    let fields = key_values(spec, "--output")?;
+    let dest = || -> anyhow::Result<PathBuf> {
+        fields
+            .get("dest")
+            .map(PathBuf::from)
+            .with_context(|| format!("--output {spec}: dest= is required"))
+    };
+    match fields.get("type").map(String::as_str) {
+        Some("local") => Ok(OutputSpec::Local { dest: dest()? }),
+        Some("tar") => Ok(OutputSpec::Tar { dest: dest()? }),
+        Some("oci") => Ok(OutputSpec::Oci {
+            dest: dest()?,
+            name: fields.get("name").cloned().unwrap_or_default(),
+        }),
+        Some(other) => bail!("--output {spec}: unsupported type {other:?} (local, tar or oci)"),
+        None => bail!("--output {spec}: type= is required"),
+    }
+}
+
+/// `--secret id=ID,src=FILE` or `id=ID,env=VAR`: the secret's content, read now.
+fn parse_secret(spec: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    let fields = key_values(spec, "--secret")?;
+    let src = fields.get("src").or_else(|| fields.get("source"));
+    let id = fields
+        .get("id")
+        .cloned()
+        .or_else(|| {
+            src.and_then(|s| Path::new(s).file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .with_context(|| format!("--secret {spec}: id= is required"))?;
+    let data = match (src, fields.get("env")) {
+        (Some(src), _) => {
+            std::fs::read(src).with_context(|| format!("--secret {spec}: reading {src}"))?
+        }
+        (None, Some(var)) => std::env::var(var)
+            .with_context(|| format!("--secret {spec}: environment variable {var}"))?
+            .into_bytes(),
+        (None, None) => bail!("--secret {spec}: src= or env= is required"),
+    };
+    Ok((id, data))
+}
+
+/// `--ssh ID[=SOCKET]` (the socket defaults to `$SSH_AUTH_SOCK`).
+fn parse_ssh(spec: &str) -> anyhow::Result<(String, PathBuf)> {
+    let (id, path) = match spec.split_once('=') {
+        Some((id, path)) => (id.to_owned(), PathBuf::from(path)),
+        None => (
+            spec.to_owned(),
+            std::env::var_os("SSH_AUTH_SOCK")
+                .map(PathBuf::from)
+                .with_context(|| {
+                    format!("--ssh {spec}: no socket given and SSH_AUTH_SOCK is unset")
+                })?,
+        ),
+    };
+    if id.is_empty() {
+        bail!("--ssh {spec}: the id is empty");
+    }
+    Ok((id, path))
+}
+
+/// `NAME=DIR` for `--local` and `--oci-layout`.
+fn parse_named_dir(spec: &str, flag: &str) -> anyhow::Result<(String, PathBuf)> {
+    let (name, dir) = spec
+        .split_once('=')
+        .with_context(|| format!("{flag} {spec}: expected NAME=DIR"))?;
+    let dir = Path::new(dir)
+        .canonicalize()
+        .with_context(|| format!("{flag} {spec}: {dir}"))?;
+    Ok((name.to_owned(), dir))
+}
+
+pub fn entitlements(allow: &[String]) -> anyhow::Result<Entitlements> {
+    let mut e = Entitlements::default();
+    for a in allow {
+        match a.as_str() {
+            "network.host" => e.network_host = true,
+            "security.insecure" => e.security_insecure = true,
+            other => {
+                bail!("--allow {other}: unknown entitlement (network.host or security.insecure)")
+            }
+        }
+    }
+    Ok(e)
+}
+
+/// The build's session from its flags, with a fresh session id.
+pub fn session(args: &BuildArgs) -> anyhow::Result<BuildSession> {
+    let mut session = BuildSession {
+        id: format!(
+            "kiln{}x{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ),
+        ..BuildSession::default()
+    };
+    for s in &args.secret {
+        let (id, data) = parse_secret(s)?;
+        session.secrets.insert(id, data);
+    }
+    for s in &args.ssh {
+        let (id, path) = parse_ssh(s)?;
+        session.ssh.insert(id, path);
+    }
+    for l in &args.local {
+        let (name, dir) = parse_named_dir(l, "--local")?;
+        session.locals.insert(name, dir);
+    }
+    for l in &args.oci_layout {
+        let (name, dir) = parse_named_dir(l, "--oci-layout")?;
+        session.oci_layouts.insert(name, dir);
+    }
+    Ok(session)
+}
+
+/// Every `--output`, in order.
+pub fn outputs(args: &BuildArgs) -> anyhow::Result<Vec<OutputSpec>> {
+    args.output.iter().map(|o| parse_output(o)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_specs() {
+        assert_eq!(
+            parse_output("type=local,dest=out").unwrap(),
+            OutputSpec::Local { dest: "out".into() }
+        );
+        assert_eq!(
+            parse_output("type=oci,dest=img.tar,name=example.com/a:b").unwrap(),
+            OutputSpec::Oci {
+                dest: "img.tar".into(),
+                name: "example.com/a:b".into()
+            }
+        );
+        assert!(parse_output("type=image,name=x").is_err());
+        assert!(parse_output("type=local").is_err());
+        assert!(parse_output("dest=out").is_err());
+    }
+}
