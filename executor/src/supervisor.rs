@@ -90,6 +90,12 @@ pub struct Executor {
     run_root: PathBuf,
 }
 
+/// Where the steps of `run_root` keep compiled seccomp programs: a name no step id can
+/// take (ids are letters and digits).
+pub fn seccomp_cache(run_root: &Path) -> PathBuf {
+    run_root.join(".seccomp")
+}
+
 /// A step id: ASCII letters and digits only (it names directories and cgroups).
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
@@ -149,7 +155,11 @@ impl Executor {
         output: Option<mpsc::Sender<(Stream, Vec<u8>)>>,
         cancel: CancellationToken,
     ) -> Result<StepResult, ExecError> {
-        let config = serde_json::to_vec(&request.config)
+        let mut config = request.config.clone();
+        if config.seccomp_cache.is_none() {
+            config.seccomp_cache = Some(seccomp_cache(&self.run_root));
+        }
+        let config = serde_json::to_vec(&config)
             .map_err(|e| ExecError::Setup(format!("encoding the step config: {e}")))?;
         let config_path = bundle.join("config.json");
         std::fs::write(&config_path, config).map_err(|source| ExecError::Bundle {

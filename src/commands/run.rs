@@ -128,7 +128,7 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     let host = Host {
         in_user_namespace,
-        shared_dir: shared,
+        shared_dir: shared.clone(),
         run_dir: bundle.clone(),
         id,
     };
@@ -146,6 +146,7 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<ExitCode> {
                     &step.cgroup_parent,
                     step.security == Security::Insecure,
                 ),
+                seccomp_cache: Some(kiln_executor::supervisor::seccomp_cache(&shared)),
             };
             process::run(&config).map_err(anyhow::Error::from)
         });

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::workload;
 use crate::rootfs::{self, CgroupView, Context};
-use crate::seccomp::bpf::SockFilter;
+use crate::seccomp::SockFilter;
 use crate::sys::{self, Forked, LinuxSys, Sys as _};
 
 /// What the init reports to the runner over its status pipe.

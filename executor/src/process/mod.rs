@@ -90,6 +90,10 @@ pub struct RunnerConfig {
     pub real_root: bool,
     /// Give the step cgroups of its own at `linux.cgroupsPath` (see [`cgroup::wanted`]).
     pub own_cgroups: bool,
+    /// Where compiled seccomp programs are kept between steps (see
+    /// [`crate::seccomp::load_or_compile`]); `None` compiles for this step only.
+    #[serde(default)]
+    pub seccomp_cache: Option<PathBuf>,
 }
 
 /// How a step ended and what it cost.
@@ -209,9 +213,8 @@ pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
     })?;
 
     let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-        Some(profile) => {
-            crate::seccomp::compile(profile).map_err(|e| RunError::Setup(e.to_string()))?
-        }
+        Some(profile) => crate::seccomp::load_or_compile(profile, config.seccomp_cache.as_deref())
+            .map_err(|e| RunError::Setup(e.to_string()))?,
         None => Vec::new(),
     };
     let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
@@ -239,7 +242,7 @@ fn run_in_namespaces(
     config: &RunnerConfig,
     host_root: &OwnedFd,
     placement: &Placement,
-    seccomp: &[crate::seccomp::bpf::SockFilter],
+    seccomp: &[crate::seccomp::SockFilter],
 ) -> Result<ExitInfo, RunError> {
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
     let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;

@@ -11,7 +11,7 @@ use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Spec};
 
-use crate::seccomp::bpf::SockFilter;
+use crate::seccomp::SockFilter;
 use crate::{caps, sys};
 
 /// Sets the step's privileges and executes its command; never returns.

@@ -244,7 +244,7 @@ pub fn set_interface_up(name: &str) -> SysResult<()> {
 /// Installs a compiled seccomp filter on the calling thread without setting
 /// `no_new_privs` (the caller holds `CAP_SYS_ADMIN` in its user namespace), so a step's
 /// `noNewPrivileges: false` is honoured.
-pub fn install_seccomp(program: &[crate::seccomp::bpf::SockFilter]) -> SysResult<()> {
+pub fn install_seccomp(program: &[crate::seccomp::SockFilter]) -> SysResult<()> {
     let prog = libc::sock_fprog {
         len: u16::try_from(program.len()).map_err(|_| Errno::E2BIG)?,
         // SockFilter is the kernel's struct sock_filter (repr(C), same fields and order).

@@ -85,6 +85,7 @@ pub fn run_with(step: &Step, cancel: CancellationToken) -> Result<StepResult, St
                 &step.cgroup_parent,
                 step.security == kiln_executor::spec::Security::Insecure,
             ),
+            seccomp_cache: None,
         },
     };
     runtime

@@ -520,6 +520,7 @@ async fn run_step(
                 &step.cgroup_parent,
                 step.security == Security::Insecure,
             ),
+            seccomp_cache: None,
         },
     };
     let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(64);
