@@ -187,11 +187,18 @@ fn mount_one(
     let dest = destination.as_str();
     let typ = m.typ().clone().unwrap_or_else(|| "bind".to_owned());
     let options = parse_options(m.options().as_deref().unwrap_or_default());
+    // /proc/mounts shows a mount's source (runc passes it to mount(2)); a filesystem
+    // context shows "none" unless the source is set, and build tools read it there.
+    let source = m
+        .source()
+        .as_ref()
+        .map_or_else(|| typ.clone(), |s| s.to_string_lossy().into_owned());
+    let source = ("source".to_owned(), Some(source));
     match typ.as_str() {
         "proc" | "sysfs" => {
             path::ensure_target(sys, root, dest, TargetKind::Directory)?;
             let target = path::open_plain_directory(sys, root, dest)?;
-            let fs = match sys.new_filesystem(&typ, &[], options.attrs) {
+            let fs = match sys.new_filesystem(&typ, std::slice::from_ref(&source), options.attrs) {
                 Ok(fs) => fs,
                 // sysfs needs a network namespace kiln owns; sharing the host's network from
                 // a user namespace, show the host's /sys read-only instead.
@@ -215,6 +222,9 @@ fn mount_one(
         "cgroup" | "cgroup2" => mount_cgroups(sys, root, dest, &options, ctx),
         "tmpfs" | "devpts" | "mqueue" => {
             let target = path::ensure_target(sys, root, dest, TargetKind::Directory)?;
+            let mut data = vec![source];
+            data.extend(options.data.iter().cloned());
+            let options = Options { data, ..options };
             let fs = match sys.new_filesystem(&typ, &options.data, options.attrs) {
                 // gid=5 does not exist in a single-id user namespace.
                 Err(Errno::EINVAL) if typ == "devpts" => {
@@ -293,7 +303,14 @@ fn mount_cgroups(
         ..options.attrs
     };
     let fs = sys
-        .new_filesystem("tmpfs", &[("mode".into(), Some("755".into()))], tmpfs_attrs)
+        .new_filesystem(
+            "tmpfs",
+            &[
+                ("source".into(), Some("tmpfs".into())),
+                ("mode".into(), Some("755".into())),
+            ],
+            tmpfs_attrs,
+        )
         .map_err(mount_err(dest, "create filesystem"))?;
     for view in ctx.cgroups {
         sys.mkdirat(
@@ -443,7 +460,14 @@ fn mask(
         .map_err(mount_err(masked, "stat"))?
     {
         FileKind::Directory => sys
-            .new_filesystem("tmpfs", &[("size".into(), Some("0".into()))], readonly)
+            .new_filesystem(
+                "tmpfs",
+                &[
+                    ("source".into(), Some("tmpfs".into())),
+                    ("size".into(), Some("0".into())),
+                ],
+                readonly,
+            )
             .map_err(mount_err(masked, "create mask"))?,
         FileKind::Symlink => return Ok(()),
         _ => sys
@@ -574,7 +598,11 @@ mod tests {
             calls[create],
             Call::NewFilesystem {
                 fstype: "tmpfs".into(),
-                options: vec!["mode=1777".into(), "size=65536k".into()],
+                options: vec![
+                    "source=shm".into(),
+                    "mode=1777".into(),
+                    "size=65536k".into()
+                ],
                 attrs: MountAttrs {
                     nosuid: true,
                     nodev: true,

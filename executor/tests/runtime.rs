@@ -373,6 +373,43 @@ fn tmpfs_size_and_shm_override() -> Result<(), String> {
     Ok(())
 }
 
+/// `/proc/mounts` names each filesystem's source as under runc/BuildKit (`tmpfs` for a
+/// tmpfs mount, `proc`, `devpts`, `shm`, `mqueue`), never `none`: build tools read it.
+fn mount_sources_are_named() -> Result<(), String> {
+    let rootfs = busybox();
+    let mut s = step(rootfs.path(), "cat /proc/mounts");
+    s.mounts = vec![StepMount {
+        destination: "/t".into(),
+        kind: StepMountKind::Tmpfs {
+            size: 0,
+            readonly: false,
+        },
+    }];
+    let out = output_of(&s)?;
+    let source_of = |target: &str| {
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(target))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    for (target, want) in [
+        ("/t", "tmpfs"),
+        ("/proc", "proc"),
+        ("/dev", "tmpfs"),
+        ("/dev/pts", "devpts"),
+        ("/dev/shm", "shm"),
+        ("/dev/mqueue", "mqueue"),
+    ] {
+        if source_of(target).as_deref() != Some(want) {
+            return Err(format!("source of {target} is not {want}:\n{out}"));
+        }
+    }
+    if out.lines().any(|l| l.starts_with("none ")) {
+        return Err(format!("a mount without a source:\n{out}"));
+    }
+    Ok(())
+}
+
 fn seccomp_blocks_namespace_syscalls() -> Result<(), String> {
     let rootfs = busybox();
     let out = output_of(&step(
@@ -423,6 +460,7 @@ common::both_modes! {
     readonly_rootfs_refuses_writes => readonly_rootfs;
     empty_mount_stubs_are_removed => mount_stubs_are_removed;
     tmpfs_sizes_and_dev_shm_override => tmpfs_size_and_shm_override;
+    mounts_show_their_sources => mount_sources_are_named;
     seccomp_denies_unshare => seccomp_blocks_namespace_syscalls;
     insecure_cgroups_writable_sandbox_not => insecure_mode_has_writable_sysfs_and_cgroups;
 }
