@@ -432,9 +432,99 @@ fn check_session_bound_steps_leave_nothing(s: &Setup) {
     assert_eq!(links_after, links_before, "no links from session keys");
 }
 
+/// MergeOp and DiffOp (what `COPY --link` produces): merged and diffed trees as BuildKit
+/// makes them, cached like any op, exported as layers.
+fn check_merge_and_diff(s: &Setup) {
+    let graph = |target: &str| -> Vec<u8> {
+        let mut b = DefinitionBuilder::new();
+        let rootfs = base(&mut b);
+        let run = sh(Some(rootfs.clone()), "echo run > /run.txt && rm /etc/group");
+        let run = b.exec(&run).root().expect("root output");
+        let linked = b.file(FileActions::on(None).mkfile("/linked", 0o644, b"L"));
+        let out = match target {
+            "merge" => b.merge(&[Some(run), Some(linked)]),
+            "diff" => b.diff(Some(rootfs), Some(run)),
+            _ => {
+                let d = b.diff(Some(rootfs), Some(run));
+                b.merge(&[Some(linked), None, Some(d)])
+            }
+        };
+        b.finish(&out).gogo_encode()
+    };
+    let list = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("export")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    let merged = s.path("merged");
+    let dest = format!("type=local,dest={}", merged.display());
+    let built = s.build(&graph("merge"), &["-o", &dest]);
+    assert!(built.status.success(), "merge: {}", stderr(&built));
+    assert_eq!(read(&merged.join("run.txt")), "run\n");
+    assert_eq!(read(&merged.join("linked")), "L");
+    assert!(
+        merged.join("bin/sh").exists(),
+        "the base is under the merge"
+    );
+    assert!(
+        !merged.join("etc/group").exists(),
+        "the step's deletion holds"
+    );
+    let cold = executed(&stderr(&built));
+    let again = s.build(&graph("merge"), &["-o", &dest]);
+    assert!(again.status.success(), "warm merge: {}", stderr(&again));
+    // Only the local source (bound to its session) runs again; the step and the merge
+    // come from the cache.
+    let warm = executed(&stderr(&again));
+    assert!(
+        cold.len() >= 4,
+        "source, copy, step, file, merge ran cold: {cold:?}"
+    );
+    assert_eq!(warm.len(), 1, "a warm merge ran {warm:?}");
+
+    let diffed = s.path("diffed");
+    let dest = format!("type=local,dest={}", diffed.display());
+    let built = s.build(&graph("diff"), &["-o", &dest]);
+    assert!(built.status.success(), "diff: {}", stderr(&built));
+    // What the step added, and the directory of what it deleted (as in the layer tar:
+    // `etc/` and `etc/.wh.group`), with the deletion applied to nothing.
+    assert_eq!(list(&diffed), ["etc", "run.txt"]);
+    assert!(list(&diffed.join("etc")).is_empty(), "no whiteout shows");
+
+    let rebased = s.path("rebased");
+    let dest = format!("type=local,dest={}", rebased.display());
+    let built = s.build(&graph("rebase"), &["-o", &dest]);
+    assert!(built.status.success(), "rebase: {}", stderr(&built));
+    assert_eq!(list(&rebased), ["etc", "linked", "run.txt"]);
+
+    // Layers of a merge are the layers of its inputs.
+    let oci = s.path("merged.tar");
+    let dest = format!("type=oci,dest={},name=kiln.test/merge:1", oci.display());
+    let built = s.build(&graph("merge"), &["-o", &dest]);
+    assert!(built.status.success(), "oci: {}", stderr(&built));
+    if require(which("skopeo"), "skopeo (to read the OCI archive)") {
+        let inspect = Command::new("skopeo")
+            .args(["inspect", &format!("oci-archive:{}", oci.display())])
+            .output()
+            .expect("skopeo");
+        assert!(inspect.status.success(), "{}", stderr(&inspect));
+        let info: Value = serde_json::from_slice(&inspect.stdout).expect("skopeo json");
+        assert_eq!(
+            info["Layers"].as_array().map(Vec::len),
+            Some(3),
+            "base copy, the step, the linked file: {info}"
+        );
+    }
+}
+
 fn check_build() {
     let s = Setup::new();
     check_outputs_and_cache(&s);
+    check_merge_and_diff(&s);
     check_session_bound_steps_leave_nothing(&s);
     check_failure_cleans_up(&s);
     check_cancel_cleans_up(&s);

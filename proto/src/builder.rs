@@ -310,6 +310,68 @@ impl DefinitionBuilder {
         }
     }
 
+    /// Adds a merge op of `inputs` in order (client/llb's `Merge`): scratch inputs are
+    /// left out, as client/llb leaves them out.
+    pub fn merge(&mut self, inputs: &[Option<Output>]) -> Output {
+        let present: Vec<&Output> = inputs.iter().flatten().collect();
+        let op = pb::Op {
+            inputs: present
+                .iter()
+                .map(|o| pb::Input {
+                    digest: o.digest.as_str().to_owned(),
+                    index: o.index,
+                })
+                .collect(),
+            op: Some(pb::op::Op::Merge(pb::MergeOp {
+                inputs: (0..present.len() as i64)
+                    .map(|input| pb::MergeInput { input })
+                    .collect(),
+            })),
+            ..Default::default()
+        };
+        let metadata = pb::OpMetadata {
+            caps: caps(&["mergeop"]),
+            ..Default::default()
+        };
+        Output {
+            digest: self.add_op(op, metadata),
+            index: 0,
+        }
+    }
+
+    /// Adds a diff op of `upper` against `lower` (client/llb's `Diff`; `None` is scratch).
+    pub fn diff(&mut self, lower: Option<Output>, upper: Option<Output>) -> Output {
+        let mut inputs = Vec::new();
+        let mut index = |o: Option<Output>| match o {
+            Some(o) => {
+                inputs.push(pb::Input {
+                    digest: o.digest.as_str().to_owned(),
+                    index: o.index,
+                });
+                inputs.len() as i64 - 1
+            }
+            None => crate::EMPTY_INPUT,
+        };
+        let lower = index(lower);
+        let upper = index(upper);
+        let op = pb::Op {
+            inputs,
+            op: Some(pb::op::Op::Diff(pb::DiffOp {
+                lower: Some(pb::LowerDiffInput { input: lower }),
+                upper: Some(pb::UpperDiffInput { input: upper }),
+            })),
+            ..Default::default()
+        };
+        let metadata = pb::OpMetadata {
+            caps: caps(&["diffop"]),
+            ..Default::default()
+        };
+        Output {
+            digest: self.add_op(op, metadata),
+            index: 0,
+        }
+    }
+
     /// Finishes with the terminal op selecting `target`.
     pub fn finish(mut self, target: &Output) -> pb::Definition {
         let terminal = pb::Op {

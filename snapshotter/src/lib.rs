@@ -33,6 +33,7 @@
 //! (and their descendants), while after a mere `kill -9` they stay valid.
 
 pub mod backend;
+mod compose;
 mod fsutil;
 pub mod layer;
 pub mod lock;

@@ -104,6 +104,9 @@ pub struct Record {
     pub description: String,
     pub record_type: String,
     pub layer: Option<LayerInfo>,
+    /// The record whose directory holds this one's contents (a layer reused in a merge
+    /// or diff on another parent chain); `None` when the record has its own.
+    pub content: Option<String>,
     /// Boot id under which the record's data was committed without a sync; `None` once
     /// synced. Such data survives a crash of kiln but not a reboot.
     pub unsynced_boot: Option<String>,
@@ -114,6 +117,7 @@ pub struct Record {
 pub(crate) struct NewRecord<'a> {
     pub id: &'a str,
     pub parent: Option<&'a str>,
+    pub content: Option<&'a str>,
     pub retain: bool,
     pub description: &'a str,
     pub record_type: &'a str,
@@ -145,7 +149,8 @@ CREATE TABLE IF NOT EXISTS records (
     blob_digest TEXT,
     blob_size INTEGER,
     media_type TEXT,
-    unsynced_boot TEXT
+    unsynced_boot TEXT,
+    content TEXT
 );
 CREATE INDEX IF NOT EXISTS records_parent ON records(parent);
 CREATE INDEX IF NOT EXISTS records_chain ON records(chain_id);
@@ -159,7 +164,11 @@ CREATE INDEX IF NOT EXISTS record_keys_id ON record_keys(id);
 
 const COLUMNS: &str = "id, n, state, parent, created_at, last_used_at, usage_count, size, \
     retain, description, record_type, diff_id, chain_id, blob_digest, blob_size, media_type, \
-    unsynced_boot";
+    unsynced_boot, content";
+
+/// Columns added after a store's first release, with their definitions: added to older
+/// databases when they are opened.
+const ADDED_COLUMNS: &[(&str, &str)] = &[("content", "TEXT")];
 
 fn millis(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
@@ -170,6 +179,36 @@ fn millis(t: SystemTime) -> i64 {
 
 fn from_millis(ms: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// Adds the columns an older store lacks, in one transaction (a concurrent opener may be
+/// doing the same: the second one finds them present).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let present = |conn: &Connection| -> rusqlite::Result<Vec<String>> {
+        let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('records')")?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        names.collect()
+    };
+    if ADDED_COLUMNS
+        .iter()
+        .all(|(name, _)| present(conn).is_ok_and(|p| p.iter().any(|c| c == name)))
+    {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let columns = present(conn)?;
+        for (name, definition) in ADDED_COLUMNS {
+            if !columns.iter().any(|c| c == name) {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE records ADD COLUMN {name} {definition}"
+                ))?;
+            }
+        }
+        Ok(())
+    })();
+    conn.execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    result
 }
 
 impl Db {
@@ -185,6 +224,9 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
+        conn.execute_batch("CREATE INDEX IF NOT EXISTS records_content ON records(content);")
+            .map_err(err)?;
         Ok(Db {
             conn,
             path: path.to_owned(),
@@ -251,7 +293,8 @@ impl Db {
         let now = millis(SystemTime::now());
         tx.execute(
             "INSERT INTO records (id, n, state, parent, created_at, last_used_at, retain, \
-             description, record_type) VALUES (?1, ?2, 'creating', ?3, ?4, ?4, ?5, ?6, ?7)",
+             description, record_type, content) \
+             VALUES (?1, ?2, 'creating', ?3, ?4, ?4, ?5, ?6, ?7, ?8)",
             params![
                 new.id,
                 i64::try_from(n).unwrap_or(i64::MAX),
@@ -259,7 +302,8 @@ impl Db {
                 now,
                 new.retain,
                 new.description,
-                new.record_type
+                new.record_type,
+                new.content
             ],
         )
         .map_err(err)?;
@@ -301,6 +345,7 @@ impl Db {
                 record_type: r.get(10)?,
                 layer,
                 unsynced_boot: r.get(16)?,
+                content: r.get(17)?,
             },
             state,
         ))
@@ -359,9 +404,11 @@ impl Db {
         self.query(&format!("SELECT {COLUMNS} FROM records ORDER BY n"), None)
     }
 
+    /// The records that depend on `id`: built on it (its children) or reusing its
+    /// directory; while there are any, `id` must stay.
     pub(crate) fn children(&self, id: &str) -> Result<Vec<Record>, MetaError> {
         self.query(
-            &format!("SELECT {COLUMNS} FROM records WHERE parent = ?1 ORDER BY n"),
+            &format!("SELECT {COLUMNS} FROM records WHERE parent = ?1 OR content = ?1 ORDER BY n"),
             Some(id),
         )
     }
@@ -538,5 +585,37 @@ impl Db {
             .query_row("PRAGMA quick_check", [], |r| r.get(0))
             .map_err(self.err())?;
         Ok((result != "ok").then_some(result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_made_before_reused_layers_gain_the_content_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshots.db");
+        {
+            // The records table as the first release created it.
+            let old_schema = SCHEMA.replace(",\n    content TEXT", "");
+            assert!(!old_schema.contains("content"));
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&old_schema).unwrap();
+            conn.execute(
+                "INSERT INTO records (id, n, state, created_at, last_used_at) \
+                 VALUES ('old', 1, 'committed', 0, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let old = db.get("old").unwrap().unwrap();
+        assert_eq!(old.content, None);
+        assert_eq!(old.state, RecordState::Committed);
+        // Opening again finds the column present.
+        drop(db);
+        let db = Db::open(&path).unwrap();
+        assert!(db.children("old").unwrap().is_empty());
     }
 }

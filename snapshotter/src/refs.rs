@@ -31,6 +31,8 @@ pub enum Error {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Layer(#[from] LayerError),
+    #[error(transparent)]
+    Mount(#[from] crate::mount::MountError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -75,9 +77,17 @@ pub enum Error {
     OverlayUnavailable { root: PathBuf, reason: String },
     #[error("snapshot {id}: parent {parent} is missing")]
     MissingParent { id: String, parent: String },
+    #[error(
+        "the diff deletes {path}, which the native snapshot backend cannot represent (it \
+         stores full trees); use a --root on a filesystem where overlayfs works"
+    )]
+    NativeDiffDeletion { path: String },
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Record type of a layer holding the difference of two trees (LLB's DiffOp).
+pub const DIFF_RECORD_TYPE: &str = "diff";
 
 /// How to open a store.
 #[derive(Clone, Copy, Debug, Default)]
@@ -153,6 +163,9 @@ pub struct Snapshotter {
 struct Shared {
     root: PathBuf,
     snapshots: PathBuf,
+    /// An always-empty directory: the bottom lower of an overlay whose lowest layer is
+    /// reused from another chain (its whiteouts must be applied, not shown).
+    empty: PathBuf,
     locks: PathBuf,
     db: Mutex<Db>,
     backend: Backend,
@@ -168,6 +181,11 @@ struct Held {
     id: String,
     n: u64,
     parent: Option<ImmutableRef>,
+    /// The snapshot whose directory holds this one's contents (see [`Record::content`]).
+    content: Option<ImmutableRef>,
+    /// Its directory may hold whiteouts made against other lowers than its parents: a
+    /// reused layer, or a diff of two trees ([`DIFF_RECORD_TYPE`]).
+    foreign: bool,
     lock: Mutex<RecordLock>,
 }
 
@@ -300,12 +318,19 @@ impl Snapshotter {
     pub fn open_with(root: &Path, options: StoreOptions) -> Result<Snapshotter> {
         let snapshots = root.join("snapshots");
         let locks = root.join("locks");
+        let empty = snapshots.join("empty");
         for dir in [root, &snapshots, &locks] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
                 .map_err(io_err(dir))?;
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(&empty) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(io_err(&empty)(e));
+            }
+            _ => {}
         }
         let db = Db::open(&root.join("snapshots.db"))?;
         let rootless = backend::in_user_namespace()?;
@@ -331,6 +356,7 @@ impl Snapshotter {
         let shared = Arc::new(Shared {
             root: root.to_owned(),
             snapshots,
+            empty,
             locks,
             db: Mutex::new(db),
             backend,
@@ -363,7 +389,7 @@ impl Snapshotter {
         parent: Option<&ImmutableRef>,
         options: &RefOptions,
     ) -> Result<MutableRef> {
-        let (held, fs) = self.create(parent, options)?;
+        let (held, fs) = self.create(parent, None, options)?;
         let fill = || -> Result<()> {
             let work = self.shared.work_dir(held.n);
             std::fs::DirBuilder::new()
@@ -404,6 +430,7 @@ impl Snapshotter {
     fn create(
         &self,
         parent: Option<&ImmutableRef>,
+        content: Option<&ImmutableRef>,
         options: &RefOptions,
     ) -> Result<(Held, PathBuf)> {
         let shared = &self.shared;
@@ -416,6 +443,7 @@ impl Snapshotter {
         let new = NewRecord {
             id: &id,
             parent: parent.map(ImmutableRef::id),
+            content: content.map(ImmutableRef::id),
             retain: options.retain,
             description: &options.description,
             record_type,
@@ -445,6 +473,8 @@ impl Snapshotter {
             id: id.clone(),
             n,
             parent: parent.cloned(),
+            content: content.cloned(),
+            foreign: content.is_some() || record_type == DIFF_RECORD_TYPE,
             lock: Mutex::new(lock),
         };
         let fs = shared.fs_dir(n);
@@ -455,7 +485,7 @@ impl Snapshotter {
         if let Some(p) = parent {
             // The new layer's root starts with the parent's root ownership and mode (the
             // merged root of an overlay is its upper's root).
-            let pfs = shared.fs_dir(p.held.n);
+            let pfs = p.dir();
             let meta = std::fs::metadata(&pfs).map_err(io_err(&pfs))?;
             std::os::unix::fs::chown(&fs, Some(meta.uid()), Some(meta.gid()))
                 .map_err(io_err(&fs))?;
@@ -521,11 +551,23 @@ impl Snapshotter {
             })?),
             None => None,
         };
+        let content = match &record.content {
+            Some(c) => Some(self.get(c).map_err(|e| match e {
+                Error::NotFound(_) => Error::MissingParent {
+                    id: id.to_owned(),
+                    parent: c.clone(),
+                },
+                other => other,
+            })?),
+            None => None,
+        };
         let held = Arc::new(Held {
             shared: self.shared.clone(),
             id: id.to_owned(),
             n: record.n,
             parent,
+            foreign: content.is_some() || record.record_type == DIFF_RECORD_TYPE,
+            content,
             lock: Mutex::new(lock),
         });
         self.shared.db().touch(id, true)?;
@@ -577,6 +619,8 @@ impl Snapshotter {
                 id: id.to_owned(),
                 n: record.n,
                 parent,
+                content: None,
+                foreign: false,
                 lock: Mutex::new(lock),
             })),
             retain: record.retain,
@@ -611,22 +655,20 @@ impl Snapshotter {
 
     /// Applies an OCI layer (tar, gzip or zstd) on `parent` as a new committed snapshot.
     /// With `options.diff_id` set and a layer of that chain already stored, returns it
-    /// without reading `layer`.
+    /// without reading `layer`. On a parent that was never exported or imported as a
+    /// layer (a step's result) the new layer's chain id is unknown until it is exported.
     pub fn import_layer(
         &self,
         parent: Option<&ImmutableRef>,
         layer: impl Read,
         options: &ImportOptions,
     ) -> Result<ImmutableRef> {
-        let parent_chain = match parent {
-            Some(p) => Some(
-                p.layer_info()?
-                    .map(|l| l.chain_id)
-                    .ok_or_else(|| LayerError::ParentWithoutChainId(p.id().to_owned()))?,
-            ),
-            None => None,
+        // Outer None: the parent's chain is unknown; inner None: there is no parent.
+        let parent_chain: Option<Option<String>> = match parent {
+            Some(p) => p.layer_info()?.map(|l| Some(l.chain_id)),
+            None => Some(None),
         };
-        if let Some(diff_id) = &options.diff_id {
+        if let (Some(diff_id), Some(parent_chain)) = (&options.diff_id, &parent_chain) {
             let chain_id = layer::chain_id(parent_chain.as_deref(), diff_id);
             if let Some(existing) = self.get_by_chain_id(&chain_id)? {
                 return Ok(existing);
@@ -634,11 +676,11 @@ impl Snapshotter {
         }
         let ref_options = RefOptions {
             description: options.description.clone(),
-            record_type: "regular".into(),
+            record_type: options.record_type.clone(),
             retain: false,
             keys: Vec::new(),
         };
-        let (held, fs) = self.create(parent, &ref_options)?;
+        let (held, fs) = self.create(parent, None, &ref_options)?;
         let held = Arc::new(held);
         let fill = || -> Result<()> {
             if let (Backend::Native { .. }, Some(p)) = (self.shared.backend, parent) {
@@ -649,7 +691,6 @@ impl Snapshotter {
                 Backend::Native { .. } => layer::ApplyMode::Merged,
             };
             let applied = layer::apply(&fs, layer, mode, options)?;
-            let chain_id = layer::chain_id(parent_chain.as_deref(), &applied.diff_id);
             if let Some(expected) = &options.diff_id {
                 if expected != &applied.diff_id {
                     return Err(LayerError::DiffIdMismatch {
@@ -659,16 +700,18 @@ impl Snapshotter {
                     .into());
                 }
             }
-            let info = LayerInfo {
+            let info = parent_chain.as_ref().map(|parent_chain| LayerInfo {
+                chain_id: layer::chain_id(parent_chain.as_deref(), &applied.diff_id),
                 diff_id: applied.diff_id,
-                chain_id,
                 blob_digest: applied.blob_digest,
                 blob_size: applied.blob_size,
                 media_type: options.media_type.clone(),
-            };
+            });
             let commit = || -> Result<()> {
                 let db = self.shared.db();
-                db.set_layer(&held.id, &info)?;
+                if let Some(info) = &info {
+                    db.set_layer(&held.id, info)?;
+                }
                 if !db.transition(
                     &held.id,
                     RecordState::Creating,
@@ -692,6 +735,39 @@ impl Snapshotter {
         self.publish(held)
     }
 
+    /// A committed layer on `parent` whose contents are `layer`'s directory, reused
+    /// without copying (overlay only: a native snapshot is a full tree, not a layer).
+    pub(crate) fn reuse_layer(
+        &self,
+        parent: Option<&ImmutableRef>,
+        layer: &ImmutableRef,
+        options: &RefOptions,
+    ) -> Result<ImmutableRef> {
+        let content = layer.content().unwrap_or(layer);
+        let (held, _fs) = self.create(parent, Some(content), options)?;
+        let held = Arc::new(held);
+        let committed = self.shared.db().transition(
+            &held.id,
+            RecordState::Creating,
+            RecordState::Committed,
+            // Nothing of its own to sync: its data is the committed `content`'s.
+            None,
+        );
+        match committed {
+            Ok(true) => self.publish(held),
+            other => {
+                let lock = lock_mutex(&held.lock);
+                if let Err(cleanup) = self.shared.delete_locked(&held.id, held.n, &lock) {
+                    tracing::warn!("removing the failed snapshot {}: {cleanup}", held.id);
+                }
+                Err(match other {
+                    Err(e) => e.into(),
+                    _ => Error::NotFound(held.id.clone()),
+                })
+            }
+        }
+    }
+
     /// Converts a freshly committed record's exclusive lock to a shared one and registers
     /// it as an open immutable record.
     fn publish(&self, held: Arc<Held>) -> Result<ImmutableRef> {
@@ -707,11 +783,8 @@ impl Snapshotter {
         out: impl Write,
         compression: Compression,
     ) -> Result<LayerDescriptor> {
-        let own = self.shared.fs_dir(layer.held.n);
-        let chain: Vec<PathBuf> = layer
-            .parents()
-            .map(|p| self.shared.fs_dir(p.held.n))
-            .collect();
+        let own = layer.dir();
+        let chain: Vec<PathBuf> = layer.parents().map(ImmutableRef::dir).collect();
         let descriptor = match self.shared.backend {
             Backend::Overlay { .. } => layer::export_upper(&own, &chain, out, compression)?,
             Backend::Native { .. } => {
@@ -1059,6 +1132,24 @@ impl Snapshotter {
                     Some(_) => {}
                 }
             }
+            if let Some(c) = &r.content {
+                match ids.get(c.as_str()) {
+                    None => report(id, format!("the snapshot {c} it reuses does not exist")),
+                    Some(content) if content.state != RecordState::Committed => {
+                        report(
+                            id,
+                            format!("the snapshot {c} it reuses is {:?}", content.state),
+                        );
+                    }
+                    Some(content) if content.content.is_some() => {
+                        report(id, format!("the snapshot {c} it reuses reuses another"));
+                    }
+                    Some(_) => {}
+                }
+                if r.state != RecordState::Committed && !busy {
+                    report(id, "a reused layer that is not committed".into());
+                }
+            }
             if let (Some(layer), Some(p)) = (&r.layer, &r.parent) {
                 let parent_chain = ids.get(p.as_str()).and_then(|p| p.layer.as_ref());
                 if let Some(pl) = parent_chain {
@@ -1182,9 +1273,32 @@ impl ImmutableRef {
         std::iter::successors(self.parent(), |p| p.parent())
     }
 
-    /// This layer's own directory (its contents; read-only by contract).
+    /// The directory with this layer's contents (read-only by contract): its own, or
+    /// that of the snapshot it reuses.
     pub fn dir(&self) -> PathBuf {
-        self.held.shared.fs_dir(self.held.n)
+        match &self.held.content {
+            Some(content) => content.dir(),
+            None => self.held.shared.fs_dir(self.held.n),
+        }
+    }
+
+    /// The record whose directory this layer reuses, if it reuses one.
+    pub fn content(&self) -> Option<&ImmutableRef> {
+        self.held.content.as_ref()
+    }
+
+    /// The overlay lower directories of this layer and its parents, nearest first. A
+    /// bottom layer that may hold whiteouts made against other lowers (a reused layer, a
+    /// diff) gets the store's empty directory below it, so overlay applies them to nothing
+    /// instead of showing them.
+    fn lower_dirs(&self) -> Vec<PathBuf> {
+        let mut lowers = vec![self.dir()];
+        lowers.extend(self.parents().map(ImmutableRef::dir));
+        let bottom = self.parents().last().unwrap_or(self);
+        if bottom.held.foreign {
+            lowers.push(self.held.shared.empty.clone());
+        }
+        lowers
     }
 
     /// A read-only view: a bind of a single layer, or an overlay of the chain.
@@ -1196,8 +1310,7 @@ impl ImmutableRef {
                 readonly: true,
             };
         }
-        let mut lowers = vec![self.dir()];
-        lowers.extend(self.parents().map(ImmutableRef::dir));
+        let mut lowers = self.lower_dirs();
         if lowers.len() == 1 {
             return Mountable::Bind {
                 source: lowers.remove(0),
@@ -1228,13 +1341,14 @@ impl ImmutableRef {
         Ok(self.record()?.layer)
     }
 
-    /// Size of this layer's own directory (computed once, then cached).
+    /// Size of this layer's own directory (computed once, then cached); a reused layer
+    /// owns next to nothing.
     pub fn size(&self) -> Result<u64> {
         let record = self.record()?;
         if let Some(size) = record.size {
             return Ok(size);
         }
-        let dir = self.dir();
+        let dir = self.held.shared.fs_dir(self.held.n);
         let size = fsutil::disk_usage(&dir).map_err(|source| Error::Sys {
             op: "measuring",
             path: dir,
@@ -1299,8 +1413,7 @@ impl MutableRef {
                 readonly: false,
             },
             (Backend::Overlay { xattrs }, Some(parent)) => {
-                let mut lowers = vec![parent.dir()];
-                lowers.extend(parent.parents().map(ImmutableRef::dir));
+                let lowers = parent.lower_dirs();
                 Mountable::Overlay(OverlayMount {
                     lowers,
                     upper: Some(dir),

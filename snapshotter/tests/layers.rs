@@ -195,6 +195,7 @@ fn image_layers_import() -> anyhow::Result<()> {
                     media_type: layer["mediaType"].as_str().map(str::to_owned),
                     diff_id: diff_id.as_str().map(str::to_owned),
                     description: "image layer".into(),
+                    ..ImportOptions::default()
                 },
             )?;
             let info = r.layer_info()?.unwrap();

@@ -48,8 +48,6 @@ pub enum LayerError {
     Redirect { path: String },
     #[error("layer diff id {actual} does not match the expected {expected}")]
     DiffIdMismatch { expected: String, actual: String },
-    #[error("parent snapshot {0} has no chain id (import or export it as a layer first)")]
-    ParentWithoutChainId(String),
     #[error("reading the user namespace id maps: {0}")]
     IdMap(#[source] io::Error),
 }
@@ -83,6 +81,8 @@ pub struct ImportOptions {
     /// the import fails when the layer's digest differs.
     pub diff_id: Option<String>,
     pub description: String,
+    /// The record type of the new snapshot (`regular` when empty).
+    pub record_type: String,
 }
 
 /// What an export produced.

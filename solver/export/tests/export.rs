@@ -554,6 +554,7 @@ fn reimport(archive: &Path, store_root: &Path) -> anyhow::Result<ImmutableRef> {
                 media_type: layer["mediaType"].as_str().map(str::to_owned),
                 diff_id: Some(diff.clone()),
                 description: "re-import".into(),
+                ..ImportOptions::default()
             },
         )?;
         let want_chain = match &chain {

@@ -164,6 +164,7 @@ pub async fn pull(
             media_type: Some(layer.media_type.clone()).filter(|m| !m.is_empty()),
             diff_id: Some(diff_id.as_str().to_owned()),
             description: format!("pulled from {}: layer {}", image.name, layer.digest),
+            ..ImportOptions::default()
         };
         let imported = {
             let (store, base) = (snapshotter.clone(), parent.clone());

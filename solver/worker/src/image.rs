@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use kiln_proto::{Vertex, pb};
-use kiln_snapshotter::{ImmutableRef, RefOptions};
+use kiln_snapshotter::ImmutableRef;
 use tokio::sync::OnceCell;
 
 use crate::state::{Inner, blocking, failed};
@@ -137,20 +137,7 @@ impl Op<ImmutableRef> for ImageSourceOp {
             None => {
                 let inner = self.inner.clone();
                 let description = format!("empty image {}", image.name);
-                blocking(move || {
-                    inner
-                        .snapshotter
-                        .new_mutable(
-                            None,
-                            &RefOptions {
-                                description,
-                                ..RefOptions::default()
-                            },
-                        )
-                        .and_then(|m| m.commit())
-                        .map_err(failed)
-                })
-                .await?
+                blocking(move || inner.empty_snapshot(description)).await?
             }
         };
         Ok(vec![top])

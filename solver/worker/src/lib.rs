@@ -13,6 +13,7 @@ mod exec;
 mod file;
 pub mod image;
 mod local;
+mod merge_diff;
 pub mod mounts;
 pub mod prepare;
 mod state;
@@ -77,6 +78,16 @@ impl Worker for KilnWorker {
                 self.inner.clone(),
                 vertex.clone(),
                 file.clone(),
+            ))),
+            Some(pb::op::Op::Merge(merge)) => Ok(Arc::new(merge_diff::MergeOp::new(
+                self.inner.clone(),
+                vertex.clone(),
+                merge.clone(),
+            ))),
+            Some(pb::op::Op::Diff(diff)) => Ok(Arc::new(merge_diff::DiffOp::new(
+                self.inner.clone(),
+                vertex.clone(),
+                diff.clone(),
             ))),
             Some(pb::op::Op::Source(source)) if source.identifier.starts_with("local://") => {
                 Ok(Arc::new(local::LocalSource::new(

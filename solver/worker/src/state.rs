@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use kiln_executor::supervisor::Executor;
 use kiln_registry::ImageResolver;
-use kiln_snapshotter::Snapshotter;
+use kiln_snapshotter::{ImmutableRef, RefOptions, Snapshotter};
 use kiln_solver::op::OpError;
 
 use crate::cache_mounts::CacheMounts;
@@ -69,6 +69,20 @@ impl Inner {
             config,
             counter: AtomicU64::new(0),
         })
+    }
+
+    /// A committed empty tree: the result of an op that yields nothing (scratch).
+    pub fn empty_snapshot(&self, description: String) -> Result<ImmutableRef, OpError> {
+        self.snapshotter
+            .new_mutable(
+                None,
+                &RefOptions {
+                    description,
+                    ..RefOptions::default()
+                },
+            )
+            .and_then(|m| m.commit())
+            .map_err(failed)
     }
 
     pub fn locks_dir(&self) -> PathBuf {
