@@ -87,7 +87,7 @@ impl Worker for KilnWorker {
             Some(pb::op::Op::Diff(diff)) => Ok(Arc::new(merge_diff::DiffOp::new(
                 self.inner.clone(),
                 vertex.clone(),
-                diff.clone(),
+                *diff,
             ))),
             Some(pb::op::Op::Source(source)) if source.identifier.starts_with("local://") => {
                 Ok(Arc::new(local::LocalSource::new(
