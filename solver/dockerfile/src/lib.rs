@@ -1,0 +1,8 @@
+//! kiln's Dockerfile frontend: a re-implementation of BuildKit v0.11.6's
+//! `frontend/dockerfile` that turns a Dockerfile into an LLB Definition whose ops are
+//! byte-identical to BuildKit's, plus the image config BuildKit computes.
+
+pub mod gocompat;
+pub mod instructions;
+pub mod parser;
+pub mod shell;
