@@ -4,5 +4,7 @@
 
 pub mod gocompat;
 pub mod instructions;
+pub mod llb;
 pub mod parser;
+pub mod reference;
 pub mod shell;
