@@ -2,7 +2,9 @@
 //! `frontend/dockerfile` that turns a Dockerfile into an LLB Definition whose ops are
 //! byte-identical to BuildKit's, plus the image config BuildKit computes.
 
+pub mod dockerignore;
 pub mod gocompat;
+pub mod image;
 pub mod instructions;
 pub mod llb;
 pub mod parser;
