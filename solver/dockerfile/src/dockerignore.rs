@@ -45,7 +45,15 @@ mod tests {
         let input = b"\xEF\xBB\xBF# comment\n  node_modules/  \r\n\n/abs/./x\n! keep/../me\n!\n/\n*.md\n #not a comment\n";
         assert_eq!(
             read_all(input),
-            vec!["node_modules", "abs/x", "!me", "!", "/", "*.md", "#not a comment"]
+            vec![
+                "node_modules",
+                "abs/x",
+                "!me",
+                "!",
+                "/",
+                "*.md",
+                "#not a comment"
+            ]
         );
         assert!(read_all(b"").is_empty());
     }

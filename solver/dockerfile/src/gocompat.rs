@@ -656,7 +656,10 @@ mod tests {
         assert_eq!(quote_rune(65), "'A'");
         assert_eq!(quote_rune(39), r"'\''");
         assert_eq!(quote_rune(0), r"'\x00'");
-        assert_eq!(quote_list(&["CMD".into(), "a b".into()]), r#"["CMD" "a b"]"#);
+        assert_eq!(
+            quote_list(&["CMD".into(), "a b".into()]),
+            r#"["CMD" "a b"]"#
+        );
     }
 
     #[test]
@@ -720,7 +723,10 @@ mod tests {
             csv_record(r#""a,b=c",d"#).unwrap(),
             vec!["a,b=c".to_owned(), "d".to_owned()]
         );
-        assert!(csv_record(r#""a,b"=c,d"#).is_err(), "text after a closing quote");
+        assert!(
+            csv_record(r#""a,b"=c,d"#).is_err(),
+            "text after a closing quote"
+        );
         assert_eq!(csv_record("a,,b").unwrap(), vec!["a", "", "b"]);
         assert_eq!(
             csv_record(r#"a"b"#).unwrap_err().to_string(),
@@ -738,7 +744,10 @@ mod tests {
         );
         assert_eq!(suggest("FROBNICATE", ["ADD", "RUN"], false), None);
         assert_eq!(suggest("run", ["RUN"], false), None);
-        assert_eq!(suggest("chwon", ["chown", "from"], true), Some("chown".into()));
+        assert_eq!(
+            suggest("chwon", ["chown", "from"], true),
+            Some("chown".into())
+        );
     }
 
     #[test]

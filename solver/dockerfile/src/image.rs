@@ -428,7 +428,10 @@ mod tests {
     fn times() {
         assert_eq!(format_unix_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_unix_time(1_700_000_000), "2023-11-14T22:13:20Z");
-        assert_eq!(normalize_time("2020-01-01T00:00:00.000Z"), "2020-01-01T00:00:00Z");
+        assert_eq!(
+            normalize_time("2020-01-01T00:00:00.000Z"),
+            "2020-01-01T00:00:00Z"
+        );
         assert_eq!(
             normalize_time("2020-01-01T00:00:00.5+02:00"),
             "2020-01-01T00:00:00.5+02:00"

@@ -195,23 +195,65 @@ pub struct CopyCommand {
 /// A Dockerfile command (everything but `FROM`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Env { code: Code, env: Vec<KeyValue> },
-    Maintainer { code: Code, maintainer: String },
-    Label { code: Code, labels: Vec<KeyValue> },
+    Env {
+        code: Code,
+        env: Vec<KeyValue>,
+    },
+    Maintainer {
+        code: Code,
+        maintainer: String,
+    },
+    Label {
+        code: Code,
+        labels: Vec<KeyValue>,
+    },
     Add(AddCommand),
     Copy(CopyCommand),
-    Onbuild { code: Code, expression: String },
-    Workdir { code: Code, path: String },
+    Onbuild {
+        code: Code,
+        expression: String,
+    },
+    Workdir {
+        code: Code,
+        path: String,
+    },
     Run(RunCommand),
-    Cmd { code: Code, cmd: ShellDependantCmdLine },
-    Healthcheck { code: Code, health: HealthConfig },
-    Entrypoint { code: Code, cmd: ShellDependantCmdLine },
-    Expose { code: Code, ports: Vec<String> },
-    User { code: Code, user: String },
-    Volume { code: Code, volumes: Vec<String> },
-    StopSignal { code: Code, signal: String },
-    Arg { code: Code, args: Vec<KeyValueOptional> },
-    Shell { code: Code, shell: Vec<String> },
+    Cmd {
+        code: Code,
+        cmd: ShellDependantCmdLine,
+    },
+    Healthcheck {
+        code: Code,
+        health: HealthConfig,
+    },
+    Entrypoint {
+        code: Code,
+        cmd: ShellDependantCmdLine,
+    },
+    Expose {
+        code: Code,
+        ports: Vec<String>,
+    },
+    User {
+        code: Code,
+        user: String,
+    },
+    Volume {
+        code: Code,
+        volumes: Vec<String>,
+    },
+    StopSignal {
+        code: Code,
+        signal: String,
+    },
+    Arg {
+        code: Code,
+        args: Vec<KeyValueOptional>,
+    },
+    Shell {
+        code: Code,
+        shell: Vec<String>,
+    },
 }
 
 impl Command {
@@ -480,7 +522,9 @@ fn parse_sources_and_dest(req: &Request, command: &str) -> R<SourcesAndDest> {
         None => (String::new(), &[][..]),
     };
     if parser::must_parse_heredoc(&dest).is_some() {
-        return Err(format!("{command} cannot accept a heredoc as a destination"));
+        return Err(format!(
+            "{command} cannot accept a heredoc as a destination"
+        ));
     }
     let mut out = SourcesAndDest {
         dest_path: dest,
@@ -691,12 +735,18 @@ fn parse_run(req: &mut Request, opts: ParseOptions) -> R<Command> {
         .collect::<R<Vec<_>>>()?;
     let network = req.flags.value("network");
     if !matches!(network.as_str(), "default" | "none" | "host") {
-        return Err(format!("invalid network mode {}", gocompat::quote(&network)));
+        return Err(format!(
+            "invalid network mode {}",
+            gocompat::quote(&network)
+        ));
     }
     let security = if opts.labs {
         let security = req.flags.value("security");
         if !matches!(security.as_str(), "insecure" | "sandbox") {
-            return Err(format!("security {} is not valid", gocompat::quote(&security)));
+            return Err(format!(
+                "security {} is not valid",
+                gocompat::quote(&security)
+            ));
         }
         security
     } else {
@@ -1064,8 +1114,8 @@ pub type Expander<'a> = &'a dyn Fn(&str) -> Result<String, String>;
 /// Parses a `--mount` value. Without an expander (at instruction parse time) only `from`
 /// is taken and everything else is left for dispatch, as BuildKit does.
 pub fn parse_mount(value: &str, expander: Option<Expander>) -> R<Mount> {
-    let fields = gocompat::csv_record(value)
-        .map_err(|e| format!("failed to parse csv mounts: {e}"))?;
+    let fields =
+        gocompat::csv_record(value).map_err(|e| format!("failed to parse csv mounts: {e}"))?;
     let mut m = Mount {
         mount_type: "bind".into(),
         from: String::new(),
@@ -1132,7 +1182,10 @@ pub fn parse_mount(value: &str, expander: Option<Expander>) -> R<Mount> {
         match key.as_str() {
             "type" => {
                 let lower = value.to_lowercase();
-                if !matches!(lower.as_str(), "bind" | "cache" | "tmpfs" | "secret" | "ssh") {
+                if !matches!(
+                    lower.as_str(),
+                    "bind" | "cache" | "tmpfs" | "secret" | "ssh"
+                ) {
                     return Err(gocompat::with_suggestion(
                         format!("unsupported mount type {}", gocompat::quote(&value)),
                         &value,
@@ -1335,7 +1388,9 @@ mod tests {
     }
 
     fn err(df: &str) -> String {
-        parse_df(&format!("FROM x\n{df}\n")).unwrap_err().to_string()
+        parse_df(&format!("FROM x\n{df}\n"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -1412,7 +1467,8 @@ mod tests {
 
     #[test]
     fn copy_and_add() {
-        let Command::Copy(c) = single("COPY --from=st --chown=1:2 --chmod=755 --link a b /d/") else {
+        let Command::Copy(c) = single("COPY --from=st --chown=1:2 --chmod=755 --link a b /d/")
+        else {
             panic!()
         };
         assert_eq!(c.from, "st");
@@ -1421,8 +1477,7 @@ mod tests {
         assert!(c.link);
         assert_eq!(c.sources.source_paths, vec!["a", "b"]);
         assert_eq!(c.sources.dest_path, "/d/");
-        let Command::Add(a) =
-            single("ADD --keep-git-dir --checksum=sha256:abc https://x/y.tar /y")
+        let Command::Add(a) = single("ADD --keep-git-dir --checksum=sha256:abc https://x/y.tar /y")
         else {
             panic!()
         };
@@ -1502,18 +1557,45 @@ mod tests {
         assert!(m.required);
         for (spec, want) in [
             ("type=nope,target=/x", "unsupported mount type \"nope\""),
-            ("type=bindd,target=/x", "unsupported mount type \"bindd\" (did you mean bind?)"),
-            ("type=bind,required", "unexpected key 'required' for mount type 'bind'"),
-            ("type=bind,mode=0700,target=/x", "mode not allowed for \"bind\" type mounts"),
-            ("type=bind,sharing=locked,target=/x", "invalid cache sharing set for bind mount"),
+            (
+                "type=bindd,target=/x",
+                "unsupported mount type \"bindd\" (did you mean bind?)",
+            ),
+            (
+                "type=bind,required",
+                "unexpected key 'required' for mount type 'bind'",
+            ),
+            (
+                "type=bind,mode=0700,target=/x",
+                "mode not allowed for \"bind\" type mounts",
+            ),
+            (
+                "type=bind,sharing=locked,target=/x",
+                "invalid cache sharing set for bind mount",
+            ),
             ("type=cache,sharing=x", "unsupported sharing value \"x\""),
-            ("type=secret", "invalid secret mount. one of source, target required"),
+            (
+                "type=secret",
+                "invalid secret mount. one of source, target required",
+            ),
             ("type=secret,src=a,id=b", "both source and id can't be set"),
-            ("type=bind,target=/x,ro=maybe", "invalid value for ro: maybe"),
-            ("type=bind,target=/x,size=1", "unexpected key 'size' for mount type 'bind'"),
+            (
+                "type=bind,target=/x,ro=maybe",
+                "invalid value for ro: maybe",
+            ),
+            (
+                "type=bind,target=/x,size=1",
+                "unexpected key 'size' for mount type 'bind'",
+            ),
             ("type=cache,target=/x,mode=9", "invalid value 9 for mode"),
-            ("type=bind,tagret=/x", "unexpected key 'tagret' in 'tagret=/x' (did you mean target?)"),
-            ("type=bind,foo", "invalid field 'foo' must be a key=value pair"),
+            (
+                "type=bind,tagret=/x",
+                "unexpected key 'tagret' in 'tagret=/x' (did you mean target?)",
+            ),
+            (
+                "type=bind,foo",
+                "invalid field 'foo' must be a key=value pair",
+            ),
         ] {
             assert_eq!(parse_mount(spec, Some(&id)).unwrap_err(), want, "{spec}");
         }

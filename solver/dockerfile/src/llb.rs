@@ -91,7 +91,7 @@ pub mod caps {
 /// The default `PATH` for an OS (`util/system.DefaultPathEnv`).
 pub fn default_path_env(os: &str) -> String {
     if os == "windows" {
-        String::new()
+        "c:\\Windows\\System32;c:\\Windows".to_owned()
     } else {
         kiln_proto::DEFAULT_PATH.to_owned()
     }
@@ -1087,10 +1087,7 @@ pub fn git(remote: &str, git_ref: &str, opts: &GitOptions, mut constraints: Cons
     }
     if proto == GitProtocol::Ssh {
         if !opts.known_ssh_hosts.is_empty() {
-            attrs.insert(
-                "git.knownsshhosts".to_owned(),
-                opts.known_ssh_hosts.clone(),
-            );
+            attrs.insert("git.knownsshhosts".to_owned(), opts.known_ssh_hosts.clone());
         }
         constraints.add_cap(caps::SOURCE_GIT_KNOWN_SSH_HOSTS);
         let sock = if opts.mount_ssh_sock.is_empty() {
@@ -1820,16 +1817,21 @@ mod tests {
             Constraints::new().platform(amd64()),
         );
         assert_eq!(img.get_platform(), Some(&amd64()));
-        let run = img.run(Run::new(
-            img.args(vec!["/bin/sh".into(), "-c".into(), "true".into()]),
-        ));
+        let run = img.run(Run::new(img.args(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "true".into(),
+        ])));
         let def = marshal(&run, &opts()).unwrap();
         let ops = ops(&def);
         assert_eq!(ops.len(), 3);
         let pb::op::Op::Source(src) = ops[0].1.op.as_ref().unwrap() else {
             panic!()
         };
-        assert_eq!(src.identifier, "docker-image://docker.io/library/busybox:latest");
+        assert_eq!(
+            src.identifier,
+            "docker-image://docker.io/library/busybox:latest"
+        );
         let pb::op::Op::Exec(exec) = ops[1].1.op.as_ref().unwrap() else {
             panic!()
         };
@@ -2008,7 +2010,11 @@ mod tests {
     #[test]
     fn merge_drops_scratch_and_has_no_platform() {
         let a = image("a", ResolveMode::Default, Constraints::new());
-        assert!(merge(vec![State::scratch()], Constraints::new()).output().is_none());
+        assert!(
+            merge(vec![State::scratch()], Constraints::new())
+                .output()
+                .is_none()
+        );
         let single = merge(vec![a.clone(), State::scratch()], Constraints::new());
         assert!(single.output().is_some());
         let copy = State::scratch().file(

@@ -452,13 +452,14 @@ pub fn parse(data: &str) -> Result<Parsed, ParseError> {
                 line: Some(current_line),
             });
         }
-        let mut child = new_node_from_line(&line, &d, std::mem::take(&mut comments)).map_err(
-            |message| ParseError::Line {
-                message,
-                start: start_line,
-                end: current_line,
-            },
-        )?;
+        let mut child =
+            new_node_from_line(&line, &d, std::mem::take(&mut comments)).map_err(|message| {
+                ParseError::Line {
+                    message,
+                    start: start_line,
+                    end: current_line,
+                }
+            })?;
         if child.can_contain_heredoc() {
             let docs = heredocs_from_line(&line).map_err(|message| ParseError::Line {
                 message,
@@ -861,7 +862,10 @@ fn is_space_byte(b: u8) -> bool {
 fn parse_health_config(rest: &str) -> Result<(Vec<Arg>, bool), String> {
     let is_space = is_space_byte;
     let bytes = rest.as_bytes();
-    let sep = bytes.iter().position(|b| is_space(*b)).unwrap_or(bytes.len());
+    let sep = bytes
+        .iter()
+        .position(|b| is_space(*b))
+        .unwrap_or(bytes.len());
     if sep == 0 {
         return Ok((Vec::new(), false));
     }
@@ -967,7 +971,11 @@ mod tests {
         assert_eq!((run.start_line, run.end_line), (2, 6));
         assert_eq!(p.children[2].start_line, 7);
         assert_eq!(p.warnings.len(), 1, "empty continuation line warns");
-        assert!(p.warnings[0].short.starts_with("Empty continuation line found in: RUN a"));
+        assert!(
+            p.warnings[0]
+                .short
+                .starts_with("Empty continuation line found in: RUN a")
+        );
     }
 
     #[test]
@@ -982,7 +990,10 @@ mod tests {
             "invalid escape token 'x' does not match ` or \\"
         );
         let err = parse("# escape=`\n# escape=\\\nFROM x\n").unwrap_err();
-        assert_eq!(err.to_string(), "only one escape parser directive can be used");
+        assert_eq!(
+            err.to_string(),
+            "only one escape parser directive can be used"
+        );
         // A directive after an instruction is an ordinary comment.
         let p = parse("FROM x\n# escape=`\nRUN a \\\n b\n").unwrap();
         assert_eq!(p.escape_token, '\\');
@@ -1002,7 +1013,10 @@ mod tests {
         assert_eq!(copy.flags, vec!["--from=a", "--chown=x y"]);
         assert!(copy.json);
         assert_eq!(words(copy), vec!["a b", "c"]);
-        assert!(p.children[1].json, "trailing text after the array is ignored");
+        assert!(
+            p.children[1].json,
+            "trailing text after the array is ignored"
+        );
         let p = parse("RUN -- --not-a-flag\nRUN [not json\n").unwrap();
         assert!(p.children[0].flags.is_empty());
         assert_eq!(words(&p.children[0]), vec!["--not-a-flag"]);
@@ -1020,7 +1034,10 @@ mod tests {
             parse("ENV A=1 B\n").unwrap_err().to_string(),
             "Syntax error - can't find = in \"B\". Must be of the form: name=value"
         );
-        assert_eq!(parse("ENV A\n").unwrap_err().to_string(), "ENV must have two arguments");
+        assert_eq!(
+            parse("ENV A\n").unwrap_err().to_string(),
+            "ENV must have two arguments"
+        );
     }
 
     #[test]
@@ -1049,7 +1066,10 @@ mod tests {
         assert_eq!(p.children.len(), 2);
         assert_eq!(chomp_heredoc_content("\t\ta\n\tb\nc"), "a\nb\nc");
         let h = parse_heredoc("3<<-EOF").unwrap().unwrap();
-        assert_eq!((h.file_descriptor, h.chomp, h.name.as_str()), (3, true, "EOF"));
+        assert_eq!(
+            (h.file_descriptor, h.chomp, h.name.as_str()),
+            (3, true, "EOF")
+        );
         assert!(parse_heredoc("<<EOF sh").unwrap().is_none());
     }
 

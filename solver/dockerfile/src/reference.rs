@@ -215,7 +215,10 @@ pub fn validate_digest(s: &str) -> Result<(), ReferenceError> {
     if encoded.len() != size {
         return Err(ReferenceError::DigestLength);
     }
-    if !encoded.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if !encoded
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return Err(ReferenceError::DigestFormat);
     }
     Ok(())
@@ -227,7 +230,10 @@ mod tests {
     use super::*;
 
     fn norm(s: &str) -> String {
-        parse_normalized_named(s).unwrap().tag_name_only().to_string()
+        parse_normalized_named(s)
+            .unwrap()
+            .tag_name_only()
+            .to_string()
     }
 
     #[test]
@@ -245,7 +251,10 @@ mod tests {
             .unwrap()
             .with_digest(d)
             .unwrap();
-        assert_eq!(pinned.to_string(), format!("localhost:5000/busybox:latest@{d}"));
+        assert_eq!(
+            pinned.to_string(),
+            format!("localhost:5000/busybox:latest@{d}")
+        );
         assert_eq!(
             norm(&format!("busybox@{d}")),
             format!("docker.io/library/busybox@{d}")
@@ -274,7 +283,10 @@ mod tests {
             validate_digest(&format!("sha256:{}", "0".repeat(63))).unwrap_err(),
             ReferenceError::DigestLength
         );
-        assert_eq!(validate_digest("md5:abc").unwrap_err(), ReferenceError::DigestFormat);
+        assert_eq!(
+            validate_digest("md5:abc").unwrap_err(),
+            ReferenceError::DigestFormat
+        );
         assert_eq!(
             validate_digest(&format!("md5:{}", "0".repeat(32))).unwrap_err(),
             ReferenceError::DigestUnsupported

@@ -350,14 +350,22 @@ impl ShellWord<'_> {
                             return Ok(unset_raw());
                         }
                         let value = found.unwrap_or_default();
-                        Ok(if value.is_empty() { value } else { word.clone() })
+                        Ok(if value.is_empty() {
+                            value
+                        } else {
+                            word.clone()
+                        })
                     }
                     Some('-') => {
                         if found.is_none() && self.lex.skip_unset_env {
                             return Ok(unset_raw());
                         }
                         let value = found.unwrap_or_default();
-                        Ok(if value.is_empty() { word.clone() } else { value })
+                        Ok(if value.is_empty() {
+                            word.clone()
+                        } else {
+                            value
+                        })
                     }
                     Some('?') => match found {
                         None if self.lex.skip_unset_env => Ok(unset_raw()),
@@ -381,7 +389,9 @@ impl ShellWord<'_> {
                     },
                     other => Err(format!(
                         "unsupported modifier ({}) in substitution",
-                        other.map(String::from).unwrap_or_else(|| "%!c(int32=-1)".into())
+                        other
+                            .map(String::from)
+                            .unwrap_or_else(|| "%!c(int32=-1)".into())
                     )),
                 }
             }
@@ -484,9 +494,15 @@ mod tests {
     fn errors_name_the_word() {
         let lex = Lex::new('\\');
         let err = lex.process_word("${VAR:?need it}", &env(&[])).unwrap_err();
-        assert_eq!(err.to_string(), "failed to process \"${VAR:?need it}\": VAR: need it");
+        assert_eq!(
+            err.to_string(),
+            "failed to process \"${VAR:?need it}\": VAR: need it"
+        );
         let err = lex.process_word("${", &env(&[])).unwrap_err();
-        assert_eq!(err.to_string(), "failed to process \"${\": syntax error: missing '}'");
+        assert_eq!(
+            err.to_string(),
+            "failed to process \"${\": syntax error: missing '}'"
+        );
         let err = lex.process_word("\"abc", &env(&[])).unwrap_err();
         assert!(err.to_string().contains("matching double-quote"));
     }
@@ -498,7 +514,8 @@ mod tests {
         lex.skip_unset_env = true;
         let e = env(&["HOME=/root"]);
         assert_eq!(
-            lex.process_word("echo \"$HOME\" '$X' ${Y:-z} $Z", &e).unwrap(),
+            lex.process_word("echo \"$HOME\" '$X' ${Y:-z} $Z", &e)
+                .unwrap(),
             "echo \"/root\" '$X' ${Y:-z} $Z"
         );
     }
