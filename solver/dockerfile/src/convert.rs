@@ -756,12 +756,8 @@ fn prepare(dockerfile: &[u8], opts: &ConvertOptions) -> Result<Plan, ConvertErro
             .count();
         ds.cmd_total = total;
         if let Some(ignore) = &opts.ignore_cache {
-            if ignore.is_empty() {
-                ds.ignore_cache = true;
-            } else if !st.name.is_empty() && ignore.iter().any(|n| n.eq_ignore_ascii_case(&st.name))
-            {
-                ds.ignore_cache = true;
-            }
+            ds.ignore_cache = ignore.is_empty()
+                || (!st.name.is_empty() && ignore.iter().any(|n| n.eq_ignore_ascii_case(&st.name)));
         }
     }
     if all.states.is_empty() {

@@ -572,7 +572,9 @@ fn frexp(x: f64) -> (f64, i64) {
 }
 
 /// Go's `math.Log` (the FDLIBM algorithm Go implements), so results agree with Go to the
-/// last bit rather than with the platform's libm.
+/// last bit rather than with the platform's libm. The constants are FDLIBM's, as printed
+/// there.
+#[allow(clippy::excessive_precision)]
 fn go_log(x: f64) -> f64 {
     const LN2_HI: f64 = 6.93147180369123816490e-01;
     const LN2_LO: f64 = 1.90821492927058770002e-10;

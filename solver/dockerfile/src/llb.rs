@@ -781,6 +781,7 @@ pub struct CopyInfo {
 
 /// One action of a file op.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // a handful per op; boxing would only burden callers
 pub enum FileAction {
     Mkdir {
         path: String,
@@ -1675,7 +1676,7 @@ pub fn marshal(state: &State, opts: &MarshalOptions) -> Result<pb::Definition, L
             let mut seen_inputs = HashSet::new();
             let inputs: Vec<Vertex> = vertex_inputs(&vertex)
                 .iter()
-                .map(|o| o.resolve().map(|(v, i)| (v, i)))
+                .map(Output::resolve)
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .filter(|(v, i)| seen_inputs.insert((v.id(), *i)))

@@ -55,7 +55,7 @@ fn parser_rejects_buildkit_negative_cases() {
         let instr = parsed
             .as_ref()
             .ok()
-            .map(|p| kiln_dockerfile::instructions::parse(p));
+            .map(kiln_dockerfile::instructions::parse);
         assert!(
             parsed.is_err() || instr.is_some_and(|r| r.is_err()),
             "{} must be rejected",
