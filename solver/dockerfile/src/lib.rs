@@ -12,6 +12,7 @@ pub mod gocompat;
 pub mod image;
 pub mod instructions;
 pub mod llb;
+pub mod opts;
 pub mod parser;
 pub mod reference;
 pub mod shell;

@@ -224,14 +224,20 @@ async fn base_image_config_seeds_env_workdir_and_user() {
         format!("docker-image://docker.io/library/alpine:latest@{ALPINE_DIGEST}")
     );
     assert_eq!(src_op.platform.as_ref().unwrap().architecture, "amd64");
-    assert_eq!(md.description["com.docker.dockerfile.v1.command"], "FROM alpine");
+    assert_eq!(
+        md.description["com.docker.dockerfile.v1.command"],
+        "FROM alpine"
+    );
     let (_, exec, _) = ops.exec("[2/2] RUN id");
     let meta = exec.meta.as_ref().unwrap();
     assert_eq!(meta.env, vec!["PATH=/usr/bin:/bin"]);
     assert_eq!(meta.cwd, "/home");
     assert_eq!(meta.user, "app");
     // The base's history is kept (with its timestamp), the new entry has none.
-    assert_eq!(c.image.history[0].created.as_deref(), Some("2020-01-01T00:00:00Z"));
+    assert_eq!(
+        c.image.history[0].created.as_deref(),
+        Some("2020-01-01T00:00:00Z")
+    );
     assert_eq!(c.image.history[1].created, None);
     assert_eq!(c.image.config.working_dir, "/home");
     assert_eq!(c.image.config.on_build, None);
@@ -265,7 +271,15 @@ async fn args_env_and_history() {
     let c = convert_with(df, &opts).await.unwrap();
     let ops = Ops::of(&c);
     let (_, exec, _) = ops.exec("[2/2] RUN echo 2.0 $NOPE");
-    assert!(!exec.meta.as_ref().unwrap().env.iter().any(|e| e.starts_with("UNDECLARED")));
+    assert!(
+        !exec
+            .meta
+            .as_ref()
+            .unwrap()
+            .env
+            .iter()
+            .any(|e| e.starts_with("UNDECLARED"))
+    );
 }
 
 #[tokio::test]
@@ -280,14 +294,15 @@ async fn platform_args_and_cross_builds() {
     opts.target_platform = Some(arm64.clone());
     opts.prefix_platform = true;
     let resolver = FakeResolver::new();
-    let c = dockerfile_to_llb(df.as_bytes(), &opts, &resolver).await.unwrap();
+    let c = dockerfile_to_llb(df.as_bytes(), &opts, &resolver)
+        .await
+        .unwrap();
     let calls = resolver.calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2);
     assert!(calls.contains(&("docker.io/library/alpine:latest".into(), amd64())));
     assert!(calls.contains(&("docker.io/library/alpine:latest".into(), arm64.clone())));
     let ops = Ops::of(&c);
-    let (op, exec, _) =
-        ops.exec("[linux/amd64->arm64 build 2/2] RUN echo linux/arm64 amd64");
+    let (op, exec, _) = ops.exec("[linux/amd64->arm64 build 2/2] RUN echo linux/arm64 amd64");
     assert_eq!(op.platform.as_ref().unwrap().architecture, "amd64");
     let env = &exec.meta.as_ref().unwrap().env;
     assert!(env.contains(&"TARGETPLATFORM=linux/arm64".to_owned()));
@@ -402,7 +417,11 @@ async fn add_urls_and_checksums() {
     assert_eq!(src.attrs["http.checksum"], sum);
     assert_eq!(caps(md), vec!["source.http", "source.http.checksum"]);
     // Remote sources do not scope the context: it is not used at all.
-    assert!(ops.sources().iter().all(|(_, s, _)| !s.identifier.starts_with("local://")));
+    assert!(
+        ops.sources()
+            .iter()
+            .all(|(_, s, _)| !s.identifier.starts_with("local://"))
+    );
 
     assert_eq!(
         error("FROM alpine\nCOPY https://x/y /y\n").await,
@@ -417,7 +436,10 @@ async fn add_urls_and_checksums() {
         "invalid checksum digest format"
     );
     assert_eq!(
-        error(&format!("FROM alpine\nCOPY a b\nADD --checksum={sum} https://x/a https://x/b /d/\n")).await,
+        error(&format!(
+            "FROM alpine\nCOPY a b\nADD --checksum={sum} https://x/a https://x/b /d/\n"
+        ))
+        .await,
         "checksum can't be specified for multiple sources"
     );
 }
@@ -452,7 +474,9 @@ async fn add_git_sources() {
         vec!["source.git", "source.git.fullurl", "source.git.keepgitdir"]
     );
     assert!(md.description.is_empty());
-    let (_, f, _) = ops.file("[2/2] ADD --keep-git-dir https://github.com/moby/buildkit.git#v0.11.6:frontend /src");
+    let (_, f, _) = ops.file(
+        "[2/2] ADD --keep-git-dir https://github.com/moby/buildkit.git#v0.11.6:frontend /src",
+    );
     let copy = copy_action(f, 0);
     assert_eq!((copy.src.as_str(), copy.dest.as_str()), ("/", "/src"));
 
@@ -569,7 +593,8 @@ async fn run_mount_errors() {
         "invalid value for size: 1x"
     );
     // Values are expanded at dispatch.
-    let c = convert("FROM alpine\nARG T=/tgt\nRUN --mount=type=tmpfs,target=$T,size=1k true\n").await;
+    let c =
+        convert("FROM alpine\nARG T=/tgt\nRUN --mount=type=tmpfs,target=$T,size=1k true\n").await;
     let ops = Ops::of(&c);
     let (_, exec, _) = ops.exec("[stage-0 2/2] RUN --mount=type=tmpfs,target=/tgt,size=1k true");
     assert_eq!(exec.mounts[1].tmpfs_opt, Some(pb::TmpfsOpt { size: 1024 }));
@@ -587,7 +612,12 @@ async fn run_heredocs() {
     );
     let pipes = &exec.mounts[1];
     assert_eq!(
-        (pipes.dest.as_str(), pipes.selector.as_str(), pipes.readonly, pipes.output),
+        (
+            pipes.dest.as_str(),
+            pipes.selector.as_str(),
+            pipes.readonly,
+            pipes.output
+        ),
         ("/dev/pipes/", "/", true, -1)
     );
     let (doc_op, f, _) = ops.file("[internal] preparing inline document");
@@ -643,7 +673,7 @@ async fn workdir_creates_directories_owned_by_the_user() {
         &history(&c)[1..],
         ["USER 1000:1000", "WORKDIR /home/rel", "WORKDIR /"]
     );
-    assert!(c.image.history[2].empty_layer == false && c.image.history[3].empty_layer);
+    assert!(!c.image.history[2].empty_layer && c.image.history[3].empty_layer);
 }
 
 #[tokio::test]
@@ -739,7 +769,8 @@ async fn scratch_target_without_ops() {
 #[tokio::test]
 async fn stage_errors() {
     assert_eq!(
-        error("FROM busybox AS a\nCOPY --from=b /x /x\nFROM busybox AS b\nCOPY --from=a /y /y\n").await,
+        error("FROM busybox AS a\nCOPY --from=b /x /x\nFROM busybox AS b\nCOPY --from=a /y /y\n")
+            .await,
         "circular dependency detected on stage: a"
     );
     assert_eq!(
@@ -773,7 +804,10 @@ async fn stage_errors() {
     let mut opts = base_opts();
     opts.target = Some("nope".into());
     assert_eq!(
-        convert_with("FROM alpine\n", &opts).await.unwrap_err().to_string(),
+        convert_with("FROM alpine\n", &opts)
+            .await
+            .unwrap_err()
+            .to_string(),
         "target stage nope could not be found"
     );
     let err = convert_with("FROM alpine\nRUN --mount=type=nope x\n", &base_opts())
@@ -840,7 +874,10 @@ async fn context_source_options() {
             "source.local.sharedkeyhint",
         ]
     );
-    assert_eq!(md.description["llb.customname"], "[internal] load build context");
+    assert_eq!(
+        md.description["llb.customname"],
+        "[internal] load build context"
+    );
 }
 
 #[tokio::test]
@@ -858,7 +895,8 @@ async fn exec_options() {
     }];
     opts.cgroup_parent = "kiln".into();
     opts.cache_id_namespace = "ns".into();
-    opts.build_args.insert("HTTP_PROXY".into(), "http://p:3128".into());
+    opts.build_args
+        .insert("HTTP_PROXY".into(), "http://p:3128".into());
     let c = convert_with(
         "FROM alpine\nRUN --mount=type=cache,target=/c --network=host x\nCOPY a /a\n",
         &opts,
@@ -883,7 +921,10 @@ async fn exec_options() {
     assert_eq!(exec.network, pb::NetMode::Host as i32);
     assert_eq!(exec.mounts[1].cache_opt.as_ref().unwrap().id, "ns//c");
     assert_eq!(exec.mounts[2].dest, "/dev/shm");
-    assert_eq!(exec.mounts[2].tmpfs_opt, Some(pb::TmpfsOpt { size: 1 << 20 }));
+    assert_eq!(
+        exec.mounts[2].tmpfs_opt,
+        Some(pb::TmpfsOpt { size: 1 << 20 })
+    );
     assert!(md.ignore_cache);
     for cap in [
         "exec.meta.network",
@@ -953,8 +994,16 @@ async fn source_date_epoch_stamps_history() {
 async fn warnings() {
     let c = convert("# syntax=example.com/my/frontend\nFROM alpine\nRUN a \\\n\n b\n").await;
     assert_eq!(c.warnings.len(), 2);
-    assert!(c.warnings.iter().any(|w| w.short.contains("example.com/my/frontend")));
-    assert!(c.warnings.iter().any(|w| w.short.starts_with("Empty continuation line")));
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.short.contains("example.com/my/frontend"))
+    );
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.short.starts_with("Empty continuation line"))
+    );
     let c = convert("# syntax=docker/dockerfile:1.5\nFROM alpine\n").await;
     assert!(c.warnings.is_empty());
 }
