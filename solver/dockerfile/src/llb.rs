@@ -243,6 +243,55 @@ enum Op {
     Merge(MergeOp),
 }
 
+/// Dropping a long chain of ops would recurse once per op through `State` → `Output` →
+/// `Arc<Op>`; children whose last reference goes away here are unlinked on a heap stack
+/// instead.
+impl Drop for Op {
+    fn drop(&mut self) {
+        let mut pending: Vec<Arc<Op>> = Vec::new();
+        self.take_children(&mut pending);
+        while let Some(op) = pending.pop() {
+            if let Ok(mut op) = Arc::try_unwrap(op) {
+                op.take_children(&mut pending);
+            }
+        }
+    }
+}
+
+impl Op {
+    fn take_children(&mut self, into: &mut Vec<Arc<Op>>) {
+        let mut outputs: Vec<Output> = Vec::new();
+        match self {
+            Op::Source(_) => {}
+            Op::Exec(e) => {
+                outputs.extend(e.base.output.take());
+                for m in &mut e.mounts {
+                    outputs.extend(m.source.take());
+                }
+            }
+            Op::File(f) => {
+                outputs.extend(f.base.output.take());
+                for action in &mut f.actions {
+                    if let FileAction::Copy { source, .. } = action {
+                        outputs.extend(source.output.take());
+                    }
+                }
+            }
+            Op::Merge(m) => outputs.append(&mut m.inputs),
+        }
+        while let Some(Output(kind)) = outputs.pop() {
+            match kind {
+                OutputKind::Vertex { vertex, .. } => into.push(vertex.0),
+                OutputKind::Deferred(cell) => {
+                    if let Ok(cell) = Arc::try_unwrap(cell) {
+                        outputs.extend(cell.into_inner());
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SourceOp {
     identifier: String,
