@@ -152,6 +152,9 @@ pub struct ConvertOptions {
     /// The `local.unique` attribute of local sources without a session (BuildKit draws a
     /// random one per marshal; `None` does the same).
     pub local_unique_id: Option<String>,
+    /// Replaces the `local://context` source (BuildKit's `BuildContext`: a git or HTTP
+    /// context, or a subdirectory of one).
+    pub build_context: Option<State>,
 }
 
 impl Default for ConvertOptions {
@@ -180,6 +183,7 @@ impl Default for ConvertOptions {
             prefix_platform: false,
             labs: true,
             local_unique_id: None,
+            build_context: None,
         }
     }
 }
@@ -1149,11 +1153,14 @@ fn finish(
     if let Some(paths) = normalize_context_paths(&ctx_paths) {
         local_opts.follow_paths = paths;
     }
-    let context = llb::local(
-        &opts.context_name,
-        &local_opts,
-        Constraints::new().custom_name("[internal] load build context"),
-    );
+    let context = match &opts.build_context {
+        Some(state) => state.clone(),
+        None => llb::local(
+            &opts.context_name,
+            &local_opts,
+            Constraints::new().custom_name("[internal] load build context"),
+        ),
+    };
     context_setter.set(context.output().cloned());
 
     if !platform_opt.implicit_target {

@@ -1019,3 +1019,27 @@ async fn name_width_follows_the_command_count() {
     ops.exec("[ 2/10] RUN echo 0");
     ops.exec("[10/10] RUN echo 8");
 }
+
+#[tokio::test]
+async fn build_context_can_be_replaced() {
+    let mut opts = base_opts();
+    opts.build_context = Some(kiln_dockerfile::llb::git(
+        "https://github.com/moby/buildkit.git",
+        "v0.11.6",
+        &Default::default(),
+        kiln_dockerfile::llb::Constraints::new(),
+    ));
+    let c = convert_with("FROM alpine\nCOPY README.md /\n", &opts)
+        .await
+        .unwrap();
+    let ops = Ops::of(&c);
+    assert!(
+        ops.sources()
+            .iter()
+            .all(|(_, s, _)| !s.identifier.starts_with("local://"))
+    );
+    let (_, src, _) = ops.source("git://");
+    assert_eq!(src.identifier, "git://github.com/moby/buildkit.git#v0.11.6");
+    let (_, f, _) = ops.file("[2/2] COPY README.md /");
+    assert_eq!(copy_action(f, 0).src, "/README.md");
+}
