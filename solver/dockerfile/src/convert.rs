@@ -491,7 +491,8 @@ struct DispatchState {
     cmd_set: bool,
     unregistered: bool,
     stage_name: String,
-    cmd_index: usize,
+    /// Signed as in BuildKit: `COPY --link` steps it back before naming its ops.
+    cmd_index: i64,
     cmd_total: usize,
 }
 

@@ -1043,3 +1043,12 @@ async fn build_context_can_be_replaced() {
     let (_, f, _) = ops.file("[2/2] COPY README.md /");
     assert_eq!(copy_action(f, 0).src, "/README.md");
 }
+
+#[tokio::test]
+async fn link_copy_from_a_trigger_in_a_stage_without_counted_commands() {
+    let c = convert("FROM alpine AS base\nONBUILD COPY --link a /a\nFROM base\n").await;
+    let ops = Ops::of(&c);
+    let (merge, md) = ops.named("LINK COPY --link a /a");
+    assert!(matches!(merge.op, Some(pb::op::Op::Merge(_))));
+    assert_eq!(md.progress_group.as_ref().unwrap().name, "COPY --link a /a");
+}
