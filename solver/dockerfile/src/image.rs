@@ -259,7 +259,7 @@ fn write_nullable_strings(out: &mut Vec<u8>, items: Option<&[String]>) {
 /// fraction dropped, a zero offset as `Z`); anything unparseable is kept as is.
 pub fn normalize_time(t: &str) -> String {
     let bytes = t.as_bytes();
-    if bytes.len() < 20 || bytes[10] != b'T' {
+    if bytes.len() < 20 || bytes[10] != b'T' || !bytes[..19].is_ascii() {
         return t.to_owned();
     }
     let (main, rest) = t.split_at(19);
@@ -437,5 +437,9 @@ mod tests {
             "2020-01-01T00:00:00.5+02:00"
         );
         assert_eq!(normalize_time("garbage"), "garbage");
+        assert_eq!(
+            normalize_time("2020-01-01Téééééééééé"),
+            "2020-01-01Téééééééééé"
+        );
     }
 }
