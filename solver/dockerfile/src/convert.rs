@@ -46,7 +46,8 @@ pub enum ConvertError {
         message: String,
         location: Vec<(usize, usize)>,
     },
-    #[error(transparent)]
+    /// The graph could not be marshaled (BuildKit's builder wraps this the same way).
+    #[error("failed to marshal LLB definition: {0}")]
     Llb(#[from] llb::LlbError),
 }
 

@@ -1052,3 +1052,11 @@ async fn link_copy_from_a_trigger_in_a_stage_without_counted_commands() {
     assert!(matches!(merge.op, Some(pb::op::Op::Merge(_))));
     assert_eq!(md.progress_group.as_ref().unwrap().name, "COPY --link a /a");
 }
+
+#[tokio::test]
+async fn empty_exec_form_fails_at_marshal() {
+    assert_eq!(
+        error("FROM alpine\nRUN []\n").await,
+        "failed to marshal LLB definition: arguments are required"
+    );
+}
