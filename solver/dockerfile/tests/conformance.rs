@@ -216,7 +216,7 @@ async fn dockerfile_cases_match_buildkit() {
     let cases = case_dirs();
     assert_eq!(cases.len(), 22, "the shared set has 22 cases");
     let mut failures = Vec::new();
-    let (mut digests, mut configs, mut errors) = (0, 0, 0);
+    let (mut digests, mut configs, mut errors, mut identical) = (0, 0, 0, 0);
     for case in &cases {
         let name = case.file_name().unwrap().to_string_lossy().into_owned();
         let dockerfile = std::fs::read(case.join("Dockerfile")).unwrap();
@@ -260,19 +260,38 @@ async fn dockerfile_cases_match_buildkit() {
         // The marshaled bytes decode to the same Definition.
         let (round, _) = decode(&converted.definition_bytes());
         assert_eq!(round, converted.definition, "{name}: encoding round trip");
-        let want_image: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(case.join("ref.image.json")).unwrap()).unwrap();
-        let got_image: serde_json::Value =
-            serde_json::from_slice(&converted.image_config_json()).unwrap();
-        if want_image == got_image {
-            configs += 1;
-        } else {
+        // Compared as JSON values, and byte for byte (Go's field order and escaping).
+        let want_json = std::fs::read(case.join("ref.image.json")).unwrap();
+        let got_json = converted.image_config_json();
+        let want_image: serde_json::Value = serde_json::from_slice(&want_json).unwrap();
+        let got_image: serde_json::Value = serde_json::from_slice(&got_json).unwrap();
+        if want_image != got_image {
             failures.push(format!(
                 "{name}: image config differs:\n  want {want_image}\n  got  {got_image}"
             ));
+        } else if want_json != got_json {
+            failures.push(format!(
+                "{name}: image config bytes differ:\n  want {}\n  got  {}",
+                String::from_utf8_lossy(&want_json),
+                String::from_utf8_lossy(&got_json)
+            ));
+        } else {
+            configs += 1;
+        }
+        // Without parallel branches the op order is fixed too: the whole Definition is
+        // BuildKit's, byte for byte.
+        if converted.definition_bytes() == want {
+            identical += 1;
         }
     }
-    eprintln!("digests {digests}/17, image configs {configs}/17, errors {errors}/5");
+    eprintln!(
+        "digests {digests}/17, image configs {configs}/17, errors {errors}/5, \
+         byte-identical Definitions {identical}/17"
+    );
+    assert!(
+        identical >= 15,
+        "only {identical} Definitions are byte-identical"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
