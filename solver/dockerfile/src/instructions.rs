@@ -16,6 +16,13 @@ pub enum InstructionError {
         message: String,
         location: Vec<(usize, usize)>,
     },
+    /// A single instruction (an `ONBUILD` trigger) could not be parsed; BuildKit reports
+    /// these without the line prefix.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        location: Vec<(usize, usize)>,
+    },
     /// An instruction appears before the first `FROM`.
     #[error("no build stage in current context")]
     NoBuildStage { location: Vec<(usize, usize)> },
@@ -32,6 +39,7 @@ impl InstructionError {
     pub fn location(&self) -> &[(usize, usize)] {
         match self {
             InstructionError::Parse { location, .. }
+            | InstructionError::Invalid { location, .. }
             | InstructionError::NoBuildStage { location }
             | InstructionError::NotACommand { location } => location,
             InstructionError::Mount(_) => &[],
@@ -372,8 +380,7 @@ pub fn parse_command(node: &Node, opts: ParseOptions) -> Result<Command, Instruc
         Ok(Instruction::Stage(_)) => Err(InstructionError::NotACommand {
             location: node.location(),
         }),
-        Err(message) => Err(InstructionError::Parse {
-            line: node.start_line,
+        Err(message) => Err(InstructionError::Invalid {
             message,
             location: node.location(),
         }),

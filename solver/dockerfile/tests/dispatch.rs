@@ -1060,3 +1060,26 @@ async fn empty_exec_form_fails_at_marshal() {
         "failed to marshal LLB definition: arguments are required"
     );
 }
+
+#[tokio::test]
+async fn bad_trigger_in_a_base_image_reports_the_bare_message() {
+    struct Bad;
+    #[async_trait::async_trait]
+    impl ImageMetaResolver for Bad {
+        async fn resolve_image_config(
+            &self,
+            _: &str,
+            _: &ResolveImageConfigOptions,
+        ) -> Result<ResolvedImageConfig, String> {
+            Ok(ResolvedImageConfig {
+                digest: None,
+                config: br#"{"os":"linux","architecture":"amd64","rootfs":{"diff_ids":["sha256:aa"]},"config":{"OnBuild":["FROBNICATE x"]}}"#.to_vec(),
+            })
+        }
+    }
+    let err = dockerfile_to_llb(b"FROM img\n", &base_opts(), &Bad)
+        .await
+        .unwrap_err();
+    assert_eq!(err.to_string(), "unknown instruction: FROBNICATE");
+    assert_eq!(err.location(), vec![(1, 1)]);
+}
