@@ -1,4 +1,5 @@
-//! Path semantics of LLB as BuildKit applies them: Go's `path.Clean` and `path.Base`
+//! Path semantics of LLB as BuildKit applies them: Go's `path.Clean`, `Join`, `IsAbs` and
+//! `Base`
 //! (lexical, slash-separated, independent of the host), and wildcard detection for
 //! FileOp copy sources. CacheMaps, the FileOp backend and the frontend must agree on
 //! these byte for byte.
@@ -30,6 +31,20 @@ pub fn clean(p: &str) -> String {
         (false, true) => ".".to_owned(),
         (false, false) => joined,
     }
+}
+
+/// Go's `path.Join`: non-empty elements joined by `/` and cleaned; `""` if all are empty.
+pub fn join(elems: &[&str]) -> String {
+    let parts: Vec<&str> = elems.iter().copied().filter(|e| !e.is_empty()).collect();
+    if parts.is_empty() {
+        return String::new();
+    }
+    clean(&parts.join("/"))
+}
+
+/// Go's `path.IsAbs`.
+pub fn is_abs(p: &str) -> bool {
+    p.starts_with('/')
 }
 
 /// `containsWildcards` (Unix): `*`, `?` or `[` not escaped by a backslash.
@@ -93,5 +108,26 @@ mod tests {
         assert_eq!(base("/"), "/");
         assert_eq!(base(""), ".");
         assert_eq!(base("file"), "file");
+    }
+
+    #[test]
+    fn join_and_base_follow_go() {
+        for (input, want) in [
+            ("", "."),
+            ("/", "/"),
+            ("a/b/../c", "a/c"),
+            ("/../a", "/a"),
+            ("../../a", "../../a"),
+            ("a//b/./", "a/b"),
+            ("/a/b/", "/a/b"),
+        ] {
+            assert_eq!(clean(input), want, "{input:?}");
+        }
+        assert_eq!(join(&["/", "a", "", "b/"]), "/a/b");
+        assert_eq!(join(&["", ""]), "");
+        assert_eq!(join(&[".", "/a.txt"]), "a.txt");
+        assert_eq!(base("/a/b/"), "b");
+        assert_eq!(base("///"), "/");
+        assert_eq!(base(""), ".");
     }
 }

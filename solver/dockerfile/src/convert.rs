@@ -10,19 +10,19 @@ use std::sync::Arc;
 
 use kiln_proto::pb;
 
-use crate::gocompat;
 use crate::image::{self, Image};
-use crate::instructions::{
+use kiln_dockerfile_syntax::gocompat;
+use kiln_dockerfile_syntax::instructions::{
     self, AddCommand, Code, Command, CopyCommand, KeyValueOptional, ParseOptions, RunCommand,
     SourceContent, SourcesAndDest, Stage,
 };
-use crate::llb::{
-    self, ChownOpt, Constraints, CopyInfo, FileAction, MountSpec, ResolveMode, Run, SecretInfo,
-    SourceMap, SshInfo, State,
+use kiln_dockerfile_syntax::parser::{self, Warning};
+use kiln_dockerfile_syntax::shell::{self, Env, Lex};
+use kiln_llb::reference;
+use kiln_llb::{
+    self as llb, ChownOpt, Constraints, CopyInfo, FileAction, MountSpec, ResolveMode, Run,
+    SecretInfo, SourceMap, SshInfo, State,
 };
-use crate::parser::{self, Warning};
-use crate::reference;
-use crate::shell::{self, Env, Lex};
 
 /// Errors of the conversion. Display texts are BuildKit's; [`ConvertError::location`]
 /// gives the Dockerfile lines BuildKit attaches.
@@ -1204,7 +1204,10 @@ fn normalize_context_paths(paths: &BTreeSet<String>) -> Option<Vec<String>> {
     if paths.contains("/") {
         return None;
     }
-    let mut out: Vec<String> = paths.iter().map(|p| gocompat::join(&[".", p])).collect();
+    let mut out: Vec<String> = paths
+        .iter()
+        .map(|p| kiln_proto::paths::join(&[".", p]))
+        .collect();
     out.sort();
     Some(out)
 }
@@ -1551,7 +1554,7 @@ fn dispatch(
             )?;
             for src in &add.sources.source_paths {
                 if !is_http_source(src) {
-                    d.ctx_paths.insert(gocompat::join(&["/", src]));
+                    d.ctx_paths.insert(kiln_proto::paths::join(&["/", src]));
                 }
             }
         }
@@ -1564,7 +1567,7 @@ fn dispatch(
             dispatch_copy(d, CopyConfig::from_copy(&copy, source), dopt)?;
             if sources.is_empty() {
                 for src in &copy.sources.source_paths {
-                    d.ctx_paths.insert(gocompat::join(&["/", src]));
+                    d.ctx_paths.insert(kiln_proto::paths::join(&["/", src]));
                 }
             }
         }
@@ -1767,8 +1770,8 @@ fn dispatch_workdir(
 ) -> Result<(), String> {
     d.state = d.state.dir(path);
     let mut wd = path.to_owned();
-    if !gocompat::is_abs(path) {
-        wd = gocompat::join(&["/", &d.image.config.working_dir, &wd]);
+    if !kiln_proto::paths::is_abs(path) {
+        wd = kiln_proto::paths::join(&["/", &d.image.config.working_dir, &wd]);
     }
     d.image.config.working_dir.clone_from(&wd);
     let Some(code) = commit else {
@@ -1848,7 +1851,7 @@ fn dispatch_run(
                     selector: "/".into(),
                     ..MountSpec::new("/dev/pipes/", &st)
                 });
-                args = vec![gocompat::join(&["/dev/pipes/", &file.name])];
+                args = vec![kiln_proto::paths::join(&["/dev/pipes/", &file.name])];
             } else {
                 args = vec![data];
             }
@@ -1979,7 +1982,7 @@ fn dispatch_run_mounts(
                 _ => pb::CacheSharingOpt::Shared,
             };
             if mount.cache_id.is_empty() {
-                mount.cache_id = gocompat::clean(&mount.target);
+                mount.cache_id = kiln_proto::paths::clean(&mount.target);
             }
             cache = Some((
                 format!("{}/{}", dopt.cache_id_namespace, mount.cache_id),
@@ -1987,14 +1990,14 @@ fn dispatch_run_mounts(
             ));
         }
         let mut target = mount.target.clone();
-        if !gocompat::is_abs(&gocompat::clean(&mount.target)) {
-            target = gocompat::join(&["/", d.state.get_dir(), &mount.target]);
+        if !kiln_proto::paths::is_abs(&kiln_proto::paths::clean(&mount.target)) {
+            target = kiln_proto::paths::join(&["/", d.state.get_dir(), &mount.target]);
         }
         if target == "/" {
             return Err(format!("invalid mount target {}", gocompat::quote(&target)));
         }
         let mut selector = String::new();
-        let src = gocompat::join(&["/", &mount.source]);
+        let src = kiln_proto::paths::join(&["/", &mount.source]);
         if src != "/" {
             selector = src;
         } else if mount.uid.is_some() || mount.gid.is_some() || mount.mode.is_some() {
@@ -2022,7 +2025,8 @@ fn dispatch_run_mounts(
             ..MountSpec::new(&target, &st)
         });
         if mount.from.is_empty() {
-            d.ctx_paths.insert(gocompat::join(&["/", &mount.source]));
+            d.ctx_paths
+                .insert(kiln_proto::paths::join(&["/", &mount.source]));
         }
     }
     Ok(())
@@ -2037,10 +2041,10 @@ fn dispatch_secret(m: &instructions::Mount) -> Result<SecretInfo, String> {
         if m.target.is_empty() {
             return Err("one of source, target required".into());
         }
-        id = gocompat::base(&m.target);
+        id = kiln_proto::paths::base(&m.target);
     }
     let target = if m.target.is_empty() {
-        format!("/run/secrets/{}", gocompat::base(&id))
+        format!("/run/secrets/{}", kiln_proto::paths::base(&id))
     } else {
         m.target.clone()
     };
@@ -2184,7 +2188,7 @@ fn http_filename(src: &str) -> String {
     let Some(decoded) = percent_decode(path) else {
         return unnamed();
     };
-    let base = gocompat::base(&decoded);
+    let base = kiln_proto::paths::base(&decoded);
     if base == "." || base == "/" {
         unnamed()
     } else {
@@ -2211,12 +2215,12 @@ fn percent_decode(s: &str) -> Option<String> {
 
 fn dispatch_copy(d: &mut DispatchState, cfg: CopyConfig, dopt: &DispatchOpt) -> Result<(), String> {
     let dest_path = &cfg.params.dest_path;
-    let pp = if gocompat::is_abs(dest_path) {
+    let pp = if kiln_proto::paths::is_abs(dest_path) {
         dest_path.clone()
     } else {
-        gocompat::join(&[d.state.get_dir(), dest_path])
+        kiln_proto::paths::join(&[d.state.get_dir(), dest_path])
     };
-    let mut dest = gocompat::join(&["/", &pp]);
+    let mut dest = kiln_proto::paths::join(&["/", &pp]);
     if dest_path == "." || dest_path.is_empty() || dest_path.ends_with('/') {
         dest.push('/');
     }
@@ -2303,7 +2307,7 @@ fn dispatch_copy(d: &mut DispatchState, cfg: CopyConfig, dopt: &DispatchOpt) -> 
         } else {
             actions.push(FileAction::Copy {
                 source: cfg.source.clone(),
-                src: gocompat::join(&["/", src]),
+                src: kiln_proto::paths::join(&["/", src]),
                 dest: dest.clone(),
                 info: CopyInfo {
                     mode,

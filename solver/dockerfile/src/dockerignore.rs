@@ -23,7 +23,7 @@ pub fn read_all(content: &[u8]) -> Vec<String> {
         }
         let mut cleaned = String::new();
         if !pattern.is_empty() {
-            cleaned = crate::gocompat::clean(pattern);
+            cleaned = kiln_proto::paths::clean(pattern);
             if cleaned.len() > 1 && cleaned.starts_with('/') {
                 cleaned.remove(0);
             }

@@ -83,7 +83,7 @@ impl Image {
             rootfs_type: "layers".into(),
             config: ImageConfig {
                 working_dir: "/".into(),
-                env: vec![format!("PATH={}", crate::llb::default_path_env(os))],
+                env: vec![format!("PATH={}", kiln_llb::default_path_env(os))],
                 ..Default::default()
             },
             ..Default::default()

@@ -3,9 +3,9 @@
 //! build had) that turns a Dockerfile into an LLB Definition whose ops are byte-identical to
 //! BuildKit's, plus the image config BuildKit computes.
 //!
-//! [`dockerfile_to_llb`] parses ([`parser`], [`instructions`]), expands variables
-//! ([`shell`]), resolves base images through an [`ImageMetaResolver`] (all lookups of a
-//! build run concurrently), builds the graph ([`convert`], [`llb`]) and the image config
+//! [`dockerfile_to_llb`] parses (`kiln-dockerfile-syntax`: parser, instructions), expands
+//! variables (its shell lexer), resolves base images through an [`ImageMetaResolver`] (all lookups of a
+//! build run concurrently), builds the graph ([`convert`] on `kiln-llb`) and the image config
 //! ([`image`]). [`opts::from_frontend_opts`] reads `buildctl --opt` style options.
 //!
 //! What a caller provides, as BuildKit's builder does:
@@ -24,19 +24,13 @@
 
 pub mod convert;
 pub mod dockerignore;
-pub mod gocompat;
 pub mod image;
-pub mod instructions;
-pub mod llb;
 pub mod opts;
-pub mod parser;
-pub mod reference;
-pub mod shell;
 
 pub use convert::{
     ConvertError, ConvertOptions, Converted, ImageMetaResolver, ResolveImageConfigOptions,
     ResolvedImageConfig, SourceMapOptions, dockerfile_to_llb,
 };
 pub use image::Image;
-pub use llb::ResolveMode;
-pub use parser::Warning;
+pub use kiln_dockerfile_syntax::parser::Warning;
+pub use kiln_llb::ResolveMode;

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use kiln_proto::pb;
 
 use crate::convert::{ConvertOptions, parse_platform};
-use crate::gocompat;
-use crate::llb::{self, ResolveMode};
+use kiln_dockerfile_syntax::gocompat;
+use kiln_llb::{self as llb, ResolveMode};
 
 /// Errors in frontend options, with BuildKit's texts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1023,11 +1023,11 @@ async fn name_width_follows_the_command_count() {
 #[tokio::test]
 async fn build_context_can_be_replaced() {
     let mut opts = base_opts();
-    opts.build_context = Some(kiln_dockerfile::llb::git(
+    opts.build_context = Some(kiln_llb::git(
         "https://github.com/moby/buildkit.git",
         "v0.11.6",
         &Default::default(),
-        kiln_dockerfile::llb::Constraints::new(),
+        kiln_llb::Constraints::new(),
     ));
     let c = convert_with("FROM alpine\nCOPY README.md /\n", &opts)
         .await

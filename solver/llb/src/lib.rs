@@ -15,8 +15,9 @@ use std::sync::{Arc, OnceLock};
 use kiln_proto::encode::GogoEncode;
 use kiln_proto::{Digest, pb};
 
-use crate::gocompat;
-use crate::reference;
+use kiln_proto::paths;
+
+pub mod reference;
 
 /// Errors found while marshaling (BuildKit reports them from `Marshal`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,7 +116,7 @@ pub fn format_platform(p: &pb::Platform) -> String {
     if p.os.is_empty() {
         return "unknown".into();
     }
-    gocompat::join(&[&p.os, &p.architecture, &p.variant])
+    paths::join(&[&p.os, &p.architecture, &p.variant])
 }
 
 /// A source file (the Dockerfile) that ops can point into.
@@ -463,11 +464,11 @@ impl State {
     /// `State.Dir`: relative paths are joined to the current directory.
     pub fn dir(&self, path: &str) -> State {
         let mut s = self.clone();
-        s.dir = if gocompat::is_abs(path) {
+        s.dir = if paths::is_abs(path) {
             path.to_owned()
         } else {
             let prev = if self.dir.is_empty() { "/" } else { &self.dir };
-            gocompat::join(&[prev, path])
+            paths::join(&[prev, path])
         };
         s
     }
@@ -761,7 +762,8 @@ impl ChownOpt {
                     name: String::new(),
                 };
             }
-            match gocompat::parse_int(v, 32) {
+            // strconv.ParseInt(v, 10, 32).
+            match v.parse::<i32>().map(i64::from) {
                 Ok(uid) => UserOpt {
                     uid,
                     name: String::new(),
@@ -1603,9 +1605,9 @@ impl Marshaler<'_> {
                     dest,
                     info,
                 } => {
-                    let mut src_path = gocompat::clean(src);
-                    if !gocompat::is_abs(&src_path) {
-                        src_path = gocompat::join(&["/", &source.dir, &src_path]);
+                    let mut src_path = paths::clean(src);
+                    if !paths::is_abs(&src_path) {
+                        src_path = paths::join(&["/", &source.dir, &src_path]);
                     }
                     pb::file_action::Action::Copy(pb::FileActionCopy {
                         src: src_path,
@@ -1659,9 +1661,9 @@ type MarshalResult = Result<(pb::Op, pb::OpMetadata, Vec<SourceLocation>), LlbEr
 /// `normalizePath` of `client/llb/fileop.go`.
 fn normalize_path(parent: &str, p: &str, keep_slash: bool) -> String {
     let orig = p;
-    let mut p = gocompat::clean(p);
-    if !gocompat::is_abs(&p) {
-        p = gocompat::join(&["/", parent, &p]);
+    let mut p = paths::clean(p);
+    if !paths::is_abs(&p) {
+        p = paths::join(&["/", parent, &p]);
     }
     if keep_slash {
         if orig.ends_with('/') && !p.ends_with('/') {

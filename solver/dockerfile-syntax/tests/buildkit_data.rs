@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_dockerfile::parser;
-use kiln_dockerfile::shell::{Lex, build_envs};
+use kiln_dockerfile_syntax::parser;
+use kiln_dockerfile_syntax::shell::{Lex, build_envs};
 
 fn data() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/buildkit")
@@ -55,7 +55,7 @@ fn parser_rejects_buildkit_negative_cases() {
         let instr = parsed
             .as_ref()
             .ok()
-            .map(kiln_dockerfile::instructions::parse);
+            .map(kiln_dockerfile_syntax::instructions::parse);
         assert!(
             parsed.is_err() || instr.is_some_and(|r| r.is_err()),
             "{} must be rejected",

@@ -1,5 +1,5 @@
 //! Small re-implementations of Go standard-library behaviour that BuildKit's output depends
-//! on byte for byte: `path.Clean`/`Join`, `strconv.Quote`/`QuoteRune` (what `%q` prints),
+//! on byte for byte (Go's `path` package is `kiln_proto::paths`): `strconv.Quote`/`QuoteRune` (what `%q` prints),
 //! `time.Duration` parsing and printing, `strconv.ParseBool`/`ParseInt`, `encoding/csv`
 //! for one record, Levenshtein suggestions (`util/suggest`), and `math.Log10`.
 //!
@@ -25,63 +25,6 @@ pub enum GoError {
     Csv { column: usize, reason: &'static str },
     #[error("EOF")]
     CsvEof,
-}
-
-/// Go's `path.Clean`.
-pub fn clean(p: &str) -> String {
-    if p.is_empty() {
-        return ".".to_owned();
-    }
-    let rooted = p.starts_with('/');
-    let mut parts: Vec<&str> = Vec::new();
-    for seg in p.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                if parts.last().is_some_and(|last| *last != "..") {
-                    parts.pop();
-                } else if !rooted {
-                    parts.push("..");
-                }
-            }
-            other => parts.push(other),
-        }
-    }
-    let joined = parts.join("/");
-    match (rooted, joined.is_empty()) {
-        (true, _) => format!("/{joined}"),
-        (false, true) => ".".to_owned(),
-        (false, false) => joined,
-    }
-}
-
-/// Go's `path.Join`: non-empty elements joined by `/` and cleaned; `""` if all are empty.
-pub fn join(elems: &[&str]) -> String {
-    let parts: Vec<&str> = elems.iter().copied().filter(|e| !e.is_empty()).collect();
-    if parts.is_empty() {
-        return String::new();
-    }
-    clean(&parts.join("/"))
-}
-
-/// Go's `path.IsAbs`.
-pub fn is_abs(p: &str) -> bool {
-    p.starts_with('/')
-}
-
-/// Go's `path.Base`.
-pub fn base(p: &str) -> String {
-    if p.is_empty() {
-        return ".".to_owned();
-    }
-    let trimmed = p.trim_end_matches('/');
-    if trimmed.is_empty() {
-        return "/".to_owned();
-    }
-    match trimmed.rfind('/') {
-        Some(i) => trimmed[i + 1..].to_owned(),
-        None => trimmed.to_owned(),
-    }
 }
 
 /// Approximates Go's `unicode.IsPrint` (letters, marks, numbers, punctuation, symbols and
@@ -627,27 +570,6 @@ pub fn go_log10(x: f64) -> f64 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn clean_and_join_follow_go() {
-        for (input, want) in [
-            ("", "."),
-            ("/", "/"),
-            ("a/b/../c", "a/c"),
-            ("/../a", "/a"),
-            ("../../a", "../../a"),
-            ("a//b/./", "a/b"),
-            ("/a/b/", "/a/b"),
-        ] {
-            assert_eq!(clean(input), want, "{input:?}");
-        }
-        assert_eq!(join(&["/", "a", "", "b/"]), "/a/b");
-        assert_eq!(join(&["", ""]), "");
-        assert_eq!(join(&[".", "/a.txt"]), "a.txt");
-        assert_eq!(base("/a/b/"), "b");
-        assert_eq!(base("///"), "/");
-        assert_eq!(base(""), ".");
-    }
 
     #[test]
     fn quoting_matches_go_fmt_q() {
