@@ -27,7 +27,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build a BuildKit Definition (marshaled pb.Definition on standard input or FILE),
-    /// as `buildctl build` does.
+    /// as `buildctl build` does; or a Dockerfile: `--frontend dockerfile.v0 --local
+    /// context=DIR --local dockerfile=DIR`, or a context directory as `docker build DIR`.
     Build(BuildArgs),
     /// Remove build results and cache directories no build is using.
     Prune(PruneArgs),
@@ -45,8 +46,29 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Definition file; standard input when absent.
+    /// Definition file (standard input when absent), or a build context directory holding
+    /// a Dockerfile (docker's `docker build DIR`).
     pub file: Option<PathBuf>,
+    /// Frontend to run instead of reading a Definition: dockerfile.v0 (with --local
+    /// context=DIR and --local dockerfile=DIR).
+    #[arg(long, value_name = "NAME")]
+    pub frontend: Option<String>,
+    /// Frontend option `KEY=VALUE` (filename, target, build-arg:NAME, label:NAME,
+    /// platform, …); repeatable.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub opt: Vec<String>,
+    /// Name of the Dockerfile in the context directory (docker's `-f`).
+    #[arg(long = "file", short = 'f', value_name = "FILE")]
+    pub dockerfile: Option<PathBuf>,
+    /// The Dockerfile stage to build (default: the last).
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// `NAME=VALUE` for a Dockerfile ARG; repeatable.
+    #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+    pub build_arg: Vec<String>,
+    /// `NAME=VALUE` label for the image config; repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub label: Vec<String>,
     /// `type=local,dest=DIR`, `type=tar,dest=FILE` (`-` for stdout) or
     /// `type=oci,dest=FILE,name=REF`; repeatable.
     #[arg(long, short = 'o', value_name = "SPEC")]
@@ -150,6 +172,25 @@ pub enum DebugCommand {
     /// Print each op's CacheMap as BuildKit v0.11.6 computes it, one JSON object per line,
     /// or (with --diff) which CacheMap fields changed between two Definitions.
     Cachemap(CachemapArgs),
+    /// Convert a Dockerfile (standard input) into the Definition BuildKit's frontend makes
+    /// of it (standard output), as BuildKit's dockerfile2llb example does.
+    Dockerfile2llb(Dockerfile2llbArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct Dockerfile2llbArgs {
+    /// The stage to build (default: the last).
+    #[arg(long, value_name = "STAGE")]
+    pub target: Option<String>,
+    /// `NAME=VALUE` for a Dockerfile ARG; repeatable.
+    #[arg(long = "build-arg", value_name = "NAME=VALUE")]
+    pub build_arg: Vec<String>,
+    /// `NAME=VALUE` label for the image config; repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub label: Vec<String>,
+    /// Also write the image config (JSON) the frontend computes to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub image_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

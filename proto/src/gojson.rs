@@ -14,6 +14,7 @@
 //!   `\u00XX`, U+2028/U+2029 escaped, each invalid UTF-8 byte as `\ufffd`.
 
 use std::collections::BTreeMap;
+use std::time::SystemTime;
 
 use base64::Engine as _;
 
@@ -628,9 +629,59 @@ impl GoJson for pb::Input {
     }
 }
 
+/// `at` in UTC as RFC 3339 with nine fractional digits (`2023-11-14T22:13:20.000000005Z`).
+pub fn rfc3339_nanos(at: SystemTime) -> String {
+    let d = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, dd) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (i64, u32, u32) {
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// `at` as Go's `encoding/json` writes a `time.Time` in UTC (RFC 3339 with trailing
+/// zeros of the fraction trimmed, and no fraction when it is zero).
+pub fn go_time(at: SystemTime) -> String {
+    let full = rfc3339_nanos(at);
+    let (date, fraction) = full.trim_end_matches('Z').split_at(19);
+    let fraction = fraction.trim_end_matches('0').trim_end_matches('.');
+    format!("{date}{fraction}Z")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_as_go_writes_them() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_700_000_000, 5);
+        assert_eq!(rfc3339_nanos(t), "2023-11-14T22:13:20.000000005Z");
+        assert_eq!(go_time(t), "2023-11-14T22:13:20.000000005Z");
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(951_782_400, 120_000_000);
+        assert_eq!(go_time(t), "2000-02-29T00:00:00.12Z");
+        assert_eq!(go_time(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
 
     fn s(input: &[u8]) -> String {
         let mut out = Vec::new();

@@ -1,7 +1,8 @@
-//! `kiln build`: a BuildKit Definition in, the result out, with buildctl's flags,
-//! progress and exit codes. The data flow reads top-down in [`build`]: load the graph
-//! (kiln-proto) → open the worker (kiln-worker: ops over snapshots and the executor) →
-//! solve (kiln-solver: CacheMaps, keys, cache store, scheduler) → export (kiln-export).
+//! `kiln build`: a BuildKit Definition or a Dockerfile in, the result out, with buildctl's
+//! flags, progress and exit codes. The data flow reads top-down in [`build`]: open the
+//! worker (kiln-worker: ops over snapshots and the executor) → (Dockerfile → Definition
+//! and image config: kiln-dockerfile) → load the graph (kiln-proto) → solve (kiln-solver:
+//! CacheMaps, keys, cache store, scheduler) → export (kiln-export).
 
 use std::io::Write;
 use std::path::Path;
@@ -22,18 +23,51 @@ use kiln_worker::{BuildSession, KilnWorker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::flags::{self, OutputSpec};
+use super::frontend::{self, DockerfileRequest};
 use super::namespaces::{enter_namespaces, runtime};
 use crate::cli::BuildArgs;
 use crate::input::read_input;
 use crate::progress::{Mode, Renderer};
+
+/// What a build starts from.
+enum Input {
+    /// A Definition, loaded (`None`: one without ops).
+    Graph(Option<Graph>),
+    /// A Dockerfile the frontend turns into a Definition and an image config.
+    Dockerfile(DockerfileRequest),
+}
 
 pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     // Everything the user got wrong fails here, before any namespace or thread exists.
     let registry_hosts = RegistryHosts::load(config)?;
     let credentials = Credentials::load_default()?;
     let outputs = flags::outputs(args)?;
-    let session = flags::session(args)?;
-    let graph = Arc::new(load_graph(args)?);
+    let mut session = flags::session(args)?;
+    let load_options = LoadOptions {
+        entitlements: flags::entitlements(&args.allow)?,
+        ..Default::default()
+    };
+    let input = match frontend::dockerfile_dirs(args, &session.locals)? {
+        Some((context, dockerfile_dir)) => {
+            let request = frontend::read_dockerfile(
+                &context,
+                &dockerfile_dir,
+                frontend::frontend_opts(args)?,
+            )?;
+            session.locals.insert(frontend::CONTEXT.to_owned(), context);
+            session
+                .locals
+                .insert(frontend::DOCKERFILE_DIR.to_owned(), dockerfile_dir);
+            Input::Dockerfile(request)
+        }
+        None => Input::Graph(Some(load_graph(
+            &read_input(args.file.as_deref())?,
+            &load_options,
+            args.no_cache,
+        )?)),
+    };
+    let session_id = session.id.clone();
+    let no_cache = args.no_cache;
     let mode = Mode::parse(&args.progress);
 
     let in_user_namespace = enter_namespaces()?;
@@ -48,14 +82,42 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             registry_hosts,
             credentials,
         )?;
-        let platform = result_platform(&graph);
-        let solved = solve(&worker, &root, graph, mode).await;
+        let (graph, image_config) = match input {
+            Input::Graph(graph) => (graph, None),
+            Input::Dockerfile(request) => {
+                let resolver = frontend::RegistryMetaResolver {
+                    images: worker.images(),
+                };
+                let converted = frontend::convert(&request, &session_id, &resolver).await?;
+                // No ops: the target is scratch without a change.
+                let graph = match converted.definition.def.is_empty() {
+                    true => None,
+                    false => Some(load_graph(
+                        &converted.definition_bytes(),
+                        &load_options,
+                        no_cache,
+                    )?),
+                };
+                (graph, Some(converted.image_config_json()))
+            }
+        };
+        let platform = graph.as_ref().map_or_else(
+            || kiln_proto::platform::host_platform(),
+            |g| result_platform(g),
+        );
+        let solved = match graph {
+            Some(graph) => solve(&worker, &root, Arc::new(graph), mode).await,
+            // A Dockerfile whose target is scratch without a change.
+            None => worker
+                .empty_result("scratch")
+                .map_err(|e| anyhow::anyhow!("failed to solve: {e}")),
+        };
         let snapshotter = worker.snapshotter().clone();
         let outcome = match solved {
             Ok(result) => tokio::task::spawn_blocking(move || {
-                outputs
-                    .iter()
-                    .try_for_each(|output| export(&worker, &result, output, &platform))
+                outputs.iter().try_for_each(|output| {
+                    export(&worker, &result, output, &platform, image_config.as_deref())
+                })
             })
             .await
             .context("export task")
@@ -76,16 +138,11 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
     result.map(|()| ExitCode::SUCCESS)
 }
 
-/// Reads and loads the Definition (BuildKit's validation and error texts); `--no-cache`
-/// marks every vertex to ignore the cache, as buildctl does.
-fn load_graph(args: &BuildArgs) -> anyhow::Result<Graph> {
-    let options = LoadOptions {
-        entitlements: flags::entitlements(&args.allow)?,
-        ..Default::default()
-    };
-    let bytes = read_input(args.file.as_deref())?;
-    let mut def = decode_definition(&bytes).context("failed to solve: failed to load LLB")?;
-    if args.no_cache {
+/// Loads the Definition (BuildKit's validation and error texts); `--no-cache` marks every
+/// vertex to ignore the cache, as buildctl does.
+fn load_graph(bytes: &[u8], options: &LoadOptions, no_cache: bool) -> anyhow::Result<Graph> {
+    let mut def = decode_definition(bytes).context("failed to solve: failed to load LLB")?;
+    if no_cache {
         for op in kiln_proto::decode_ops(&def).context("failed to solve: failed to load LLB")? {
             def.metadata
                 .entry(op.digest.as_str().to_owned())
@@ -93,7 +150,7 @@ fn load_graph(args: &BuildArgs) -> anyhow::Result<Graph> {
                 .ignore_cache = true;
         }
     }
-    load(&def, &options).context("failed to solve: failed to load LLB")
+    load(&def, options).context("failed to solve: failed to load LLB")
 }
 
 /// The worker: snapshots under `root`, steps through `kiln __runner`, images through the
@@ -163,6 +220,7 @@ fn export(
     result: &ImmutableRef,
     output: &OutputSpec,
     platform: &kiln_proto::pb::Platform,
+    image_config: Option<&[u8]>,
 ) -> anyhow::Result<()> {
     match output {
         OutputSpec::Local { dest } => export::local(result, dest)
@@ -179,6 +237,7 @@ fn export(
                 name,
                 platform,
                 base_config: None,
+                image_config,
             };
             export::oci(worker.snapshotter(), result, &mut out, &options)?;
             out.flush()

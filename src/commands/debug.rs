@@ -8,14 +8,64 @@ use kiln_proto::gojson::{GoJson, ObjectWriter, to_go_json, write_string};
 use kiln_proto::{Entitlements, LoadOptions, OpKind, decode_definition, decode_ops, load, pb};
 use kiln_solver::cachemap::{self, SourceContext, diff};
 
-use crate::cli::{CachemapArgs, DebugCommand, DumpLlbArgs};
+use crate::cli::{CachemapArgs, DebugCommand, Dockerfile2llbArgs, DumpLlbArgs};
+use crate::commands::frontend::{self, DockerfileRequest};
 use crate::input::read_input;
 
-pub fn run(command: DebugCommand) -> anyhow::Result<ExitCode> {
+pub fn run(
+    root: &std::path::Path,
+    config: &std::path::Path,
+    command: DebugCommand,
+) -> anyhow::Result<ExitCode> {
     match command {
         DebugCommand::DumpLlb(args) => dump_llb(&args),
         DebugCommand::Cachemap(args) => cachemap(&args),
+        DebugCommand::Dockerfile2llb(args) => dockerfile2llb(root, config, &args),
     }
+}
+
+/// A Dockerfile on standard input to its Definition on standard output (and the image
+/// config to `--image-config`), with base images resolved as `kiln build` resolves them.
+fn dockerfile2llb(
+    root: &std::path::Path,
+    config: &std::path::Path,
+    args: &Dockerfile2llbArgs,
+) -> anyhow::Result<ExitCode> {
+    let dockerfile = read_input(None)?;
+    let mut opts = std::collections::BTreeMap::new();
+    frontend::add_docker_opts(
+        &mut opts,
+        args.target.as_deref(),
+        &args.build_arg,
+        &args.label,
+    )?;
+    let request = DockerfileRequest {
+        dockerfile,
+        dockerignore: None,
+        opts,
+    };
+    let images = kiln_registry::ImageResolver::new(
+        root,
+        kiln_registry::RegistryHosts::load(config)?,
+        kiln_registry::Credentials::load_default()?,
+        std::collections::HashMap::new(),
+    )?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let resolver = frontend::RegistryMetaResolver { images: &images };
+    // No session: the context source gets a random `local.unique`, as in BuildKit's example.
+    let converted = runtime.block_on(frontend::convert(&request, "", &resolver))?;
+    if let Some(path) = &args.image_config {
+        std::fs::write(path, converted.image_config_json())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&converted.definition_bytes())
+        .and_then(|()| out.flush())
+        .context("writing the definition")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Loads a Definition as a build would, but with every entitlement (not this view's

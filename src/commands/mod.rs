@@ -3,6 +3,7 @@
 mod build;
 mod debug;
 mod flags;
+mod frontend;
 mod namespaces;
 mod run;
 mod state;
@@ -22,6 +23,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Du(args) => state::du(&root, &args),
         Command::Run(args) => run::run(&root, &args),
         Command::Spec(args) => run::spec(&root, &args),
-        Command::Debug(command) => debug::run(command),
+        Command::Debug(command) => {
+            let config = cli.config.clone().unwrap_or_else(|| root.join("kiln.toml"));
+            debug::run(&root, &config, command)
+        }
     }
 }

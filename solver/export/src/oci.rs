@@ -6,6 +6,7 @@
 //! `org.opencontainers.image.ref.name` and `io.containerd.image.name`.
 
 use std::io::{Seek, Write};
+use std::time::SystemTime;
 
 use kiln_proto::{Digest, pb};
 use kiln_snapshotter::{Compression, ImmutableRef, LayerDescriptor, Snapshotter};
@@ -28,6 +29,10 @@ pub struct OciExportOptions<'a> {
     /// The base image's config, whose `config` (env, entrypoint, …) and, when its layers
     /// are this image's first ones, `history` are carried over.
     pub base_config: Option<&'a [u8]>,
+    /// The image config a frontend computed for the result (a Dockerfile's): written as
+    /// it is, with `rootfs` from the layers and `history` fitted to them as BuildKit's
+    /// image exporter fits it. Takes precedence over `base_config`.
+    pub image_config: Option<&'a [u8]>,
 }
 
 /// What was written.
@@ -50,16 +55,12 @@ fn config(
     layers: &[LayerDescriptor],
 ) -> Result<Value, ExportError> {
     let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
+    if let Some(bytes) = options.image_config {
+        return frontend_config(bytes, &diff_ids, SystemTime::now());
+    }
     let base: Option<Value> = options
         .base_config
-        .map(|bytes| {
-            serde_json::from_slice::<Value>(bytes)
-                .map_err(|e| ExportError::BaseConfig(e.to_string()))
-                .and_then(|v| match v {
-                    Value::Object(_) => Ok(v),
-                    _ => Err(ExportError::BaseConfig("not an object".to_owned())),
-                })
-        })
+        .map(|bytes| parse_object(bytes).map(Value::Object))
         .transpose()?;
     let inner = base
         .as_ref()
@@ -98,6 +99,67 @@ fn config(
         cfg["variant"] = json!(options.platform.variant);
     }
     Ok(cfg)
+}
+
+fn parse_object(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, ExportError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ExportError::BaseConfig("not an object".to_owned())),
+        Err(e) => Err(ExportError::BaseConfig(e.to_string())),
+    }
+}
+
+/// A frontend's image config patched for its layers (BuildKit's `patchImageConfig` and
+/// `normalizeLayersAndHistory`): `rootfs` lists the layers; history entries that claim
+/// layers beyond them become empty ones, layers without an entry get one; every layer's
+/// entry has a creation time (`now` where it has none); `created` is the last one's.
+fn frontend_config(bytes: &[u8], diff_ids: &[&str], now: SystemTime) -> Result<Value, ExportError> {
+    let mut cfg = parse_object(bytes)?;
+    cfg.insert(
+        "rootfs".to_owned(),
+        json!({"type": "layers", "diff_ids": diff_ids}),
+    );
+    let mut history: Vec<Value> = cfg
+        .get("history")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let is_empty = |h: &Value| h.get("empty_layer").and_then(Value::as_bool) == Some(true);
+    let mut claimed = 0;
+    for h in &mut history {
+        if is_empty(h) {
+            continue;
+        }
+        if claimed >= diff_ids.len() {
+            h["empty_layer"] = json!(true);
+        } else {
+            claimed += 1;
+        }
+    }
+    let time = kiln_proto::gojson::go_time(now);
+    for _ in claimed..diff_ids.len() {
+        history.push(json!({
+            "created_by": "kiln build",
+            "comment": "buildkit.exporter.image.v0",
+        }));
+    }
+    for h in &mut history {
+        if !is_empty(h) && h.get("created").is_none_or(Value::is_null) {
+            h["created"] = json!(time);
+        }
+    }
+    if cfg.get("created").is_none() {
+        let last = history
+            .iter()
+            .filter_map(|h| h.get("created"))
+            .filter(|c| !c.is_null())
+            .next_back()
+            .cloned()
+            .unwrap_or(Value::Null);
+        cfg.insert("created".to_owned(), last);
+    }
+    cfg.insert("history".to_owned(), Value::Array(history));
+    Ok(Value::Object(cfg))
 }
 
 fn append_bytes<W: Write>(
@@ -257,6 +319,7 @@ mod tests {
             name: "x",
             platform: &platform,
             base_config: Some(&base),
+            image_config: None,
         };
         let cfg = config(&options, &[layer("sha256:a"), layer("sha256:b")]).unwrap();
         assert_eq!(cfg["config"]["Env"][0], "PATH=/bin");
@@ -283,5 +346,45 @@ mod tests {
             ..options
         };
         assert!(config(&bad, &[]).is_err());
+    }
+
+    #[test]
+    fn frontend_configs_fit_their_history_to_the_layers() {
+        let frontend = serde_json::to_vec(&json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "WorkingDir": "/c"},
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:base"]},
+            "history": [
+                {"created": "2026-01-01T00:00:00Z", "created_by": "base layer"},
+                {"created_by": "WORKDIR /c", "comment": "buildkit.dockerfile.v0"},
+                {"created_by": "USER x", "empty_layer": true},
+                {"created_by": "RUN a", "comment": "buildkit.dockerfile.v0"},
+            ],
+        }))
+        .unwrap();
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        // As many layers as the history claims: kept, times filled in.
+        let cfg = frontend_config(&frontend, &["sha256:1", "sha256:2", "sha256:3"], now).unwrap();
+        assert_eq!(cfg["config"]["WorkingDir"], "/c");
+        assert_eq!(
+            cfg["rootfs"]["diff_ids"],
+            json!(["sha256:1", "sha256:2", "sha256:3"])
+        );
+        let h = cfg["history"].as_array().unwrap();
+        assert_eq!(h.len(), 4);
+        assert_eq!(h[0]["created"], "2026-01-01T00:00:00Z");
+        assert_eq!(h[1]["created"], "2023-11-14T22:13:20Z");
+        assert!(h[2].get("created").is_none(), "empty layers get no time");
+        assert_eq!(cfg["created"], "2023-11-14T22:13:20Z");
+        // Fewer layers: the extra claims become empty; more: entries are added.
+        let cfg = frontend_config(&frontend, &["sha256:1"], now).unwrap();
+        let h = cfg["history"].as_array().unwrap();
+        assert_eq!(h[1]["empty_layer"], true);
+        assert_eq!(h[3]["empty_layer"], true);
+        let cfg = frontend_config(&frontend, &["a", "b", "c", "d"], now).unwrap();
+        let h = cfg["history"].as_array().unwrap();
+        assert_eq!(h.len(), 5);
+        assert_eq!(h[4]["comment"], "buildkit.exporter.image.v0");
     }
 }

@@ -419,6 +419,7 @@ fn export_body() -> anyhow::Result<()> {
             name: "localhost/kiln-test:latest",
             platform: &platform,
             base_config: None,
+            image_config: None,
         },
     )?;
     ensure!(

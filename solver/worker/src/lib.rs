@@ -51,6 +51,17 @@ impl KilnWorker {
         &self.inner.snapshotter
     }
 
+    /// How this worker resolves images (its content store, `kiln.toml` hosts and
+    /// credentials): frontends look up base images through it.
+    pub fn images(&self) -> &kiln_registry::ImageResolver {
+        &self.inner.images
+    }
+
+    /// A committed empty tree (the result of a build whose target is `scratch`).
+    pub fn empty_result(&self, description: &str) -> Result<ImmutableRef, OpError> {
+        self.inner.empty_snapshot(description.to_owned())
+    }
+
     /// Mounts `r` read-only for the duration of `f` (exports, inspection).
     pub fn with_mounted<T>(
         &self,
