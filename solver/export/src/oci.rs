@@ -152,8 +152,7 @@ fn frontend_config(bytes: &[u8], diff_ids: &[&str], now: SystemTime) -> Result<V
         let last = history
             .iter()
             .filter_map(|h| h.get("created"))
-            .filter(|c| !c.is_null())
-            .next_back()
+            .rfind(|c| !c.is_null())
             .cloned()
             .unwrap_or(Value::Null);
         cfg.insert("created".to_owned(), last);
