@@ -101,10 +101,9 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
                 (graph, Some(converted.image_config_json()))
             }
         };
-        let platform = graph.as_ref().map_or_else(
-            || kiln_proto::platform::host_platform(),
-            |g| result_platform(g),
-        );
+        let platform = graph
+            .as_ref()
+            .map_or_else(kiln_proto::platform::host_platform, result_platform);
         let solved = match graph {
             Some(graph) => solve(&worker, &root, Arc::new(graph), mode).await,
             // A Dockerfile whose target is scratch without a change.
