@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod cache_key;
+pub mod client;
 pub mod content;
 mod error;
 pub mod hosts;
@@ -26,7 +27,8 @@ pub mod reference;
 pub mod registry;
 pub mod resolve;
 
-pub use auth::Credentials;
+pub use auth::{Auth, Credentials};
+pub use client::{ClientError, RegistryClient, RegistryClients};
 pub use cache_key::{ImageCacheKey, cache_key, chain_id, config_key, manifest_key_json};
 pub use content::ContentStore;
 pub use error::ImageError;

@@ -12,6 +12,7 @@ use kiln_proto::{Digest, pb};
 
 use super::auth::Credentials;
 use super::content::ContentStore;
+use super::client::RegistryClients;
 use super::hosts::RegistryHosts;
 use super::layout::{LayoutError, OciLayout};
 use super::manifest::{self, ConfigSummary, Descriptor, IndexEntry, Parsed};
@@ -93,8 +94,7 @@ impl ResolvedImage {
 #[derive(Clone, Debug)]
 pub struct ImageResolver {
     content: ContentStore,
-    hosts: RegistryHosts,
-    credentials: Credentials,
+    clients: RegistryClients,
     layouts: HashMap<String, PathBuf>,
 }
 
@@ -110,8 +110,7 @@ impl ImageResolver {
     ) -> Result<Self, ImageError> {
         Ok(ImageResolver {
             content: ContentStore::open(root)?,
-            hosts,
-            credentials,
+            clients: RegistryClients::new(hosts, credentials),
             layouts,
         })
     }
@@ -119,6 +118,11 @@ impl ImageResolver {
     /// The content store.
     pub fn content(&self) -> &ContentStore {
         &self.content
+    }
+
+    /// The registry clients of this resolver (shared tokens and statistics).
+    pub fn clients(&self) -> &RegistryClients {
+        &self.clients
     }
 
     /// Resolves `source` for `platform` (normalised again here, so a raw op platform is
@@ -134,12 +138,8 @@ impl ImageResolver {
         let name = source.to_string();
         let (fetcher, digest, media_type) = match source {
             ImageSource::DockerImage(id) => {
-                let fetcher = RegistryFetcher::new(
-                    &id.reference,
-                    &self.hosts,
-                    &self.credentials,
-                    self.content.clone(),
-                );
+                let client = self.clients.get(id.reference.registry())?;
+                let fetcher = RegistryFetcher::new(&id.reference, client, self.content.clone());
                 let digest = match id.reference.digest() {
                     Some(d) => d.parse::<Digest>().map_err(|e| ImageError::Resolve {
                         image: name.clone(),
