@@ -13,15 +13,17 @@ use kiln_executor::supervisor::RunnerCommand;
 use kiln_export as export;
 use kiln_proto::{Graph, LoadOptions, decode_definition, load};
 use kiln_registry::{Credentials, RegistryHosts};
+use kiln_remotecache::{self as remotecache, ImportedCache};
 use kiln_snapshotter::ImmutableRef;
 use kiln_solver::op::Session;
 use kiln_solver::progress::ProgressSender;
-use kiln_solver::scheduler::{JobOptions, Solver, SolverOptions};
+use kiln_solver::scheduler::{CacheExport, JobOptions, Solver, SolverOptions};
+use kiln_solver::source::CacheSource;
 use kiln_solver::store::Store;
-use kiln_worker::{BuildSession, KilnWorker, WorkerConfig};
+use kiln_worker::{BuildSession, CacheLayers, KilnRef, KilnWorker, LazyLoader, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::flags::{self, OutputSpec};
+use super::flags::{self, CacheExportSpec, CacheImportSpec, OutputSpec};
 use super::namespaces::{enter_namespaces, runtime};
 use crate::cli::BuildArgs;
 use crate::input::read_input;
@@ -32,6 +34,16 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
     let registry_hosts = RegistryHosts::load(config)?;
     let credentials = Credentials::load_default()?;
     let outputs = flags::outputs(args)?;
+    let cache_exports: Vec<CacheExportSpec> = args
+        .export_cache
+        .iter()
+        .map(|s| flags::parse_export_cache(s))
+        .collect::<anyhow::Result<_>>()?;
+    let cache_imports: Vec<CacheImportSpec> = args
+        .import_cache
+        .iter()
+        .map(|s| flags::parse_import_cache(s))
+        .collect::<anyhow::Result<_>>()?;
     let session = flags::session(args)?;
     let graph = Arc::new(load_graph(args)?);
     let mode = Mode::parse(&args.progress);
@@ -49,19 +61,31 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             credentials,
         )?;
         let platform = result_platform(&graph);
-        let solved = solve(&worker, &root, graph, mode).await;
         let snapshotter = worker.snapshotter().clone();
-        let outcome = match solved {
-            Ok(result) => tokio::task::spawn_blocking(move || {
-                outputs
-                    .iter()
-                    .try_for_each(|output| export(&worker, &result, output, &platform))
-            })
-            .await
-            .context("export task")
-            .and_then(|exported| exported.context("failed to solve")),
-            Err(e) => Err(e),
-        };
+        let outcome = async {
+            let sources = import_caches(&worker, &cache_imports).await?;
+            let (result, cache) = solve(&worker, &root, graph, mode, sources).await?;
+            export_caches(&worker, &cache, &cache_exports).await?;
+            if !outputs.is_empty() {
+                let snapshot = worker
+                    .materialize(&result)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+                let worker = worker.clone();
+                tokio::task::spawn_blocking(move || {
+                    outputs
+                        .iter()
+                        .try_for_each(|output| export(&worker, &snapshot, output, &platform))
+                })
+                .await
+                .context("export task")?
+                .context("failed to solve")?;
+            }
+            let (bodies, bytes) = worker.images().clients().downloaded();
+            tracing::info!("registries: {bodies} bodies downloaded, {bytes} bytes");
+            anyhow::Ok(())
+        }
+        .await;
         // Whatever the outcome, results nothing cached (local copies, outputs of a failed
         // solve) go now rather than waiting for a prune.
         match tokio::task::spawn_blocking(move || snapshotter.remove_unretained()).await {
@@ -115,20 +139,97 @@ fn open_worker(
     })?)
 }
 
-/// Solves `graph` on `worker` with the cache store under `root`, rendering progress;
-/// Ctrl-C cancels the solve (running steps are killed and cleaned up).
+/// Reads every `--import-cache` (indexes and configs only) as a source of cache keys.
+async fn import_caches(
+    worker: &KilnWorker,
+    imports: &[CacheImportSpec],
+) -> anyhow::Result<Vec<Arc<dyn CacheSource<KilnRef>>>> {
+    let mut sources: Vec<Arc<dyn CacheSource<KilnRef>>> = Vec::new();
+    for (n, spec) in imports.iter().enumerate() {
+        let loaded = match spec {
+            CacheImportSpec::Local { src, tag, digest } => {
+                remotecache::load_local(src, tag.as_deref(), digest.as_deref())
+            }
+            CacheImportSpec::Registry { reference } => {
+                let images = worker.images();
+                remotecache::load_registry(images.clients(), images.content(), reference).await
+            }
+        }
+        .context("importing cache")?;
+        for (i, (config, layers)) in loaded.configs.iter().enumerate() {
+            let cache = ImportedCache::new(
+                &format!("{}#{n}.{i}", loaded.name),
+                config,
+                layers,
+                loaded.fetcher.clone(),
+                loaded.origin.clone(),
+                Arc::new(LazyLoader),
+            )
+            .context("importing cache")?;
+            tracing::debug!("imported {cache:?}");
+            sources.push(Arc::new(cache));
+        }
+    }
+    Ok(sources)
+}
+
+/// Writes the build cache where each `--export-cache` says.
+async fn export_caches(
+    worker: &KilnWorker,
+    cache: &CacheExport<KilnRef>,
+    exports: &[CacheExportSpec],
+) -> anyhow::Result<()> {
+    let layers = CacheLayers::new(worker);
+    for spec in exports {
+        let (max, oci) = match spec {
+            CacheExportSpec::Local { max, oci, .. } | CacheExportSpec::Registry { max, oci, .. } => {
+                (*max, *oci)
+            }
+        };
+        let mode = if max {
+            remotecache::Mode::Max
+        } else {
+            remotecache::Mode::Min
+        };
+        let built = remotecache::export::build(cache, mode, &layers)
+            .await
+            .context("exporting cache")?;
+        match spec {
+            CacheExportSpec::Local { dest, tag, .. } => {
+                remotecache::export::write_local(dest, tag, &built, oci)
+                    .await
+                    .with_context(|| format!("exporting cache to {}", dest.display()))?;
+            }
+            CacheExportSpec::Registry { reference, .. } => {
+                let parsed = kiln_registry::reference::parse_normalized(reference)
+                    .with_context(|| format!("exporting cache to {reference}"))?;
+                let client = worker.images().clients().get(parsed.registry())?;
+                let tag = parsed.tag().unwrap_or("latest");
+                remotecache::export::push_registry(&client, parsed.repository(), tag, &built, oci)
+                    .await
+                    .with_context(|| format!("exporting cache to {reference}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Solves `graph` on `worker` with the cache store under `root` and the imported caches,
+/// rendering progress; Ctrl-C cancels the solve (running steps are killed and cleaned up).
 async fn solve(
     worker: &KilnWorker,
     root: &Path,
     graph: Arc<Graph>,
     mode: Mode,
-) -> anyhow::Result<ImmutableRef> {
+    sources: Vec<Arc<dyn CacheSource<KilnRef>>>,
+) -> anyhow::Result<(KilnRef, CacheExport<KilnRef>)> {
     let store = Arc::new(Store::open(root)?);
     let solver = Solver::new(
         Arc::new(worker.clone()),
         store,
         SolverOptions::for_root(root),
-    );
+    )
+    .with_sources(sources);
     let (progress, events) = ProgressSender::channel(1024);
     let renderer = tokio::spawn(Renderer::new(mode).run(events));
     let cancel = CancellationToken::new();
@@ -143,7 +244,7 @@ async fn solve(
         cancel,
         session: Arc::new(Session::default()),
     };
-    let solved = solver.solve(graph, job).await;
+    let solved = solver.solve_for_export(graph, job).await;
     drop(solver);
     let _ = renderer.await;
     solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))

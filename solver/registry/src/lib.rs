@@ -33,6 +33,7 @@ pub use cache_key::{ImageCacheKey, cache_key, chain_id, config_key, manifest_key
 pub use content::ContentStore;
 pub use error::ImageError;
 pub use hosts::{RegistryHosts, Transport};
-pub use pull::{ProgressFn, PullProgress, PullState, Pulled, pull};
+pub use pull::{ProgressFn, PullProgress, PullState, Pulled, pull, pull_layers};
 pub use reference::{ImageIdentifier, ImageSource, OciLayoutIdentifier, RecordType, ResolveMode};
-pub use resolve::{ImageConfig, ImageResolver, ResolvedImage};
+pub use registry::RegistryFetcher;
+pub use resolve::{Fetcher, ImageConfig, ImageResolver, ResolvedImage};
