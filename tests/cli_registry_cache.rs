@@ -5,6 +5,9 @@
 //! downloading manifests and configs only. Auth and TLS fail as they should, naming the
 //! registry and the reason.
 
+// Test helpers panic with the failing call, as the tests themselves do.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -48,7 +51,9 @@ impl Machine<'_> {
             .args(["build", "--progress", "rawjson"])
             .args(args)
             .current_dir("/tmp")
-            .stdin(Stdio::from(std::fs::File::open(def(name)).expect("definition")));
+            .stdin(Stdio::from(
+                std::fs::File::open(def(name)).expect("definition"),
+            ));
         let _ = self.registry;
         command.output().expect("run kiln")
     }
@@ -147,7 +152,10 @@ fn files(dir: &Path, kiln_toml: &str, docker_config: &str) -> (PathBuf, PathBuf)
 
 #[test]
 fn two_machines_share_work_through_a_tls_registry_with_auth() {
-    if !require(is_root() && test_user_ready(), "root and the test user kiln-test") {
+    if !require(
+        is_root() && test_user_ready(),
+        "root and the test user kiln-test",
+    ) {
         return;
     }
     let Some(_base) = kiln_testsupport::test_registry() else {
@@ -191,14 +199,27 @@ fn two_machines_share_work_through_a_tls_registry_with_auth() {
     };
     let imported = b.build(
         name,
-        &["--import-cache".into(), format!("type=registry,ref={cache_ref}")],
+        &[
+            "--import-cache".into(),
+            format!("type=registry,ref={cache_ref}"),
+        ],
     );
     assert!(imported.status.success(), "B: {}", stderr(&imported));
-    assert_eq!(exec_count(name, &imported), 0, "B runs no step: {}", stderr(&imported));
+    assert_eq!(
+        exec_count(name, &imported),
+        0,
+        "B runs no step: {}",
+        stderr(&imported)
+    );
     let (bodies, bytes) = downloaded(&imported);
-    eprintln!("fully cached df11 from the registry cache: {bodies} bodies, {bytes} bytes downloaded");
+    eprintln!(
+        "fully cached df11 from the registry cache: {bodies} bodies, {bytes} bytes downloaded"
+    );
     assert_eq!(layer_blobs(&b.root), 0, "B downloaded a layer");
-    assert!(bodies <= 4, "B downloaded {bodies} bodies (manifests and configs only)");
+    assert!(
+        bodies <= 4,
+        "B downloaded {bodies} bodies (manifests and configs only)"
+    );
 
     // B exports its files now: the layers come down, and the tree is A's.
     let out = dir.path().join("out");
@@ -228,16 +249,39 @@ fn registry_auth_and_tls_fail_naming_the_registry_and_the_reason() {
     let dir = world_dir();
     let cache_ref = format!("{}/team/cache:none", registry.host());
     let host = registry.host();
-    let import = ["--import-cache".to_owned(), format!("type=registry,ref={cache_ref}")];
+    let import = [
+        "--import-cache".to_owned(),
+        format!("type=registry,ref={cache_ref}"),
+    ];
     let cases: [(&str, String, String, &str); 4] = [
         // Right CA, wrong password: the registry says 401.
-        ("wrong password", registry.kiln_toml(), registry.docker_config(USER, "nope"), "401 unauthorized"),
+        (
+            "wrong password",
+            registry.kiln_toml(),
+            registry.docker_config(USER, "nope"),
+            "401 unauthorized",
+        ),
         // No credentials at all.
-        ("no credentials", registry.kiln_toml(), "{}".to_owned(), "401 unauthorized"),
+        (
+            "no credentials",
+            registry.kiln_toml(),
+            "{}".to_owned(),
+            "401 unauthorized",
+        ),
         // The CA is not trusted: a TLS error.
-        ("unknown CA", format!("[registry.\"{host}\"]\nhttp = false\n"), registry.docker_config(USER, PASSWORD), "TLS"),
+        (
+            "unknown CA",
+            format!("[registry.\"{host}\"]\nhttp = false\n"),
+            registry.docker_config(USER, PASSWORD),
+            "TLS",
+        ),
         // Right CA and credentials: the reference does not exist.
-        ("missing cache", registry.kiln_toml(), registry.docker_config(USER, PASSWORD), "not found"),
+        (
+            "missing cache",
+            registry.kiln_toml(),
+            registry.docker_config(USER, PASSWORD),
+            "not found",
+        ),
     ];
     for (i, (what, toml, docker, want)) in cases.into_iter().enumerate() {
         let sub = dir.path().join(format!("case{i}"));
@@ -254,7 +298,13 @@ fn registry_auth_and_tls_fail_naming_the_registry_and_the_reason() {
         let err = stderr(&out);
         assert!(!out.status.success(), "{what}: succeeded");
         let last = err.lines().last().unwrap_or_default();
-        assert!(last.contains(&host), "{what}: error does not name {host}: {last}");
-        assert!(last.contains(want), "{what}: error does not say {want:?}: {last}");
+        assert!(
+            last.contains(&host),
+            "{what}: error does not name {host}: {last}"
+        );
+        assert!(
+            last.contains(want),
+            "{what}: error does not say {want:?}: {last}"
+        );
     }
 }

@@ -12,7 +12,11 @@ use anyhow::{Context, bail, ensure};
 use kiln_testsupport::{AsTestUser, is_root, require, rerun_as_test_user, shared_dir};
 use serde_json::Value;
 
-const FIXTURES: [&str; 3] = ["df01_run_plain", "df03_multistage_copy_from", "df11_many_runs"];
+const FIXTURES: [&str; 3] = [
+    "df01_run_plain",
+    "df03_multistage_copy_from",
+    "df11_many_runs",
+];
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -27,7 +31,9 @@ fn kiln(root: &Path, def: &Path, args: &[String]) -> anyhow::Result<Output> {
         .arg("build")
         .args(["--progress", "rawjson"])
         .args(args)
-        .stdin(Stdio::from(std::fs::File::open(def).context("open definition")?))
+        .stdin(Stdio::from(
+            std::fs::File::open(def).context("open definition")?,
+        ))
         .output()
         .context("run kiln")?;
     if !output.status.success() {
@@ -121,7 +127,10 @@ fn buildkit_caches_body() -> anyhow::Result<()> {
             ],
         )?;
         let ran = ran_execs(name, &output);
-        ensure!(ran.is_empty(), "{name}: steps ran despite the imported cache: {ran:?}");
+        ensure!(
+            ran.is_empty(),
+            "{name}: steps ran despite the imported cache: {ran:?}"
+        );
         check_files(name, &out)?;
     }
     Ok(())
@@ -129,7 +138,10 @@ fn buildkit_caches_body() -> anyhow::Result<()> {
 
 /// A cache kiln exports (min and max), imported into a fresh state: no step runs.
 fn local_round_trip_body() -> anyhow::Result<()> {
-    for (name, mode) in [("df11_many_runs", "max"), ("df03_multistage_copy_from", "min")] {
+    for (name, mode) in [
+        ("df11_many_runs", "max"),
+        ("df03_multistage_copy_from", "min"),
+    ] {
         let dir = tempfile::tempdir()?;
         let cache = dir.path().join("cache");
         let first = kiln(
@@ -140,7 +152,10 @@ fn local_round_trip_body() -> anyhow::Result<()> {
                 format!("type=local,dest={},mode={mode}", cache.display()),
             ],
         )?;
-        ensure!(!ran_execs(name, &first).is_empty(), "{name}: the first build ran nothing");
+        ensure!(
+            !ran_execs(name, &first).is_empty(),
+            "{name}: the first build ran nothing"
+        );
         let index: Value = serde_json::from_slice(&std::fs::read(cache.join("index.json"))?)?;
         ensure!(
             index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == "latest",
@@ -158,7 +173,10 @@ fn local_round_trip_body() -> anyhow::Result<()> {
             ],
         )?;
         let ran = ran_execs(name, &second);
-        ensure!(ran.is_empty(), "{name} mode={mode}: steps ran again: {ran:?}");
+        ensure!(
+            ran.is_empty(),
+            "{name} mode={mode}: steps ran again: {ran:?}"
+        );
         check_files(name, &out)?;
     }
     Ok(())
@@ -166,7 +184,9 @@ fn local_round_trip_body() -> anyhow::Result<()> {
 
 #[test]
 fn buildkit_caches_import_rootful() {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !require(is_root(), "root") {
         return;
     }
@@ -178,7 +198,9 @@ fn buildkit_caches_import_rootful() {
 
 #[test]
 fn buildkit_caches_import_rootless() {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(_registry) = kiln_testsupport::test_registry() else {
         return;
     };
@@ -190,7 +212,9 @@ fn buildkit_caches_import_rootless() {
 
 #[test]
 fn local_cache_round_trip_rootful() {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !require(is_root(), "root") {
         return;
     }
@@ -202,7 +226,9 @@ fn local_cache_round_trip_rootful() {
 
 #[test]
 fn local_cache_round_trip_rootless() {
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let Some(_registry) = kiln_testsupport::test_registry() else {
         return;
     };

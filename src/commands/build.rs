@@ -182,9 +182,8 @@ async fn export_caches(
     let layers = CacheLayers::new(worker);
     for spec in exports {
         let (max, oci) = match spec {
-            CacheExportSpec::Local { max, oci, .. } | CacheExportSpec::Registry { max, oci, .. } => {
-                (*max, *oci)
-            }
+            CacheExportSpec::Local { max, oci, .. }
+            | CacheExportSpec::Registry { max, oci, .. } => (*max, *oci),
         };
         let mode = if max {
             remotecache::Mode::Max

@@ -80,7 +80,13 @@ pub enum CacheImportSpec {
     },
 }
 
-fn parse_bool(spec: &str, flag: &str, key: &str, value: Option<&String>, default: bool) -> anyhow::Result<bool> {
+fn parse_bool(
+    spec: &str,
+    flag: &str,
+    key: &str,
+    value: Option<&String>,
+    default: bool,
+) -> anyhow::Result<bool> {
     match value.map(String::as_str) {
         None => Ok(default),
         Some("true" | "1") => Ok(true),
@@ -99,14 +105,23 @@ pub fn parse_export_cache(spec: &str) -> anyhow::Result<CacheExportSpec> {
         Some("max") => true,
         Some(other) => bail!("{flag} {spec}: mode={other} is not min or max"),
     };
-    let oci = parse_bool(spec, flag, "oci-mediatypes", fields.get("oci-mediatypes"), true)?;
+    let oci = parse_bool(
+        spec,
+        flag,
+        "oci-mediatypes",
+        fields.get("oci-mediatypes"),
+        true,
+    )?;
     match fields.get("type").map(String::as_str) {
         Some("local") => Ok(CacheExportSpec::Local {
             dest: fields
                 .get("dest")
                 .map(PathBuf::from)
                 .with_context(|| format!("{flag} {spec}: dest= is required"))?,
-            tag: fields.get("tag").cloned().unwrap_or_else(|| "latest".to_owned()),
+            tag: fields
+                .get("tag")
+                .cloned()
+                .unwrap_or_else(|| "latest".to_owned()),
             max,
             oci,
         }),

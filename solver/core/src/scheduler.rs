@@ -842,7 +842,9 @@ impl<W: Worker> Job<W> {
             if !ignore && !random {
                 let k = &keys[keys.len() - 1];
                 self.record_key(k, k, &[]);
-                if let Some(Loaded { result, .. }) = self.try_load(id, &keys[keys.len() - 1..]).await? {
+                if let Some(Loaded { result, .. }) =
+                    self.try_load(id, &keys[keys.len() - 1..]).await?
+                {
                     return Ok(EdgeOutcome {
                         result,
                         keys,

@@ -340,7 +340,10 @@ mod tests {
             get("index.docker.io"),
             Auth::Basic("hubuser".into(), "hub:pass".into())
         );
-        assert_eq!(get("localhost:5000"), Auth::Basic("me".into(), "secret".into()));
+        assert_eq!(
+            get("localhost:5000"),
+            Auth::Basic("me".into(), "secret".into())
+        );
         assert_eq!(
             get("registry.internal:5000"),
             Auth::Basic("u2".into(), "p2".into())
@@ -409,14 +412,21 @@ mod tests {
         );
         let asked = std::fs::read_to_string(&log).unwrap();
         assert!(asked.contains("kilntest get helper.test"), "{asked}");
-        assert!(asked.contains("kilnstore get https://index.docker.io/v1/"), "{asked}");
-        let mut broken =
-            Credentials::parse(br#"{"credsStore": "kiln-absent-helper"}"#, Path::new("c"))
-                .unwrap();
-        broken.helper_path = Some(path);
-        let err = rt.block_on(broken.for_host("x.test")).unwrap_err().to_string();
         assert!(
-            err.starts_with("credential helper docker-credential-kiln-absent-helper for x.test: cannot run it"),
+            asked.contains("kilnstore get https://index.docker.io/v1/"),
+            "{asked}"
+        );
+        let mut broken =
+            Credentials::parse(br#"{"credsStore": "kiln-absent-helper"}"#, Path::new("c")).unwrap();
+        broken.helper_path = Some(path);
+        let err = rt
+            .block_on(broken.for_host("x.test"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "credential helper docker-credential-kiln-absent-helper for x.test: cannot run it"
+            ),
             "{err}"
         );
     }

@@ -284,7 +284,11 @@ fn parse_challenge(value: &str) -> (String, HashMap<String, String>) {
         let Some((key, after)) = rest.split_once('=') else {
             break;
         };
-        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         let after = after.trim_start();
         let (val, remaining) = if let Some(quoted) = after.strip_prefix('"') {
             let mut out = String::new();
@@ -772,7 +776,11 @@ impl RegistryClient {
     }
 
     /// Whether the registry has blob `digest` in `repo` (a `HEAD`); its size when it has.
-    pub async fn blob_exists(&self, repo: &str, digest: &Digest) -> Result<Option<u64>, ClientError> {
+    pub async fn blob_exists(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, ClientError> {
         let ep = self.host();
         let what = format!("checking blob {digest} in {repo}");
         let url = format!("{}/v2/{repo}/blobs/{digest}", ep.base());
@@ -792,7 +800,12 @@ impl RegistryClient {
 
     /// Asks the registry to mount blob `digest` from repository `from` into `repo`;
     /// `false` when it would not (the blob then has to be uploaded).
-    pub async fn mount_blob(&self, repo: &str, from: &str, digest: &Digest) -> Result<bool, ClientError> {
+    pub async fn mount_blob(
+        &self,
+        repo: &str,
+        from: &str,
+        digest: &Digest,
+    ) -> Result<bool, ClientError> {
         let ep = self.host();
         let what = format!("mounting blob {digest} from {from} into {repo}");
         let url = format!(
@@ -808,9 +821,7 @@ impl RegistryClient {
             StatusCode::CREATED => Ok(true),
             // An upload session was opened instead: leave it, the registry expires it.
             StatusCode::ACCEPTED => Ok(false),
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
-                Ok(false)
-            }
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => Ok(false),
             _ => Err(self.unexpected(ep, &what, answer).await),
         }
     }
@@ -880,7 +891,7 @@ impl RegistryClient {
                     reason: format!("reading {}: {e}", path.display()),
                 })?;
             let range = format!("{}-{}", offset, offset + len as u64 - 1);
-                        let target = location.clone();
+            let target = location.clone();
             let answer = self
                 .send(ep, Access::Push(repo), &what, false, &|c| {
                     c.patch(target.clone())
@@ -897,7 +908,8 @@ impl RegistryClient {
             offset += len as u64;
         }
         let mut done = location.clone();
-        done.query_pairs_mut().append_pair("digest", digest.as_str());
+        done.query_pairs_mut()
+            .append_pair("digest", digest.as_str());
         let answer = self
             .send(ep, Access::Push(repo), &what, false, &|c| {
                 c.put(done.clone()).header(CONTENT_LENGTH, 0)
@@ -1078,13 +1090,13 @@ fn endpoint(name: &str, hosts: &RegistryHosts) -> Result<Endpoint, ClientError> 
                 source,
             })?;
             pem.push(b'\n');
-            pem.extend(std::fs::read(&pair.key).map_err(|source| {
-                ClientError::TlsFile {
+            pem.extend(
+                std::fs::read(&pair.key).map_err(|source| ClientError::TlsFile {
                     registry: name.to_owned(),
                     path: pair.key.clone(),
                     source,
-                }
-            })?);
+                })?,
+            );
             let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
                 setup(
                     &format!(
@@ -1186,7 +1198,9 @@ mod tests {
     #[test]
     fn registry_error_bodies_become_reasons() {
         assert_eq!(
-            body_reason(br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#),
+            body_reason(
+                br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#
+            ),
             "manifest_unknown: manifest unknown"
         );
         assert_eq!(body_reason(b""), "no details given");
@@ -1214,6 +1228,9 @@ mod tests {
         let err = RegistryClient::new("r.test", &hosts, Credentials::default())
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("r.test: reading /nonexistent/ca.pem: "), "{err}");
+        assert!(
+            err.starts_with("r.test: reading /nonexistent/ca.pem: "),
+            "{err}"
+        );
     }
 }

@@ -28,8 +28,8 @@ pub mod registry;
 pub mod resolve;
 
 pub use auth::{Auth, Credentials};
-pub use client::{ClientError, RegistryClient, RegistryClients};
 pub use cache_key::{ImageCacheKey, cache_key, chain_id, config_key, manifest_key_json};
+pub use client::{ClientError, RegistryClient, RegistryClients};
 pub use content::ContentStore;
 pub use error::ImageError;
 pub use hosts::{RegistryHosts, Transport};

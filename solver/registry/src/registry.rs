@@ -103,7 +103,12 @@ impl RegistryFetcher {
         }
         let (bytes, _) = self
             .client
-            .get_manifest(self.repo(), digest.as_str(), ACCEPTED_MANIFESTS, MAX_SMALL_BLOB)
+            .get_manifest(
+                self.repo(),
+                digest.as_str(),
+                ACCEPTED_MANIFESTS,
+                MAX_SMALL_BLOB,
+            )
             .await?;
         self.count(bytes.len() as u64);
         // The content store checks the digest before keeping anything.

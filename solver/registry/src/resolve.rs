@@ -11,8 +11,8 @@ use kiln_proto::platform::{host_platform, normalize};
 use kiln_proto::{Digest, pb};
 
 use super::auth::Credentials;
-use super::content::ContentStore;
 use super::client::RegistryClients;
+use super::content::ContentStore;
 use super::hosts::RegistryHosts;
 use super::layout::{LayoutError, OciLayout};
 use super::manifest::{self, ConfigSummary, Descriptor, IndexEntry, Parsed};
@@ -57,7 +57,11 @@ impl Fetcher {
 
     /// The path of blob `digest`, complete and checked: downloaded into the content store
     /// first, or verified in place in a layout.
-    pub async fn local_path(&self, digest: &Digest, size: Option<u64>) -> Result<PathBuf, ImageError> {
+    pub async fn local_path(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<PathBuf, ImageError> {
         match self {
             Fetcher::Registry(registry) => {
                 registry.ensure_blob(digest, size, &mut |_| {}).await?;

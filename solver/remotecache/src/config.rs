@@ -41,13 +41,21 @@ pub struct CacheLayer {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerAnnotations {
-    #[serde(default, rename = "mediaType", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "mediaType",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub media_type: String,
     #[serde(default, rename = "diffID", skip_serializing_if = "String::is_empty")]
     pub diff_id: String,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub size: i64,
-    #[serde(default, rename = "createdAt", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "createdAt",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub created_at: String,
 }
 
@@ -95,7 +103,11 @@ pub struct CacheInput {
 /// An OCI descriptor as Go marshals `ocispecs.Descriptor`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Descriptor {
-    #[serde(default, rename = "mediaType", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "mediaType",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub media_type: String,
     pub digest: String,
     pub size: i64,
@@ -108,7 +120,11 @@ pub struct Descriptor {
 pub struct CacheIndex {
     #[serde(rename = "schemaVersion")]
     pub schema_version: i64,
-    #[serde(default, rename = "mediaType", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "mediaType",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub media_type: String,
     #[serde(default)]
     pub manifests: Vec<Descriptor>,
@@ -150,7 +166,11 @@ mod tests {
             serde_json::to_string(&config).unwrap(),
             r#"{"layers":[{"blob":"sha256:a","parent":-1},{"blob":"sha256:b"}],"records":[{"layers":[{"layer":0,"createdAt":"0001-01-01T00:00:00Z"}],"digest":"sha256:r","inputs":[[{"link":0}]]}]}"#
         );
-        let back: CacheConfig = serde_json::from_str(r#"{"layers":[{"blob":"sha256:b"}]}"#).unwrap();
-        assert_eq!(back.layers[0].parent_index, 0, "a missing parent is 0, as in Go");
+        let back: CacheConfig =
+            serde_json::from_str(r#"{"layers":[{"blob":"sha256:b"}]}"#).unwrap();
+        assert_eq!(
+            back.layers[0].parent_index, 0,
+            "a missing parent is 0, as in Go"
+        );
     }
 }

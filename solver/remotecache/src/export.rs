@@ -19,9 +19,9 @@ use kiln_registry::{Fetcher, RegistryClient};
 use kiln_solver::scheduler::CacheExport;
 
 use crate::config::{
-    ANNOTATION_CREATED, ANNOTATION_UNCOMPRESSED, CACHE_CONFIG_MEDIA_TYPE, CacheConfig,
-    CacheIndex, CacheInput, CacheLayer, CacheRecord, CacheResult, ChainedResult, Descriptor,
-    MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX,
+    ANNOTATION_CREATED, ANNOTATION_UNCOMPRESSED, CACHE_CONFIG_MEDIA_TYPE, CacheConfig, CacheIndex,
+    CacheInput, CacheLayer, CacheRecord, CacheResult, ChainedResult, Descriptor, MEDIA_DOCKER_LIST,
+    MEDIA_OCI_INDEX,
 };
 use crate::error::CacheError;
 use crate::import::BlobOrigin;
@@ -152,7 +152,9 @@ pub async fn build<R: Send + Sync>(
                             })
                         })
                         .collect();
-                    inputs.sort_by(|a, b| (a.link_index, &a.selector).cmp(&(b.link_index, &b.selector)));
+                    inputs.sort_by(|a, b| {
+                        (a.link_index, &a.selector).cmp(&(b.link_index, &b.selector))
+                    });
                     inputs.dedup();
                     inputs
                 })
@@ -175,7 +177,9 @@ pub async fn build<R: Send + Sync>(
                                 None => {
                                     layers.push(CacheLayer {
                                         blob: layer.digest.as_str().to_owned(),
-                                        parent_index: parent.as_ref().map_or(-1, |(_, i)| *i as i64),
+                                        parent_index: parent
+                                            .as_ref()
+                                            .map_or(-1, |(_, i)| *i as i64),
                                         annotations: None,
                                     });
                                     if !blobs.iter().any(|b| b.digest == layer.digest) {
@@ -380,7 +384,11 @@ pub fn marshal(built: &BuiltCache, oci: bool) -> Result<CacheBlobs, CacheError> 
         size: config.len() as i64,
         annotations: BTreeMap::new(),
     });
-    let index_media_type = if oci { MEDIA_OCI_INDEX } else { MEDIA_DOCKER_LIST };
+    let index_media_type = if oci {
+        MEDIA_OCI_INDEX
+    } else {
+        MEDIA_DOCKER_LIST
+    };
     let index = serde_json::to_vec(&CacheIndex {
         schema_version: 2,
         media_type: index_media_type.to_owned(),
@@ -560,14 +568,20 @@ pub async fn push_registry(
 /// The inline cache of an image whose layers are `image_layers` (blob digests, base
 /// first): BuildKit's `ExportForLayers`, the records JSON (empty when no result of the
 /// cache is made of the image's layers).
-pub fn inline_records(built: &BuiltCache, image_layers: &[Digest]) -> Result<Option<Vec<u8>>, CacheError> {
+pub fn inline_records(
+    built: &BuiltCache,
+    image_layers: &[Digest],
+) -> Result<Option<Vec<u8>>, CacheError> {
     let image: Vec<&str> = image_layers.iter().map(Digest::as_str).collect();
     let position: HashMap<&str, usize> = image.iter().enumerate().map(|(i, d)| (*d, i)).collect();
     let blobs_of = |mut idx: i64| -> Vec<&str> {
         let mut out = Vec::new();
         let mut guard = 0;
         while idx != -1 && guard <= built.config.layers.len() {
-            let Some(l) = usize::try_from(idx).ok().and_then(|i| built.config.layers.get(i)) else {
+            let Some(l) = usize::try_from(idx)
+                .ok()
+                .and_then(|i| built.config.layers.get(i))
+            else {
                 break;
             };
             out.push(l.blob.as_str());

@@ -131,10 +131,13 @@ fn record_id(
         }
         None => {}
     }
-    let record = config.records.get(index).ok_or_else(|| CacheError::Format {
-        what: "cache config".into(),
-        reason: format!("invalid record ID: {index}"),
-    })?;
+    let record = config
+        .records
+        .get(index)
+        .ok_or_else(|| CacheError::Format {
+            what: "cache config".into(),
+            reason: format!("invalid record ID: {index}"),
+        })?;
     ids.insert(index, None);
     let id = if record.inputs.is_empty() {
         record.digest.clone()
@@ -144,7 +147,11 @@ fn record_id(
             let mut parts = Vec::new();
             for input in inputs {
                 let link = usize::try_from(input.link_index).unwrap_or(usize::MAX);
-                parts.push(format!("{}\0{}", record_id(config, link, ids)?, input.selector));
+                parts.push(format!(
+                    "{}\0{}",
+                    record_id(config, link, ids)?,
+                    input.selector
+                ));
             }
             parts.sort();
             material.push_str(&format!("\0{i}\0{}", parts.join("\0")));

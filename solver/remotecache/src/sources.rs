@@ -13,9 +13,7 @@ use kiln_registry::manifest::{self, ACCEPTED_MANIFESTS, Parsed};
 use kiln_registry::{Fetcher, RegistryClients, RegistryFetcher};
 use serde::Deserialize;
 
-use crate::config::{
-    CACHE_CONFIG_MEDIA_TYPE, CacheConfig, CacheIndex, CacheLayer, Descriptor,
-};
+use crate::config::{CACHE_CONFIG_MEDIA_TYPE, CacheConfig, CacheIndex, CacheLayer, Descriptor};
 use crate::error::CacheError;
 use crate::import::{BlobOrigin, LayerMap, RemoteLayer};
 
@@ -38,9 +36,7 @@ fn format_err(what: impl Into<String>, e: impl std::fmt::Display) -> CacheError 
     }
 }
 
-fn split_index(
-    index: &CacheIndex,
-) -> Result<(Option<Descriptor>, LayerMap), CacheError> {
+fn split_index(index: &CacheIndex) -> Result<(Option<Descriptor>, LayerMap), CacheError> {
     let mut config = None;
     let mut layers = LayerMap::new();
     for d in &index.manifests {
@@ -55,7 +51,11 @@ fn split_index(
 
 /// Reads the cache BuildKit's `type=local` exporter left in `dir`: `index.json` entry
 /// `tag` (default `latest`), or the index `digest` when given.
-pub fn load_local(dir: &Path, tag: Option<&str>, digest: Option<&str>) -> Result<LoadedCache, CacheError> {
+pub fn load_local(
+    dir: &Path,
+    tag: Option<&str>,
+    digest: Option<&str>,
+) -> Result<LoadedCache, CacheError> {
     let name = format!("local cache {}", dir.display());
     let index_path = dir.join("index.json");
     let bytes = std::fs::read(&index_path).map_err(|source| CacheError::Io {
@@ -94,7 +94,10 @@ pub fn load_local(dir: &Path, tag: Option<&str>, digest: Option<&str>) -> Result
     let (config, layers) = split_index(&index)?;
     let config = config.ok_or_else(|| CacheError::Cache {
         cache: name.clone(),
-        message: format!("index {} has no {CACHE_CONFIG_MEDIA_TYPE} blob", entry.digest),
+        message: format!(
+            "index {} has no {CACHE_CONFIG_MEDIA_TYPE} blob",
+            entry.digest
+        ),
     })?;
     let config: CacheConfig = serde_json::from_slice(&read(&config.digest)?)
         .map_err(|e| format_err(format!("{name}: cache config {}", config.digest), e))?;
@@ -138,12 +141,11 @@ pub async fn load_registry(
     reference: &str,
 ) -> Result<LoadedCache, CacheError> {
     let name = format!("registry cache {reference}");
-    let parsed = kiln_registry::reference::parse_normalized(reference).map_err(|e| {
-        CacheError::Cache {
+    let parsed =
+        kiln_registry::reference::parse_normalized(reference).map_err(|e| CacheError::Cache {
             cache: name.clone(),
             message: e.to_string(),
-        }
-    })?;
+        })?;
     let client_err = |source| CacheError::Client {
         cache: name.clone(),
         source,
@@ -262,7 +264,8 @@ pub fn inline_config(
         .decode(cache.as_bytes())
         .map_err(|e| format_err("inline cache", e))?;
     let mut config = CacheConfig {
-        records: serde_json::from_slice(&records_json).map_err(|e| format_err("inline cache", e))?,
+        records: serde_json::from_slice(&records_json)
+            .map_err(|e| format_err("inline cache", e))?,
         ..Default::default()
     };
     let created: Vec<Option<String>> = image

@@ -97,7 +97,10 @@ mod tests {
         let text = "2026-12-05T16:26:53.427964837Z";
         let n = parse(text).unwrap();
         assert_eq!(format(n), text);
-        assert_eq!(format(parse("2026-12-05T16:25:19.8286792Z").unwrap()), "2026-12-05T16:25:19.8286792Z");
+        assert_eq!(
+            format(parse("2026-12-05T16:25:19.8286792Z").unwrap()),
+            "2026-12-05T16:25:19.8286792Z"
+        );
         assert_eq!(format(0), "1970-01-01T00:00:00Z");
         assert_eq!(parse("1970-01-01T01:00:00+01:00"), Some(0));
         assert_eq!(parse(ZERO).map(format).as_deref(), Some(ZERO));

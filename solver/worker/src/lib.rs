@@ -30,9 +30,9 @@ use kiln_solver::cachemap::ContentSelector;
 use kiln_solver::op::{Op, OpError, Worker};
 
 pub use config::{BuildSession, WorkerConfig};
+use mounts::StepMounts;
 pub use refs::KilnRef;
 pub use remote::{CacheLayers, LazyLoader};
-use mounts::StepMounts;
 pub use state::WorkerError;
 use state::{Inner, blocking, failed};
 

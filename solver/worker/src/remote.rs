@@ -17,9 +17,9 @@ use kiln_remotecache::{
 use kiln_snapshotter::{Compression, ImmutableRef, RefOptions};
 use kiln_solver::op::OpError;
 
+use crate::KilnWorker;
 use crate::refs::KilnRef;
 use crate::state::{Inner, blocking, failed};
-use crate::KilnWorker;
 
 /// The snapshot of `r`, pulling its layers when it is lazy (once, shared by every user).
 pub(crate) async fn materialize(inner: &Arc<Inner>, r: &KilnRef) -> Result<ImmutableRef, OpError> {
@@ -27,7 +27,9 @@ pub(crate) async fn materialize(inner: &Arc<Inner>, r: &KilnRef) -> Result<Immut
         .cell()
         .get_or_try_init(|| async {
             let Some(chain) = r.remote() else {
-                return Err(failed("internal error: a ref with neither snapshot nor layers"));
+                return Err(failed(
+                    "internal error: a ref with neither snapshot nor layers",
+                ));
             };
             pull_chain(inner, chain).await
         })
@@ -161,15 +163,25 @@ fn snapshot_layers(
         }
         // Exported once into the content store, named by its digest afterwards.
         let dir = content.blobs_dir();
-        let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(|e| cache_err(what.clone(), e))?;
+        let mut temp =
+            tempfile::NamedTempFile::new_in(dir).map_err(|e| cache_err(what.clone(), e))?;
         let desc = snapshotter
             .export_layer(layer, temp.as_file_mut(), Compression::Gzip)
             .map_err(|e| cache_err(what.clone(), e))?;
-        temp.as_file().sync_all().map_err(|e| cache_err(what.clone(), e))?;
-        let digest: Digest = desc.digest.parse().map_err(|e| cache_err(what.clone(), e))?;
-        let diff_id: Digest = desc.diff_id.parse().map_err(|e| cache_err(what.clone(), e))?;
+        temp.as_file()
+            .sync_all()
+            .map_err(|e| cache_err(what.clone(), e))?;
+        let digest: Digest = desc
+            .digest
+            .parse()
+            .map_err(|e| cache_err(what.clone(), e))?;
+        let diff_id: Digest = desc
+            .diff_id
+            .parse()
+            .map_err(|e| cache_err(what.clone(), e))?;
         let path = content.path(&digest);
-        temp.persist(&path).map_err(|e| cache_err(what.clone(), e.error))?;
+        temp.persist(&path)
+            .map_err(|e| cache_err(what.clone(), e.error))?;
         out.push(ExportLayer {
             media_type: desc.media_type.to_owned(),
             digest,
@@ -184,7 +196,11 @@ fn snapshot_layers(
 
 #[async_trait]
 impl ResultLayers<KilnRef> for CacheLayers {
-    async fn layers(&self, r: &KilnRef, create: bool) -> Result<Option<Vec<ExportLayer>>, CacheError> {
+    async fn layers(
+        &self,
+        r: &KilnRef,
+        create: bool,
+    ) -> Result<Option<Vec<ExportLayer>>, CacheError> {
         if let (None, Some(chain)) = (r.snapshot(), r.remote()) {
             let mut out = Vec::with_capacity(chain.layers.len());
             for l in &chain.layers {
