@@ -80,9 +80,6 @@ pub struct BuildArgs {
     /// an inline cache): use a cache BuildKit or kiln exported; repeatable.
     #[arg(long, value_name = "SPEC")]
     pub import_cache: Vec<String>,
-    /// Write the build's metadata (BuildKit's keys) as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub metadata_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
