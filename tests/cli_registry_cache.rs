@@ -188,6 +188,12 @@ fn two_machines_share_work_through_a_tls_registry_with_auth() {
     );
     assert!(exported.status.success(), "A: {}", stderr(&exported));
     assert_eq!(exec_count(name, &exported), 50, "A runs every step once");
+    // For the note: a warm local build on A (reported, not asserted: no timed checks).
+    let started = std::time::Instant::now();
+    let warm = a.build(name, &[]);
+    let warm_time = started.elapsed();
+    assert!(warm.status.success(), "A warm: {}", stderr(&warm));
+    assert_eq!(exec_count(name, &warm), 0);
 
     // Machine B: another state, rootless, same registry.
     let b = Machine {

@@ -103,7 +103,8 @@ mod tests {
         );
         assert_eq!(format(0), "1970-01-01T00:00:00Z");
         assert_eq!(parse("1970-01-01T01:00:00+01:00"), Some(0));
-        assert_eq!(parse(ZERO).map(format).as_deref(), Some(ZERO));
+        // Go's zero time is out of range in nanoseconds: it parses as unknown.
+        assert_eq!(parse(ZERO), None);
         assert_eq!(parse("yesterday"), None);
     }
 }
