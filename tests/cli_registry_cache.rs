@@ -203,6 +203,7 @@ fn two_machines_share_work_through_a_tls_registry_with_auth() {
         as_test_user: true,
         registry: &registry,
     };
+    let started = std::time::Instant::now();
     let imported = b.build(
         name,
         &[
@@ -210,6 +211,7 @@ fn two_machines_share_work_through_a_tls_registry_with_auth() {
             format!("type=registry,ref={cache_ref}"),
         ],
     );
+    let import_time = started.elapsed();
     assert!(imported.status.success(), "B: {}", stderr(&imported));
     assert_eq!(
         exec_count(name, &imported),
@@ -219,7 +221,8 @@ fn two_machines_share_work_through_a_tls_registry_with_auth() {
     );
     let (bodies, bytes) = downloaded(&imported);
     eprintln!(
-        "fully cached df11 from the registry cache: {bodies} bodies, {bytes} bytes downloaded"
+        "fully cached df11 from the registry cache: {bodies} bodies, {bytes} bytes downloaded, \
+         {import_time:?} (warm local build: {warm_time:?})"
     );
     assert_eq!(layer_blobs(&b.root), 0, "B downloaded a layer");
     assert!(
