@@ -94,6 +94,14 @@ pub struct BuildArgs {
     /// `NAME=DIR`: the OCI layout for `oci-layout://` sources of store NAME; repeatable.
     #[arg(long, value_name = "NAME=DIR")]
     pub oci_layout: Vec<String>,
+    /// `type=local,dest=DIR[,mode=min|max][,tag=T]` or `type=registry,ref=REF[,mode=min|max]`:
+    /// write the build cache in BuildKit's format; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub export_cache: Vec<String>,
+    /// `type=local,src=DIR[,tag=T]` or `type=registry,ref=REF` (a cache, or an image with
+    /// an inline cache): use a cache BuildKit or kiln exported; repeatable.
+    #[arg(long, value_name = "SPEC")]
+    pub import_cache: Vec<String>,
 }
 
 #[derive(Debug, Args)]

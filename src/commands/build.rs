@@ -1,8 +1,9 @@
 //! `kiln build`: a BuildKit Definition or a Dockerfile in, the result out, with buildctl's
 //! flags, progress and exit codes. The data flow reads top-down in [`build`]: open the
 //! worker (kiln-worker: ops over snapshots and the executor) → (Dockerfile → Definition
-//! and image config: kiln-dockerfile) → load the graph (kiln-proto) → solve (kiln-solver:
-//! CacheMaps, keys, cache store, scheduler) → export (kiln-export).
+//! and image config: kiln-dockerfile) → load the graph (kiln-proto) → import caches
+//! (kiln-remotecache) → solve (kiln-solver: CacheMaps, keys, cache store, scheduler) →
+//! export the cache and the result (kiln-remotecache, kiln-export).
 
 use std::io::Write;
 use std::path::Path;
@@ -14,15 +15,17 @@ use kiln_executor::supervisor::RunnerCommand;
 use kiln_export as export;
 use kiln_proto::{Graph, LoadOptions, decode_definition, load};
 use kiln_registry::{Credentials, RegistryHosts};
+use kiln_remotecache::{self as remotecache, ImportedCache};
 use kiln_snapshotter::ImmutableRef;
 use kiln_solver::op::Session;
 use kiln_solver::progress::ProgressSender;
-use kiln_solver::scheduler::{JobOptions, Solver, SolverOptions};
+use kiln_solver::scheduler::{CacheExport, JobOptions, Solver, SolverOptions};
+use kiln_solver::source::CacheSource;
 use kiln_solver::store::Store;
-use kiln_worker::{BuildSession, KilnWorker, WorkerConfig};
+use kiln_worker::{BuildSession, CacheLayers, KilnRef, KilnWorker, LazyLoader, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use super::flags::{self, OutputSpec};
+use super::flags::{self, CacheExportSpec, CacheImportSpec, OutputSpec};
 use super::frontend::{self, DockerfileRequest};
 use super::namespaces::{enter_namespaces, runtime};
 use crate::cli::BuildArgs;
@@ -31,8 +34,8 @@ use crate::progress::{Mode, Renderer};
 
 /// What a build starts from.
 enum Input {
-    /// A Definition, loaded (`None`: one without ops).
-    Graph(Option<Graph>),
+    /// A Definition, loaded.
+    Graph(Graph),
     /// A Dockerfile the frontend turns into a Definition and an image config.
     Dockerfile(DockerfileRequest),
 }
@@ -42,6 +45,16 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
     let registry_hosts = RegistryHosts::load(config)?;
     let credentials = Credentials::load_default()?;
     let outputs = flags::outputs(args)?;
+    let cache_exports: Vec<CacheExportSpec> = args
+        .export_cache
+        .iter()
+        .map(|s| flags::parse_export_cache(s))
+        .collect::<anyhow::Result<_>>()?;
+    let cache_imports: Vec<CacheImportSpec> = args
+        .import_cache
+        .iter()
+        .map(|s| flags::parse_import_cache(s))
+        .collect::<anyhow::Result<_>>()?;
     let mut session = flags::session(args)?;
     let load_options = LoadOptions {
         entitlements: flags::entitlements(&args.allow)?,
@@ -60,11 +73,11 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
                 .insert(frontend::DOCKERFILE_DIR.to_owned(), dockerfile_dir);
             Input::Dockerfile(request)
         }
-        None => Input::Graph(Some(load_graph(
+        None => Input::Graph(load_graph(
             &read_input(args.file.as_deref())?,
             &load_options,
             args.no_cache,
-        )?)),
+        )?),
     };
     let session_id = session.id.clone();
     let no_cache = args.no_cache;
@@ -82,47 +95,69 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             registry_hosts,
             credentials,
         )?;
-        let (graph, image_config) = match input {
-            Input::Graph(graph) => (graph, None),
-            Input::Dockerfile(request) => {
-                let resolver = frontend::RegistryMetaResolver {
-                    images: worker.images(),
-                };
-                let converted = frontend::convert(&request, &session_id, &resolver).await?;
-                // No ops: the target is scratch without a change.
-                let graph = match converted.definition.def.is_empty() {
-                    true => None,
-                    false => Some(load_graph(
-                        &converted.definition_bytes(),
-                        &load_options,
-                        no_cache,
-                    )?),
-                };
-                (graph, Some(converted.image_config_json()))
-            }
-        };
-        let platform = graph
-            .as_ref()
-            .map_or_else(kiln_proto::platform::host_platform, result_platform);
-        let solved = match graph {
-            Some(graph) => solve(&worker, &root, Arc::new(graph), mode).await,
-            // A Dockerfile whose target is scratch without a change.
-            None => worker
-                .empty_result("scratch")
-                .map_err(|e| anyhow::anyhow!("failed to solve: {e}")),
-        };
         let snapshotter = worker.snapshotter().clone();
-        let outcome = match solved {
-            Ok(result) => tokio::task::spawn_blocking(move || {
-                outputs.iter().try_for_each(|output| {
-                    export(&worker, &result, output, &platform, image_config.as_deref())
+        let outcome = async {
+            let (graph, image_config) = match input {
+                Input::Graph(graph) => (Some(graph), None),
+                Input::Dockerfile(request) => {
+                    let resolver = frontend::RegistryMetaResolver {
+                        images: worker.images(),
+                    };
+                    let converted = frontend::convert(&request, &session_id, &resolver).await?;
+                    // No ops: the target is scratch without a change.
+                    let graph = match converted.definition.def.is_empty() {
+                        true => None,
+                        false => Some(load_graph(
+                            &converted.definition_bytes(),
+                            &load_options,
+                            no_cache,
+                        )?),
+                    };
+                    (graph, Some(converted.image_config_json()))
+                }
+            };
+            let platform = graph
+                .as_ref()
+                .map_or_else(kiln_proto::platform::host_platform, result_platform);
+            let (result, cache) = match graph {
+                Some(graph) => {
+                    let sources = import_caches(&worker, &cache_imports).await?;
+                    solve(&worker, &root, Arc::new(graph), mode, sources).await?
+                }
+                None => {
+                    let empty = worker
+                        .empty_result("scratch")
+                        .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+                    (KilnRef::ready(empty), CacheExport::default())
+                }
+            };
+            export_caches(&worker, &cache, &cache_exports).await?;
+            if !outputs.is_empty() {
+                let snapshot = worker
+                    .materialize(&result)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+                let worker = worker.clone();
+                tokio::task::spawn_blocking(move || {
+                    outputs.iter().try_for_each(|output| {
+                        export(
+                            &worker,
+                            &snapshot,
+                            output,
+                            &platform,
+                            image_config.as_deref(),
+                        )
+                    })
                 })
-            })
-            .await
-            .context("export task")
-            .and_then(|exported| exported.context("failed to solve")),
-            Err(e) => Err(e),
-        };
+                .await
+                .context("export task")?
+                .context("failed to solve")?;
+            }
+            let (bodies, bytes) = worker.images().clients().downloaded();
+            tracing::info!("registries: {bodies} bodies downloaded, {bytes} bytes");
+            anyhow::Ok(())
+        }
+        .await;
         // Whatever the outcome, results nothing cached (local copies, outputs of a failed
         // solve) go now rather than waiting for a prune.
         match tokio::task::spawn_blocking(move || snapshotter.remove_unretained()).await {
@@ -171,20 +206,96 @@ fn open_worker(
     })?)
 }
 
-/// Solves `graph` on `worker` with the cache store under `root`, rendering progress;
-/// Ctrl-C cancels the solve (running steps are killed and cleaned up).
+/// Reads every `--import-cache` (indexes and configs only) as a source of cache keys.
+async fn import_caches(
+    worker: &KilnWorker,
+    imports: &[CacheImportSpec],
+) -> anyhow::Result<Vec<Arc<dyn CacheSource<KilnRef>>>> {
+    let mut sources: Vec<Arc<dyn CacheSource<KilnRef>>> = Vec::new();
+    for (n, spec) in imports.iter().enumerate() {
+        let loaded = match spec {
+            CacheImportSpec::Local { src, tag, digest } => {
+                remotecache::load_local(src, tag.as_deref(), digest.as_deref())
+            }
+            CacheImportSpec::Registry { reference } => {
+                let images = worker.images();
+                remotecache::load_registry(images.clients(), images.content(), reference).await
+            }
+        }
+        .context("importing cache")?;
+        for (i, (config, layers)) in loaded.configs.iter().enumerate() {
+            let cache = ImportedCache::new(
+                &format!("{}#{n}.{i}", loaded.name),
+                config,
+                layers,
+                loaded.fetcher.clone(),
+                loaded.origin.clone(),
+                Arc::new(LazyLoader),
+            )
+            .context("importing cache")?;
+            tracing::debug!("imported {cache:?}");
+            sources.push(Arc::new(cache));
+        }
+    }
+    Ok(sources)
+}
+
+/// Writes the build cache where each `--export-cache` says.
+async fn export_caches(
+    worker: &KilnWorker,
+    cache: &CacheExport<KilnRef>,
+    exports: &[CacheExportSpec],
+) -> anyhow::Result<()> {
+    let layers = CacheLayers::new(worker);
+    for spec in exports {
+        let (max, oci) = match spec {
+            CacheExportSpec::Local { max, oci, .. }
+            | CacheExportSpec::Registry { max, oci, .. } => (*max, *oci),
+        };
+        let mode = if max {
+            remotecache::Mode::Max
+        } else {
+            remotecache::Mode::Min
+        };
+        let built = remotecache::export::build(cache, mode, &layers)
+            .await
+            .context("exporting cache")?;
+        match spec {
+            CacheExportSpec::Local { dest, tag, .. } => {
+                remotecache::export::write_local(dest, tag, &built, oci)
+                    .await
+                    .with_context(|| format!("exporting cache to {}", dest.display()))?;
+            }
+            CacheExportSpec::Registry { reference, .. } => {
+                let parsed = kiln_registry::reference::parse_normalized(reference)
+                    .with_context(|| format!("exporting cache to {reference}"))?;
+                let client = worker.images().clients().get(parsed.registry())?;
+                let tag = parsed.tag().unwrap_or("latest");
+                remotecache::export::push_registry(&client, parsed.repository(), tag, &built, oci)
+                    .await
+                    .with_context(|| format!("exporting cache to {reference}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Solves `graph` on `worker` with the cache store under `root` and the imported caches,
+/// rendering progress; Ctrl-C cancels the solve (running steps are killed and cleaned up).
 async fn solve(
     worker: &KilnWorker,
     root: &Path,
     graph: Arc<Graph>,
     mode: Mode,
-) -> anyhow::Result<ImmutableRef> {
+    sources: Vec<Arc<dyn CacheSource<KilnRef>>>,
+) -> anyhow::Result<(KilnRef, CacheExport<KilnRef>)> {
     let store = Arc::new(Store::open(root)?);
     let solver = Solver::new(
         Arc::new(worker.clone()),
         store,
         SolverOptions::for_root(root),
-    );
+    )
+    .with_sources(sources);
     let (progress, events) = ProgressSender::channel(1024);
     let renderer = tokio::spawn(Renderer::new(mode).run(events));
     let cancel = CancellationToken::new();
@@ -199,7 +310,7 @@ async fn solve(
         cancel,
         session: Arc::new(Session::default()),
     };
-    let solved = solver.solve(graph, job).await;
+    let solved = solver.solve_for_export(graph, job).await;
     drop(solver);
     let _ = renderer.await;
     solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))

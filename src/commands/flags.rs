@@ -51,6 +51,117 @@ pub fn parse_output(spec: &str) -> anyhow::Result<OutputSpec> {
     }
 }
 
+/// One `--export-cache`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheExportSpec {
+    Local {
+        dest: PathBuf,
+        tag: String,
+        max: bool,
+        oci: bool,
+    },
+    Registry {
+        reference: String,
+        max: bool,
+        oci: bool,
+    },
+}
+
+/// One `--import-cache`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheImportSpec {
+    Local {
+        src: PathBuf,
+        tag: Option<String>,
+        digest: Option<String>,
+    },
+    Registry {
+        reference: String,
+    },
+}
+
+fn parse_bool(
+    spec: &str,
+    flag: &str,
+    key: &str,
+    value: Option<&String>,
+    default: bool,
+) -> anyhow::Result<bool> {
+    match value.map(String::as_str) {
+        None => Ok(default),
+        Some("true" | "1") => Ok(true),
+        Some("false" | "0") => Ok(false),
+        Some(other) => bail!("{flag} {spec}: {key}={other} is not true or false"),
+    }
+}
+
+/// Parses `--export-cache type=local,dest=DIR[,mode=][,tag=][,oci-mediatypes=]` or
+/// `type=registry,ref=REF[,mode=][,oci-mediatypes=]`.
+pub fn parse_export_cache(spec: &str) -> anyhow::Result<CacheExportSpec> {
+    let flag = "--export-cache";
+    let fields = key_values(spec, flag)?;
+    let max = match fields.get("mode").map(String::as_str) {
+        None | Some("min") => false,
+        Some("max") => true,
+        Some(other) => bail!("{flag} {spec}: mode={other} is not min or max"),
+    };
+    let oci = parse_bool(
+        spec,
+        flag,
+        "oci-mediatypes",
+        fields.get("oci-mediatypes"),
+        true,
+    )?;
+    match fields.get("type").map(String::as_str) {
+        Some("local") => Ok(CacheExportSpec::Local {
+            dest: fields
+                .get("dest")
+                .map(PathBuf::from)
+                .with_context(|| format!("{flag} {spec}: dest= is required"))?,
+            tag: fields
+                .get("tag")
+                .cloned()
+                .unwrap_or_else(|| "latest".to_owned()),
+            max,
+            oci,
+        }),
+        Some("registry") => Ok(CacheExportSpec::Registry {
+            reference: fields
+                .get("ref")
+                .cloned()
+                .with_context(|| format!("{flag} {spec}: ref= is required"))?,
+            max,
+            oci,
+        }),
+        Some(other) => bail!("{flag} {spec}: unsupported type {other:?} (local or registry)"),
+        None => bail!("{flag} {spec}: type= is required"),
+    }
+}
+
+/// Parses `--import-cache type=local,src=DIR[,tag=T][,digest=D]` or `type=registry,ref=REF`.
+pub fn parse_import_cache(spec: &str) -> anyhow::Result<CacheImportSpec> {
+    let flag = "--import-cache";
+    let fields = key_values(spec, flag)?;
+    match fields.get("type").map(String::as_str) {
+        Some("local") => Ok(CacheImportSpec::Local {
+            src: fields
+                .get("src")
+                .map(PathBuf::from)
+                .with_context(|| format!("{flag} {spec}: src= is required"))?,
+            tag: fields.get("tag").cloned(),
+            digest: fields.get("digest").cloned(),
+        }),
+        Some("registry") => Ok(CacheImportSpec::Registry {
+            reference: fields
+                .get("ref")
+                .cloned()
+                .with_context(|| format!("{flag} {spec}: ref= is required"))?,
+        }),
+        Some(other) => bail!("{flag} {spec}: unsupported type {other:?} (local or registry)"),
+        None => bail!("{flag} {spec}: type= is required"),
+    }
+}
+
 /// `--secret id=ID,src=FILE` or `id=ID,env=VAR`: the secret's content, read now.
 fn parse_secret(spec: &str) -> anyhow::Result<(String, Vec<u8>)> {
     let fields = key_values(spec, "--secret")?;
@@ -172,8 +283,40 @@ mod tests {
                 name: "example.com/a:b".into()
             }
         );
-        assert!(parse_output("type=image,name=x").is_err());
+        assert!(parse_output("type=nonsense,name=x").is_err());
         assert!(parse_output("type=local").is_err());
         assert!(parse_output("dest=out").is_err());
+    }
+
+    #[test]
+    fn cache_specs() {
+        assert_eq!(
+            parse_export_cache("type=local,dest=c,mode=max").unwrap(),
+            CacheExportSpec::Local {
+                dest: "c".into(),
+                tag: "latest".into(),
+                max: true,
+                oci: true
+            }
+        );
+        assert_eq!(
+            parse_export_cache("type=registry,ref=r/c:t,oci-mediatypes=false").unwrap(),
+            CacheExportSpec::Registry {
+                reference: "r/c:t".into(),
+                max: false,
+                oci: false
+            }
+        );
+        assert!(parse_export_cache("type=registry,ref=x,mode=all").is_err());
+        assert!(parse_export_cache("type=local").is_err());
+        assert_eq!(
+            parse_import_cache("type=local,src=c,tag=t").unwrap(),
+            CacheImportSpec::Local {
+                src: "c".into(),
+                tag: Some("t".into()),
+                digest: None
+            }
+        );
+        assert!(parse_import_cache("type=gha").is_err());
     }
 }

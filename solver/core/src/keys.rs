@@ -7,6 +7,19 @@ use sha2::{Digest as _, Sha256};
 use crate::cachemap::CacheDigest;
 use crate::store::{Link, Store, StoreError};
 
+/// Where stored links are looked up: the local store, or it together with imported
+/// caches ([`crate::source`]).
+pub trait Links {
+    /// Targets of `link` from `source`, sorted.
+    fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError>;
+}
+
+impl Links for Store {
+    fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError> {
+        Store::targets(self, source, link)
+    }
+}
+
 /// `rootKey(d, o)`: `sha256("<d>@<o>")`, keeping the `random:` prefix for random digests.
 pub fn root_key(digest: &CacheDigest, output: i64) -> String {
     let hex = hex::encode(Sha256::digest(format!("{digest}@{output}").as_bytes()));
@@ -88,7 +101,7 @@ impl CacheKey {
     /// `getID`'s lookup: input 0 contributes the union of targets over its deps; every
     /// other input intersects with the targets of each of its deps separately (asymmetric,
     /// as in v0.11.6). Sorted, so the pick among several is stable.
-    pub fn existing_ids(&self, store: &Store) -> Result<Vec<String>, StoreError> {
+    pub fn existing_ids(&self, store: &dyn Links) -> Result<Vec<String>, StoreError> {
         let Some(first) = self.deps.first() else {
             return Ok(Vec::new());
         };
@@ -113,7 +126,7 @@ impl CacheKey {
 
     /// Lookup for cache hits (§3 `Query`): a candidate must be reached from **every**
     /// input, from any of that input's deps.
-    pub fn candidates(&self, store: &Store) -> Result<Vec<String>, StoreError> {
+    pub fn candidates(&self, store: &dyn Links) -> Result<Vec<String>, StoreError> {
         let mut matches: Option<std::collections::BTreeSet<String>> = None;
         for (i, deps) in self.deps.iter().enumerate() {
             let mut found = std::collections::BTreeSet::new();

@@ -11,4 +11,5 @@ pub mod keys;
 pub mod op;
 pub mod progress;
 pub mod scheduler;
+pub mod source;
 pub mod store;

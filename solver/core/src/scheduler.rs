@@ -40,6 +40,7 @@ use crate::cachemap::CacheMap;
 use crate::keys::{CacheKey, KeyDep, random_id, root_key};
 use crate::op::{JobContext, Op, OpError, Session, Worker};
 use crate::progress::{ProgressEvent, ProgressSender};
+use crate::source::{CacheSource, View};
 use crate::store::{CacheResult, Store};
 
 /// Errors of a solve. Cloneable because one failure is shared by every dependent.
@@ -115,8 +116,70 @@ impl<W: Worker> std::fmt::Debug for Solver<W> {
 struct Shared<W: Worker> {
     worker: Arc<W>,
     store: Arc<Store>,
+    /// Imported caches, looked up beside the store.
+    sources: Vec<Arc<dyn CacheSource<W::Ref>>>,
     locks_dir: PathBuf,
     exec_slots: Semaphore,
+}
+
+/// One key of a solve, as a cache export describes it: the digest its record carries
+/// (`rootKey(CacheMap digest, output)`, or the key itself for root and content keys) and,
+/// per input, the keys it links from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportedKey {
+    pub digest: String,
+    pub deps: Vec<Vec<KeyDep>>,
+}
+
+/// A result a solve produced or loaded, under one of its keys.
+#[derive(Clone, Debug)]
+pub struct ExportedResult<R> {
+    pub result: R,
+    /// Unix time in nanoseconds.
+    pub created_at: i64,
+}
+
+/// What a cache exporter needs of a solve: every durable key it met with its links, the
+/// results it resolved, and the keys of the target.
+#[derive(Clone, Debug)]
+pub struct CacheExport<R> {
+    pub keys: std::collections::BTreeMap<String, ExportedKey>,
+    pub results: std::collections::BTreeMap<String, ExportedResult<R>>,
+    pub target: Vec<String>,
+}
+
+impl<R> Default for CacheExport<R> {
+    fn default() -> Self {
+        CacheExport {
+            keys: Default::default(),
+            results: Default::default(),
+            target: Vec::new(),
+        }
+    }
+}
+
+impl<R> CacheExport<R> {
+    fn key(&mut self, id: &str, digest: &str, deps: &[Vec<KeyDep>]) {
+        let entry = self.keys.entry(id.to_owned()).or_default();
+        entry.digest = digest.to_owned();
+        if entry.deps.len() < deps.len() {
+            entry.deps.resize(deps.len(), Vec::new());
+        }
+        for (mine, theirs) in entry.deps.iter_mut().zip(deps) {
+            for d in theirs {
+                if !mine.contains(d) {
+                    mine.push(d.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Where a cache record was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Local,
+    Source(usize),
 }
 
 impl<W: Worker> Solver<W> {
@@ -125,14 +188,34 @@ impl<W: Worker> Solver<W> {
             shared: Arc::new(Shared {
                 worker,
                 store,
+                sources: Vec::new(),
                 locks_dir: options.locks_dir,
                 exec_slots: Semaphore::new(options.parallelism.max(1)),
             }),
         }
     }
 
+    /// Adds imported caches, looked up beside the store in every later solve. Call it
+    /// before sharing the solver.
+    pub fn with_sources(mut self, sources: Vec<Arc<dyn CacheSource<W::Ref>>>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.sources.extend(sources);
+        }
+        self
+    }
+
     /// Resolves the graph's target edge to a result.
     pub async fn solve(&self, graph: Arc<Graph>, job: JobOptions) -> Result<W::Ref, SolveError> {
+        self.solve_for_export(graph, job).await.map(|(r, _)| r)
+    }
+
+    /// Resolves the graph's target edge to a result, and describes the keys and results
+    /// of the solve for a cache export.
+    pub async fn solve_for_export(
+        &self,
+        graph: Arc<Graph>,
+        job: JobOptions,
+    ) -> Result<(W::Ref, CacheExport<W::Ref>), SolveError> {
         std::fs::create_dir_all(&self.shared.locks_dir).map_err(|e| SolveError::Locks {
             path: self.shared.locks_dir.clone(),
             message: e.to_string(),
@@ -151,6 +234,7 @@ impl<W: Worker> Solver<W> {
             vertices,
             first_error: OnceLock::new(),
             tasks: TaskTracker::new(),
+            export: Mutex::new(CacheExport::default()),
         });
         let outcome = state.clone().resolve_edge(graph.target()).await;
         // Nothing of this job may keep running once it returns: stop what is left and wait
@@ -159,7 +243,20 @@ impl<W: Worker> Solver<W> {
         state.tasks.close();
         state.tasks.wait().await;
         match outcome {
-            Ok(outcome) => Ok(outcome.result.clone()),
+            Ok(outcome) => {
+                let mut export = std::mem::take(
+                    &mut *state
+                        .export
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                export.target = if outcome.session_bound {
+                    Vec::new()
+                } else {
+                    outcome.keys.clone()
+                };
+                Ok((outcome.result.clone(), export))
+            }
             Err(err) => Err(state.final_error(err)),
         }
     }
@@ -215,6 +312,8 @@ struct Job<W: Worker> {
     first_error: OnceLock<SolveError>,
     /// Every task the job spawned, waited for before the solve returns.
     tasks: TaskTracker,
+    /// Keys and results met, for a cache export.
+    export: Mutex<CacheExport<W::Ref>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -310,6 +409,43 @@ impl<W: Worker> Job<W> {
         }
     }
 
+    /// Runs a blocking lookup over the store and the imported caches.
+    async fn lookup<T: Send + 'static>(
+        &self,
+        id: VertexId,
+        f: impl FnOnce(&View<'_, W::Ref>) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, SolveError> {
+        let sources = self.shared.sources.clone();
+        self.store(id, move |store| {
+            f(&View {
+                store,
+                sources: &sources,
+            })
+        })
+        .await
+    }
+
+    fn record_key(&self, id: &str, digest: &str, deps: &[Vec<KeyDep>]) {
+        self.export
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .key(id, digest, deps);
+    }
+
+    fn record_result(&self, key: &str, result: &W::Ref, created_at: i64) {
+        self.export
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .results
+            .insert(
+                key.to_owned(),
+                ExportedResult {
+                    result: result.clone(),
+                    created_at,
+                },
+            );
+    }
+
     async fn op(&self, id: VertexId) -> Result<Arc<dyn Op<W::Ref>>, SolveError> {
         let resolved = self
             .state(id)
@@ -397,10 +533,15 @@ impl<W: Worker> Job<W> {
         }
         if vertex.inputs.is_empty() {
             let maps = self.all_cache_maps(id).await?;
-            return Ok(maps
+            let keys: Vec<String> = maps
                 .iter()
+                .filter(|m| !m.digest.is_random())
                 .map(|m| root_key(&m.digest, edge.index))
-                .collect());
+                .collect();
+            for k in &keys {
+                self.record_key(k, k, &[]);
+            }
+            return Ok(keys);
         }
         let Some(map) = self.cache_map(id, 0).await? else {
             return Ok(Vec::new());
@@ -426,37 +567,60 @@ impl<W: Worker> Job<W> {
             output: edge.index,
             deps,
         };
-        self.store(id, move |s| key.candidates(s)).await
+        let record_digest = root_key(&map.digest, edge.index);
+        let deps = key.deps.clone();
+        let found = self.lookup(id, move |v| key.candidates(v)).await?;
+        for k in &found {
+            self.record_key(k, &record_digest, &deps);
+        }
+        Ok(found)
     }
 
     /// Loads the newest loadable result among `keys`; records whose ref is gone are
     /// dropped. Returns the result and the key it was found under.
+    /// Local results come first (they cost nothing to load), newest first, then the
+    /// imported caches' results, newest first.
     async fn try_load(
         &self,
         id: VertexId,
         keys: &[String],
-    ) -> Result<Option<(W::Ref, String)>, SolveError> {
-        let mut records: Vec<(String, CacheResult)> = Vec::new();
+    ) -> Result<Option<Loaded<W::Ref>>, SolveError> {
+        let mut records: Vec<(Origin, String, CacheResult)> = Vec::new();
         for key in keys {
             let k = key.clone();
             for record in self.store(id, move |s| s.results(&k)).await? {
-                records.push((key.clone(), record));
+                records.push((Origin::Local, key.clone(), record));
+            }
+            for (i, source) in self.shared.sources.iter().enumerate() {
+                for record in source.results(key) {
+                    records.push((Origin::Source(i), key.clone(), record));
+                }
             }
         }
-        records.sort_by_key(|r| std::cmp::Reverse(r.1.created_at));
-        for (key, record) in records {
+        records.sort_by_key(|r| (r.0 != Origin::Local, std::cmp::Reverse(r.2.created_at)));
+        for (origin, key, record) in records {
             self.check_cancelled()?;
-            match self.shared.worker.load_result(&record.id).await {
+            let loaded = match origin {
+                Origin::Local => self.shared.worker.load_result(&record.id).await,
+                Origin::Source(i) => self.shared.sources[i].load(&record.id).await,
+            };
+            match loaded {
                 Ok(Some(r)) => {
                     self.report_cached(id).await;
-                    return Ok(Some((r, key)));
+                    self.record_result(&key, &r, record.created_at);
+                    return Ok(Some(Loaded {
+                        result: r,
+                        key,
+                        origin,
+                    }));
                 }
-                Ok(None) => {
+                Ok(None) if origin == Origin::Local => {
                     let (k, rid) = (key.clone(), record.id.clone());
                     self.store(id, move |s| s.remove_result(&k, &rid)).await?;
                 }
+                Err(OpError::Cancelled) => return Err(SolveError::Cancelled),
                 // BuildKit discards a record that fails to load and goes on.
-                Err(_) => {}
+                Ok(None) | Err(_) => {}
             }
         }
         Ok(None)
@@ -502,7 +666,7 @@ impl<W: Worker> Job<W> {
         // Fast path: keys of the inputs without running them.
         if !ignore {
             let key_ids = self.clone().fast_keys(edge).await?;
-            if let Some((result, _)) = self.try_load(id, &key_ids).await? {
+            if let Some(Loaded { result, .. }) = self.try_load(id, &key_ids).await? {
                 return Ok(EdgeOutcome {
                     result,
                     keys: key_ids,
@@ -555,10 +719,14 @@ impl<W: Worker> Job<W> {
                     .content_digest(Some(&input.result), selectors)
                     .await
                 {
-                    Ok(digest) => list.push(KeyDep {
-                        key: root_key(&digest.into(), -1),
-                        selector: String::new(),
-                    }),
+                    Ok(digest) => {
+                        let slow = root_key(&digest.into(), -1);
+                        self.record_key(&slow, &slow, &[]);
+                        list.push(KeyDep {
+                            key: slow,
+                            selector: String::new(),
+                        })
+                    }
                     Err(OpError::Cancelled) => return Err(SolveError::Cancelled),
                     Err(e) => {
                         let message = format!("failed to calculate checksum of input {i}: {e}");
@@ -610,9 +778,11 @@ impl<W: Worker> Job<W> {
         }
         let result = self.execute(id, refs, edge.index).await?;
         let k = key.clone();
-        let existing = self.store(id, move |s| k.existing_ids(s)).await?;
+        let existing = self.lookup(id, move |v| k.existing_ids(v)).await?;
         let key_id = existing.into_iter().next().unwrap_or_else(random_id);
         self.save(id, &key_id, key.links(), &result).await?;
+        self.record_key(&key_id, &root_key(&map.digest, edge.index), &key.deps);
+        self.record_result(&key_id, &result, CacheResult::now("").created_at);
         Ok(EdgeOutcome {
             result,
             keys: vec![key_id],
@@ -629,13 +799,23 @@ impl<W: Worker> Job<W> {
         key: &CacheKey,
     ) -> Result<Option<EdgeOutcome<W::Ref>>, SolveError> {
         let k = key.clone();
-        let candidates = self.store(id, move |s| k.candidates(s)).await?;
-        let Some((result, hit)) = self.try_load(id, &candidates).await? else {
+        let candidates = self.lookup(id, move |v| k.candidates(v)).await?;
+        let Some(Loaded {
+            result,
+            key: hit,
+            origin,
+        }) = self.try_load(id, &candidates).await?
+        else {
             return Ok(None);
         };
-        let (links, target) = (key.links(), hit.clone());
-        self.store(id, move |s| s.save(&target, &links, None))
-            .await?;
+        self.record_key(&hit, &root_key(&key.digest, key.output), &key.deps);
+        // A local key learns links from the dep keys that did not point at it yet; an
+        // imported one is copied into the store only when something is saved below it.
+        if origin == Origin::Local {
+            let (links, target) = (key.links(), hit.clone());
+            self.store(id, move |s| s.save(&target, &links, None))
+                .await?;
+        }
         Ok(Some(EdgeOutcome {
             result,
             keys: vec![hit],
@@ -657,9 +837,14 @@ impl<W: Worker> Job<W> {
         while let Some(map) = self.cache_map(id, index).await? {
             index += 1;
             keys.push(root_key(&map.digest, edge.index));
+            let random = map.digest.is_random();
             first.get_or_insert(map);
-            if !ignore {
-                if let Some((result, _)) = self.try_load(id, &keys[keys.len() - 1..]).await? {
+            if !ignore && !random {
+                let k = &keys[keys.len() - 1];
+                self.record_key(k, k, &[]);
+                if let Some(Loaded { result, .. }) =
+                    self.try_load(id, &keys[keys.len() - 1..]).await?
+                {
                     return Ok(EdgeOutcome {
                         result,
                         keys,
@@ -681,7 +866,7 @@ impl<W: Worker> Job<W> {
             None
         };
         if !ignore && shareable {
-            if let Some((result, _)) = self.try_load(id, &keys).await? {
+            if let Some(Loaded { result, .. }) = self.try_load(id, &keys).await? {
                 return Ok(EdgeOutcome {
                     result,
                     keys,
@@ -692,8 +877,11 @@ impl<W: Worker> Job<W> {
         }
         let result = self.execute(id, Vec::new(), edge.index).await?;
         if shareable {
+            let now = CacheResult::now("").created_at;
             for key in &keys {
                 self.save(id, key, Vec::new(), &result).await?;
+                self.record_key(key, key, &[]);
+                self.record_result(key, &result, now);
             }
         }
         Ok(EdgeOutcome {
@@ -717,8 +905,14 @@ impl<W: Worker> Job<W> {
         }
         let record = CacheResult::now(self.shared.worker.result_id(result));
         let key = key.to_owned();
-        self.store(id, move |s| s.save(&key, &links, Some(&record)))
-            .await
+        // Keys an imported cache gave are copied into the store first, so that what is
+        // saved below them is found again without that cache.
+        self.lookup(id, move |v| {
+            let sources: Vec<String> = links.iter().map(|(s, _)| s.clone()).collect();
+            v.persist(&sources)?;
+            v.store.save(&key, &links, Some(&record))
+        })
+        .await
     }
 
     /// Exclusive lock for executing `(digest, output, input keys)`, held until dropped.
@@ -817,6 +1011,13 @@ impl<W: Worker> Job<W> {
             Err(e) => Err(self.fail(id, e.to_string()).await),
         }
     }
+}
+
+/// A result loaded from the cache: under which key and from where.
+struct Loaded<R> {
+    result: R,
+    key: String,
+    origin: Origin,
 }
 
 fn dep_selector(map: &CacheMap, input: usize) -> String {

@@ -75,6 +75,11 @@ impl ContentStore {
         self.blobs.join(digest.hex())
     }
 
+    /// The directory blobs live in (temporary files made there can be renamed into place).
+    pub fn blobs_dir(&self) -> &Path {
+        &self.blobs
+    }
+
     /// Whether blob `digest` is stored.
     pub fn contains(&self, digest: &Digest) -> bool {
         self.path(digest).is_file()

@@ -3,7 +3,7 @@
 
 use kiln_proto::Digest;
 
-use crate::{auth, content, hosts, layout, manifest, reference, registry};
+use crate::{auth, client, content, hosts, layout, manifest, reference, registry};
 
 /// Errors from resolving, keying and pulling images.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,8 @@ pub enum ImageError {
     Manifest(#[from] manifest::ManifestError),
     #[error(transparent)]
     Registry(#[from] registry::RegistryError),
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
     #[error("{image}: {message}")]
     Resolve { image: String, message: String },
     #[error("{image}: no match for platform {platform} in index {index}")]

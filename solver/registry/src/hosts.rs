@@ -1,13 +1,21 @@
 //! How kiln talks to each registry host: plain HTTP, HTTPS, or HTTPS without certificate
-//! verification. Loopback registries (`localhost`, `127.0.0.1`, `::1`) use plain HTTP, as
-//! containerd does; every other host uses HTTPS unless `kiln.toml` says otherwise, in the
-//! spirit of `buildkitd.toml`:
+//! verification, which CAs it trusts, which client certificate it shows, and which mirrors
+//! it pulls through. Loopback registries (`localhost`, `127.0.0.1`, `::1`) use plain HTTP,
+//! as containerd does; every other host uses HTTPS unless `kiln.toml` says otherwise, with
+//! `buildkitd.toml`'s `[registry."host"]` keys:
 //!
 //! ```toml
 //! [registry."registry.internal:5000"]
 //! http = true        # plain HTTP
 //! [registry."mirror.internal"]
 //! insecure = true    # HTTPS without verifying the certificate
+//! [registry."secure.internal:5443"]
+//! ca = ["/etc/kiln/ca.pem"]                                     # extra trusted CAs (PEM)
+//! [[registry."secure.internal:5443".keypair]]
+//! key = "/etc/kiln/client.key"                                  # client certificate
+//! cert = "/etc/kiln/client.pem"
+//! [registry."docker.io"]
+//! mirrors = ["mirror.internal"]                                 # pulls try these first
 //! ```
 //!
 //! Other top-level tables in the file belong to other parts of kiln and are ignored here;
@@ -41,7 +49,7 @@ pub enum Transport {
 }
 
 /// One `[registry."host"]` table.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryHostConfig {
     /// Plain HTTP.
@@ -50,6 +58,23 @@ pub struct RegistryHostConfig {
     /// HTTPS without certificate verification.
     #[serde(default)]
     pub insecure: bool,
+    /// PEM files of CAs trusted for this host besides the built-in roots.
+    #[serde(default)]
+    pub ca: Vec<PathBuf>,
+    /// Client certificates (PEM) presented to this host.
+    #[serde(default)]
+    pub keypair: Vec<KeyPair>,
+    /// Hosts pulls try before this one (pushes always go to the host itself).
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+}
+
+/// A client certificate and its key (`[[registry."host".keypair]]`).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPair {
+    pub key: PathBuf,
+    pub cert: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,18 +133,22 @@ impl RegistryHosts {
 
     /// The settings for `host` (`name` or `name:port`): an entry for exactly that host,
     /// else one for the name without its port.
-    pub fn config(&self, host: &str) -> Option<RegistryHostConfig> {
+    pub fn config(&self, host: &str) -> Option<&RegistryHostConfig> {
         self.hosts
             .get(host)
             .or_else(|| self.hosts.get(split_port(host)))
-            .copied()
+    }
+
+    /// The mirrors `kiln.toml` lists for `host`, in order.
+    pub fn mirrors(&self, host: &str) -> &[String] {
+        self.config(host).map_or(&[], |c| c.mirrors.as_slice())
     }
 
     /// How to reach `host`.
     pub fn transport(&self, host: &str) -> Transport {
         match self.config(host) {
-            Some(RegistryHostConfig { http: true, .. }) => Transport::Http,
-            Some(RegistryHostConfig { insecure: true, .. }) => Transport::HttpsInsecure,
+            Some(c) if c.http => Transport::Http,
+            Some(c) if c.insecure => Transport::HttpsInsecure,
             Some(_) => Transport::Https,
             None if is_loopback(host) => Transport::Http,
             None => Transport::Https,
@@ -184,6 +213,26 @@ mod tests {
         assert_eq!(hosts.transport("localhost:5000"), Transport::Https);
         assert_eq!(hosts.transport("localhost:5001"), Transport::Http);
         assert_eq!(hosts.transport("docker.io"), Transport::Https);
+    }
+
+    #[test]
+    fn kiln_toml_takes_buildkitd_tls_keys_and_mirrors() {
+        let text = r#"
+            [registry."secure.internal:5443"]
+            ca = ["/etc/kiln/ca.pem"]
+            [[registry."secure.internal:5443".keypair]]
+            key = "/k.pem"
+            cert = "/c.pem"
+            [registry."docker.io"]
+            mirrors = ["mirror.internal:5000"]
+        "#;
+        let hosts = RegistryHosts::parse(text, Path::new("kiln.toml")).unwrap();
+        let secure = hosts.config("secure.internal:5443").unwrap();
+        assert_eq!(secure.ca, [PathBuf::from("/etc/kiln/ca.pem")]);
+        assert_eq!(secure.keypair[0].cert, PathBuf::from("/c.pem"));
+        assert_eq!(hosts.transport("secure.internal:5443"), Transport::Https);
+        assert_eq!(hosts.mirrors("docker.io"), ["mirror.internal:5000"]);
+        assert!(hosts.mirrors("ghcr.io").is_empty());
     }
 
     #[test]

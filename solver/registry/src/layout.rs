@@ -109,6 +109,14 @@ impl OciLayout {
         OciLayout { dir }
     }
 
+    /// A directory of blobs and `index.json` without an `oci-layout` file: what BuildKit's
+    /// local cache exporter writes.
+    pub fn at(dir: &Path) -> Self {
+        OciLayout {
+            dir: dir.to_owned(),
+        }
+    }
+
     /// The layout directory.
     pub fn dir(&self) -> &Path {
         &self.dir

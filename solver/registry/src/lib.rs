@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod cache_key;
+pub mod client;
 pub mod content;
 mod error;
 pub mod hosts;
@@ -26,11 +27,13 @@ pub mod reference;
 pub mod registry;
 pub mod resolve;
 
-pub use auth::Credentials;
+pub use auth::{Auth, Credentials};
 pub use cache_key::{ImageCacheKey, cache_key, chain_id, config_key, manifest_key_json};
+pub use client::{ClientError, RegistryClient, RegistryClients};
 pub use content::ContentStore;
 pub use error::ImageError;
 pub use hosts::{RegistryHosts, Transport};
-pub use pull::{ProgressFn, PullProgress, PullState, Pulled, pull};
+pub use pull::{ProgressFn, PullProgress, PullState, Pulled, pull, pull_layers};
 pub use reference::{ImageIdentifier, ImageSource, OciLayoutIdentifier, RecordType, ResolveMode};
-pub use resolve::{ImageConfig, ImageResolver, ResolvedImage};
+pub use registry::RegistryFetcher;
+pub use resolve::{Fetcher, ImageConfig, ImageResolver, ResolvedImage};

@@ -57,13 +57,13 @@ fn report(progress: &ProgressFn<'_>, layer: &Descriptor, done: u64, state: PullS
 }
 
 async fn blocking<T: Send + 'static>(
-    image: &ResolvedImage,
+    name: &str,
     f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
 ) -> Result<T, ImageError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ImageError::Resolve {
-            image: image.name.clone(),
+            image: name.to_owned(),
             message: format!("the pull task failed: {e}"),
         })?
 }
@@ -103,13 +103,7 @@ pub async fn pull(
         Some(limit) => limit,
         None => image.layers.len(),
     };
-    let mut parent: Option<ImmutableRef> = None;
-    let mut chain: Option<String> = None;
-    let mut pulled = Pulled {
-        top: None,
-        imported: 0,
-        reused: 0,
-    };
+    let mut layers = Vec::with_capacity(count);
     for (layer, diff_id) in image.layers[..count].iter().zip(&summary.diff_ids) {
         let diff_id = diff_id
             .parse::<Digest>()
@@ -118,15 +112,38 @@ pub async fn pull(
                 digest: image.config.digest.clone(),
                 message: format!("diff id {diff_id:?}: {e}"),
             })?;
+        layers.push((layer.clone(), diff_id));
+    }
+    pull_layers(snapshotter, &image.fetcher, &image.name, &layers, progress).await
+}
+
+/// Imports `layers` (descriptor and diff ID, base first) from `fetcher` into `snapshotter`
+/// and returns the top snapshot; a chain already stored is reused without fetching.
+/// `name` says where the layers come from, in messages.
+pub async fn pull_layers(
+    snapshotter: &Snapshotter,
+    fetcher: &Fetcher,
+    name: &str,
+    layers: &[(Descriptor, Digest)],
+    progress: &ProgressFn<'_>,
+) -> Result<Pulled, ImageError> {
+    let mut parent: Option<ImmutableRef> = None;
+    let mut chain: Option<String> = None;
+    let mut pulled = Pulled {
+        top: None,
+        imported: 0,
+        reused: 0,
+    };
+    for (layer, diff_id) in layers {
         let chain_id = kiln_snapshotter::layer::chain_id(chain.as_deref(), diff_id.as_str());
         let snap_err = |source| ImageError::Snapshot {
-            image: image.name.clone(),
+            image: name.to_owned(),
             layer: layer.digest.clone(),
             source: Box::new(source),
         };
         let existing = {
             let (store, id) = (snapshotter.clone(), chain_id.clone());
-            blocking(image, move || Ok(store.get_by_chain_id(&id)))
+            blocking(name, move || Ok(store.get_by_chain_id(&id)))
                 .await?
                 .map_err(snap_err)?
         };
@@ -137,38 +154,25 @@ pub async fn pull(
             chain = Some(chain_id);
             continue;
         }
-        let file = match &*image.fetcher {
-            Fetcher::Registry(registry) => {
-                let mut on_bytes =
-                    |done: u64| report(progress, layer, done, PullState::Downloading);
-                registry
-                    .ensure_blob(&layer.digest, Some(layer.size), &mut on_bytes)
-                    .await?;
-                let path = registry.content().path(&layer.digest);
-                std::fs::File::open(&path).map_err(|source| {
-                    ImageError::Content(super::content::ContentError::Io {
-                        op: "opening",
-                        path,
-                        source,
-                    })
-                })?
-            }
-            Fetcher::Layout(layout) => {
+        let file = {
+            if let Fetcher::Layout(_) = fetcher {
                 report(progress, layer, 0, PullState::Verifying);
-                let (layout, digest) = (layout.clone(), layer.digest.clone());
-                blocking(image, move || Ok(layout.open_verified(&digest, |_| {})?)).await?
             }
+            let mut on_bytes = |done: u64| report(progress, layer, done, PullState::Downloading);
+            fetcher
+                .open_blob(&layer.digest, Some(layer.size), &mut on_bytes)
+                .await?
         };
         report(progress, layer, 0, PullState::Extracting);
         let options = ImportOptions {
             media_type: Some(layer.media_type.clone()).filter(|m| !m.is_empty()),
             diff_id: Some(diff_id.as_str().to_owned()),
-            description: format!("pulled from {}: layer {}", image.name, layer.digest),
+            description: format!("pulled from {name}: layer {}", layer.digest),
             ..ImportOptions::default()
         };
         let imported = {
             let (store, base) = (snapshotter.clone(), parent.clone());
-            blocking(image, move || {
+            blocking(name, move || {
                 Ok(store.import_layer(base.as_ref(), std::io::BufReader::new(file), &options))
             })
             .await?

@@ -1,43 +1,27 @@
-//! Fetching from a registry through `oci-client`: one client per registry host with that
-//! host's transport ([`super::hosts`]) and credentials ([`super::auth`]), every body checked
-//! against its digest and kept in the [`ContentStore`], which is consulted first, so nothing
-//! stored is fetched twice.
+//! Fetching one repository's manifests and blobs through the [`RegistryClient`], every
+//! body checked against its digest and kept in the [`ContentStore`], which is consulted
+//! first, so nothing stored is fetched twice.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use kiln_proto::Digest;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
 
-use super::auth::Credentials;
+use super::client::{ClientError, RegistryClient};
 use super::content::{ContentError, ContentStore};
-use super::hosts::{RegistryHosts, Transport};
 use super::manifest::ACCEPTED_MANIFESTS;
 
 /// Errors from talking to a registry.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{reference}: {source}")]
-    Distribution {
-        reference: String,
-        #[source]
-        source: OciDistributionError,
-    },
-    #[error("{reference}: reading {digest}: {source}")]
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{reference}: reading {digest}: {reason}")]
     Stream {
         reference: String,
         digest: Digest,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{reference}: the registry answered digest {value:?}: {reason}")]
-    BadDigest {
-        reference: String,
-        value: String,
         reason: String,
     },
     #[error("{reference}: {what} {digest} is {size} bytes, over the {limit}-byte limit")]
@@ -55,7 +39,7 @@ pub enum RegistryError {
 /// Largest manifest or config fetched into memory.
 pub const MAX_SMALL_BLOB: u64 = 16 << 20;
 
-/// Counts of bodies downloaded (manifests, configs, layers), for progress and tests.
+/// Counts of bodies this fetcher downloaded (manifests, configs, layers).
 #[derive(Debug, Default)]
 pub struct FetchStats {
     pub downloads: AtomicUsize,
@@ -64,11 +48,9 @@ pub struct FetchStats {
 
 /// One repository on one registry.
 pub struct RegistryFetcher {
-    client: Client,
+    client: Arc<RegistryClient>,
     reference: Reference,
-    auth: RegistryAuth,
     content: ContentStore,
-    authed: tokio::sync::OnceCell<()>,
     pub(crate) stats: FetchStats,
 }
 
@@ -81,34 +63,12 @@ impl std::fmt::Debug for RegistryFetcher {
 }
 
 impl RegistryFetcher {
-    /// A fetcher for `reference`'s repository.
-    pub fn new(
-        reference: &Reference,
-        hosts: &RegistryHosts,
-        credentials: &Credentials,
-        content: ContentStore,
-    ) -> Self {
-        let host = reference.registry();
-        let transport = hosts.transport(host);
-        let config = ClientConfig {
-            protocol: match transport {
-                Transport::Http => ClientProtocol::Http,
-                Transport::Https | Transport::HttpsInsecure => ClientProtocol::Https,
-            },
-            accept_invalid_certificates: transport == Transport::HttpsInsecure,
-            // kiln picks the platform itself (manifest::select_platform).
-            platform_resolver: None,
-            connect_timeout: Some(Duration::from_secs(30)),
-            // A stalled transfer fails instead of hanging the build.
-            read_timeout: Some(Duration::from_secs(300)),
-            ..Default::default()
-        };
+    /// A fetcher for `reference`'s repository through `client` (its registry's).
+    pub fn new(reference: &Reference, client: Arc<RegistryClient>, content: ContentStore) -> Self {
         RegistryFetcher {
-            client: Client::new(config),
+            client,
             reference: reference.clone(),
-            auth: credentials.for_host(host),
             content,
-            authed: tokio::sync::OnceCell::new(),
             stats: FetchStats::default(),
         }
     }
@@ -117,43 +77,23 @@ impl RegistryFetcher {
         self.reference.whole()
     }
 
-    fn distribution(&self) -> impl FnOnce(OciDistributionError) -> RegistryError + '_ {
-        move |source| RegistryError::Distribution {
-            reference: self.name(),
-            source,
-        }
+    fn repo(&self) -> &str {
+        self.reference.repository()
     }
 
-    /// Makes sure the client has the credentials before a direct blob request (manifest
-    /// requests set them up themselves).
-    async fn ensure_auth(&self) {
-        self.authed
-            .get_or_init(|| async {
-                self.client
-                    .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
-                    .await;
-            })
-            .await;
-    }
-
-    fn parse_digest(&self, value: &str) -> Result<Digest, RegistryError> {
-        value
-            .parse::<Digest>()
-            .map_err(|e| RegistryError::BadDigest {
-                reference: self.name(),
-                value: value.to_owned(),
-                reason: e.to_string(),
-            })
+    /// The registry client.
+    pub fn client(&self) -> &Arc<RegistryClient> {
+        &self.client
     }
 
     /// What the reference's tag points to now (a `HEAD` request).
     pub async fn resolve_tag(&self) -> Result<Digest, RegistryError> {
-        let digest = self
+        let tag = self.reference.tag().unwrap_or("latest");
+        let (digest, _, _) = self
             .client
-            .fetch_manifest_digest(&self.reference, &self.auth)
-            .await
-            .map_err(self.distribution())?;
-        self.parse_digest(&digest)
+            .resolve(self.repo(), tag, ACCEPTED_MANIFESTS)
+            .await?;
+        Ok(digest)
     }
 
     /// Manifest or index `digest` of this repository, from the content store or fetched.
@@ -161,12 +101,15 @@ impl RegistryFetcher {
         if let Some(bytes) = self.content.read(digest).await? {
             return Ok(bytes);
         }
-        let by_digest = self.reference.clone_with_digest(digest.as_str().to_owned());
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(&by_digest, &self.auth, ACCEPTED_MANIFESTS)
-            .await
-            .map_err(self.distribution())?;
+            .get_manifest(
+                self.repo(),
+                digest.as_str(),
+                ACCEPTED_MANIFESTS,
+                MAX_SMALL_BLOB,
+            )
+            .await?;
         self.count(bytes.len() as u64);
         // The content store checks the digest before keeping anything.
         self.content.write(digest, &bytes).await?;
@@ -220,18 +163,32 @@ impl RegistryFetcher {
         size: Option<u64>,
         progress: &mut (dyn FnMut(u64) + Send),
     ) -> Result<(), RegistryError> {
-        self.ensure_auth().await;
-        let mut stream = self
-            .client
-            .pull_blob_stream(&self.reference, digest.as_str())
-            .await
-            .map_err(self.distribution())?;
+        // A dropped connection mid-body starts the download again (the request itself is
+        // retried by the client).
+        let mut attempt = 0;
+        loop {
+            match self.fetch_once(digest, size, progress).await {
+                Err(RegistryError::Stream { .. }) if attempt < 3 => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<(), RegistryError> {
+        let response = self.client.get_blob(self.repo(), digest).await?;
+        let mut stream = response.bytes_stream();
         let mut writer = self.content.writer(digest, size).await?;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|source| RegistryError::Stream {
+            let chunk = chunk.map_err(|e| RegistryError::Stream {
                 reference: self.name(),
                 digest: digest.clone(),
-                source,
+                reason: super::client::transport_error(self.client.name(), "downloading", &e)
+                    .to_string(),
             })?;
             writer.write(&chunk).await?;
             if let Some(limit) = size.filter(|s| writer.written() > *s) {
@@ -247,6 +204,7 @@ impl RegistryFetcher {
         }
         let written = writer.written();
         writer.commit().await?;
+        self.client.count_download(written);
         self.count(written);
         Ok(())
     }

@@ -11,6 +11,7 @@ use kiln_proto::platform::{host_platform, normalize};
 use kiln_proto::{Digest, pb};
 
 use super::auth::Credentials;
+use super::client::RegistryClients;
 use super::content::ContentStore;
 use super::hosts::RegistryHosts;
 use super::layout::{LayoutError, OciLayout};
@@ -23,15 +24,90 @@ use crate::error::ImageError;
 /// use one level).
 const MAX_INDEX_DEPTH: usize = 4;
 
-/// Where an image's blobs come from.
+/// Where an image's (or an imported cache's) blobs come from.
 #[derive(Debug)]
-pub(crate) enum Fetcher {
+pub enum Fetcher {
     Registry(Box<RegistryFetcher>),
     Layout(OciLayout),
 }
 
 impl Fetcher {
-    async fn manifest(&self, digest: &Digest) -> Result<Vec<u8>, ImageError> {
+    /// A fetcher reading the OCI layout at `dir`.
+    pub fn layout(dir: &Path) -> Result<Self, ImageError> {
+        Ok(Fetcher::Layout(OciLayout::open(dir)?))
+    }
+
+    /// A fetcher for a repository on a registry.
+    pub fn registry(fetcher: RegistryFetcher) -> Self {
+        Fetcher::Registry(Box::new(fetcher))
+    }
+
+    /// A small blob (a manifest, a config), checked against its digest.
+    pub async fn small_blob(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, ImageError> {
+        match self {
+            Fetcher::Registry(r) => Ok(r.small_blob(digest, size).await?),
+            Fetcher::Layout(l) => Ok(l.read_blob(digest)?),
+        }
+    }
+
+    /// A manifest or index by digest.
+    pub async fn manifest(&self, digest: &Digest) -> Result<Vec<u8>, ImageError> {
+        self.manifest_inner(digest).await
+    }
+
+    /// The path of blob `digest`, complete and checked: downloaded into the content store
+    /// first, or verified in place in a layout.
+    pub async fn local_path(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<PathBuf, ImageError> {
+        match self {
+            Fetcher::Registry(registry) => {
+                registry.ensure_blob(digest, size, &mut |_| {}).await?;
+                Ok(registry.content().path(digest))
+            }
+            Fetcher::Layout(layout) => {
+                self.open_blob(digest, size, &mut |_| {}).await?;
+                Ok(layout.blob_path(digest))
+            }
+        }
+    }
+
+    /// Opens blob `digest` (downloaded into the content store first, or verified in the
+    /// layout), rewound.
+    pub async fn open_blob(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<std::fs::File, ImageError> {
+        match self {
+            Fetcher::Registry(registry) => {
+                registry.ensure_blob(digest, size, progress).await?;
+                let path = registry.content().path(digest);
+                std::fs::File::open(&path).map_err(|source| {
+                    ImageError::Content(super::content::ContentError::Io {
+                        op: "opening",
+                        path,
+                        source,
+                    })
+                })
+            }
+            Fetcher::Layout(layout) => {
+                let (layout, digest) = (layout.clone(), digest.clone());
+                tokio::task::spawn_blocking(move || layout.open_verified(&digest, |_| {}))
+                    .await
+                    .map_err(|e| ImageError::Resolve {
+                        image: "oci layout".to_owned(),
+                        message: format!("the read task failed: {e}"),
+                    })?
+                    .map_err(ImageError::from)
+            }
+        }
+    }
+
+    async fn manifest_inner(&self, digest: &Digest) -> Result<Vec<u8>, ImageError> {
         match self {
             Fetcher::Registry(r) => Ok(r.manifest(digest).await?),
             Fetcher::Layout(l) => Ok(l.read_blob(digest)?),
@@ -93,8 +169,7 @@ impl ResolvedImage {
 #[derive(Clone, Debug)]
 pub struct ImageResolver {
     content: ContentStore,
-    hosts: RegistryHosts,
-    credentials: Credentials,
+    clients: RegistryClients,
     layouts: HashMap<String, PathBuf>,
 }
 
@@ -110,8 +185,7 @@ impl ImageResolver {
     ) -> Result<Self, ImageError> {
         Ok(ImageResolver {
             content: ContentStore::open(root)?,
-            hosts,
-            credentials,
+            clients: RegistryClients::new(hosts, credentials),
             layouts,
         })
     }
@@ -119,6 +193,11 @@ impl ImageResolver {
     /// The content store.
     pub fn content(&self) -> &ContentStore {
         &self.content
+    }
+
+    /// The registry clients of this resolver (shared tokens and statistics).
+    pub fn clients(&self) -> &RegistryClients {
+        &self.clients
     }
 
     /// Resolves `source` for `platform` (normalised again here, so a raw op platform is
@@ -134,12 +213,8 @@ impl ImageResolver {
         let name = source.to_string();
         let (fetcher, digest, media_type) = match source {
             ImageSource::DockerImage(id) => {
-                let fetcher = RegistryFetcher::new(
-                    &id.reference,
-                    &self.hosts,
-                    &self.credentials,
-                    self.content.clone(),
-                );
+                let client = self.clients.get(id.reference.registry())?;
+                let fetcher = RegistryFetcher::new(&id.reference, client, self.content.clone());
                 let digest = match id.reference.digest() {
                     Some(d) => d.parse::<Digest>().map_err(|e| ImageError::Resolve {
                         image: name.clone(),

@@ -16,6 +16,8 @@ mod local;
 mod merge_diff;
 pub mod mounts;
 pub mod prepare;
+mod refs;
+mod remote;
 mod state;
 
 use std::os::fd::AsFd;
@@ -30,6 +32,8 @@ use kiln_solver::op::{Op, OpError, Worker};
 
 pub use config::{BuildSession, WorkerConfig};
 use mounts::StepMounts;
+pub use refs::KilnRef;
+pub use remote::{CacheLayers, LazyLoader};
 pub use state::WorkerError;
 use state::{Inner, blocking, failed};
 
@@ -62,6 +66,11 @@ impl KilnWorker {
         self.inner.empty_snapshot(description.to_owned())
     }
 
+    /// The snapshot of `r`, pulling a lazy ref's layers first.
+    pub async fn materialize(&self, r: &KilnRef) -> Result<ImmutableRef, OpError> {
+        remote::materialize(&self.inner, r).await
+    }
+
     /// Mounts `r` read-only for the duration of `f` (exports, inspection).
     pub fn with_mounted<T>(
         &self,
@@ -74,11 +83,39 @@ impl KilnWorker {
     }
 }
 
-#[async_trait]
-impl Worker for KilnWorker {
-    type Ref = ImmutableRef;
+/// An op of the worker, seen by the scheduler with [`KilnRef`] results: inputs are
+/// materialised (lazy layers pulled) before the op runs.
+struct Materializing {
+    inner: Arc<Inner>,
+    op: Arc<dyn Op<ImmutableRef>>,
+}
 
-    fn resolve_op(&self, vertex: &Vertex) -> Result<Arc<dyn Op<ImmutableRef>>, OpError> {
+#[async_trait]
+impl Op<KilnRef> for Materializing {
+    async fn cache_map(
+        &self,
+        ctx: &kiln_solver::op::JobContext,
+        index: usize,
+    ) -> Result<kiln_solver::op::CacheMapResponse, OpError> {
+        self.op.cache_map(ctx, index).await
+    }
+
+    async fn exec(
+        &self,
+        ctx: &kiln_solver::op::JobContext,
+        inputs: Vec<KilnRef>,
+    ) -> Result<Vec<KilnRef>, OpError> {
+        let mut ready = Vec::with_capacity(inputs.len());
+        for input in &inputs {
+            ready.push(remote::materialize(&self.inner, input).await?);
+        }
+        let outputs = self.op.exec(ctx, ready).await?;
+        Ok(outputs.into_iter().map(KilnRef::ready).collect())
+    }
+}
+
+impl KilnWorker {
+    fn resolve_snapshot_op(&self, vertex: &Vertex) -> Result<Arc<dyn Op<ImmutableRef>>, OpError> {
         match &vertex.op.op {
             Some(pb::op::Op::Exec(exec)) => Ok(Arc::new(exec::ExecOp::new(
                 self.inner.clone(),
@@ -130,35 +167,52 @@ impl Worker for KilnWorker {
             ))),
         }
     }
+}
 
-    async fn load_result(&self, result_id: &str) -> Result<Option<ImmutableRef>, OpError> {
+#[async_trait]
+impl Worker for KilnWorker {
+    type Ref = KilnRef;
+
+    fn resolve_op(&self, vertex: &Vertex) -> Result<Arc<dyn Op<KilnRef>>, OpError> {
+        Ok(Arc::new(Materializing {
+            inner: self.inner.clone(),
+            op: self.resolve_snapshot_op(vertex)?,
+        }))
+    }
+
+    async fn load_result(&self, result_id: &str) -> Result<Option<KilnRef>, OpError> {
         let inner = self.inner.clone();
         let id = result_id.to_owned();
         blocking(move || match inner.snapshotter.get(&id) {
-            Ok(r) => Ok(Some(r)),
+            Ok(r) => Ok(Some(KilnRef::ready(r))),
             Err(kiln_snapshotter::Error::NotFound(_)) => Ok(None),
             Err(e) => Err(failed(e)),
         })
         .await
     }
 
-    fn result_id(&self, r: &ImmutableRef) -> String {
-        r.id().to_owned()
+    fn result_id(&self, r: &KilnRef) -> String {
+        r.snapshot().map(|s| s.id().to_owned()).unwrap_or_default()
     }
 
-    async fn on_cached(&self, r: &ImmutableRef) -> Result<(), OpError> {
-        let r = r.clone();
+    async fn on_cached(&self, r: &KilnRef) -> Result<(), OpError> {
+        let r = self.materialize(r).await?;
         blocking(move || r.set_retain(true).map_err(failed)).await
+    }
+
+    async fn preprocess(&self, r: &KilnRef) -> Result<(), OpError> {
+        self.materialize(r).await.map(|_| ())
     }
 
     async fn content_digest(
         &self,
-        input: Option<&ImmutableRef>,
+        input: Option<&KilnRef>,
         selectors: &[ContentSelector],
     ) -> Result<Digest, OpError> {
-        let Some(input) = input.cloned() else {
+        let Some(input) = input else {
             return contenthash::dep_digest(None, selectors).map_err(failed);
         };
+        let input = self.materialize(input).await?;
         let worker = self.clone();
         let selectors = selectors.to_vec();
         blocking(move || {

@@ -9,9 +9,11 @@ use std::process::Command;
 
 pub mod bodies;
 pub mod registry;
+pub mod secure_registry;
 
 pub use bodies::{Mounted, rootful, rootless, rt, serial};
 pub use registry::{RegistryGuard, test_registry};
+pub use secure_registry::SecureRegistry;
 
 /// Name of the unprivileged user rootless tests run as (created by `scripts/setup-test-env`).
 pub const TEST_USER: &str = "kiln-test";
