@@ -589,7 +589,8 @@ fn kiln_toml_transport_reaches_the_client() {
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("localhost:5000/busybox:latest: ")
+            // Registry errors name the registry, what was done and why.
+            err.starts_with("localhost:5000: resolving busybox:latest: ")
                 && err.contains("https://localhost:5000/v2/busybox/manifests/latest"),
             "unexpected error: {err}"
         );
