@@ -8,7 +8,9 @@
 //! "all capabilities" cannot be granted to rootful insecure steps, as BuildKit cannot
 //! either) are checked to fail for exactly that reason and reported, never skipped.
 
-use std::collections::{BTreeMap, HashSet};
+mod common;
+
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -213,40 +215,6 @@ fn check_files(name: &str, expect: &Value, out: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Vertex digests that executed (started, not cached) according to `--progress rawjson`.
-fn executed(stderr: &[u8]) -> HashSet<String> {
-    let mut started = HashSet::new();
-    let mut cached = HashSet::new();
-    for line in String::from_utf8_lossy(stderr).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        for vertex in v["vertexes"].as_array().into_iter().flatten() {
-            let digest = vertex["digest"].as_str().unwrap_or_default().to_owned();
-            if vertex["cached"] == true {
-                cached.insert(digest);
-            } else if vertex.get("started").is_some() {
-                started.insert(digest);
-            }
-        }
-    }
-    started.difference(&cached).cloned().collect()
-}
-
-fn exec_digests(case: &Case) -> HashSet<String> {
-    let llbref: Value = serde_json::from_slice(
-        &std::fs::read(case.def.with_extension("llbref.json")).expect("read llbref"),
-    )
-    .expect("parse llbref");
-    llbref["ops"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|op| op["type"] == "exec")
-        .filter_map(|op| op["digest"].as_str().map(str::to_owned))
-        .collect()
-}
-
 struct Outcome {
     name: String,
     result: Result<(), String>,
@@ -360,8 +328,8 @@ fn run_case(case: &Case, all: &[Case], state: &Path, work: &Path, rootless: bool
     let warm_result = check_outcome(case, &warm, &out).map_err(|e| format!("warm: {e}"));
     let mut result = cold_result.and(warm_result);
     if result.is_ok() && warm.status.success() {
-        let rerun: Vec<String> = executed(&warm.stderr)
-            .intersection(&exec_digests(case))
+        let rerun: Vec<String> = common::executed(&warm.stderr)
+            .intersection(&common::corpus_exec_digests(&case.name))
             .cloned()
             .collect();
         if !rerun.is_empty() {

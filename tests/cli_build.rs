@@ -107,26 +107,6 @@ fn one_step(script: &str) -> (Vec<u8>, String) {
     (b.finish(&root).gogo_encode(), digest)
 }
 
-/// Vertex digests that started without being cached, from `--progress rawjson`.
-fn executed(stderr: &str) -> HashSet<String> {
-    let mut started = HashSet::new();
-    let mut cached = HashSet::new();
-    for line in stderr.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        for vertex in v["vertexes"].as_array().into_iter().flatten() {
-            let digest = vertex["digest"].as_str().unwrap_or_default().to_owned();
-            if vertex["cached"] == true {
-                cached.insert(digest);
-            } else if vertex.get("started").is_some() {
-                started.insert(digest);
-            }
-        }
-    }
-    started.difference(&cached).cloned().collect()
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -228,7 +208,9 @@ fn check_outputs_and_cache(s: &Setup) {
     );
     assert_eq!(read(&out1.join("runs")).trim(), "1");
     assert_eq!(
-        executed(&stderr(&cold)).intersection(&execs).count(),
+        common::executed(stderr(&cold))
+            .intersection(&execs)
+            .count(),
         2,
         "both steps run cold"
     );
@@ -237,7 +219,7 @@ fn check_outputs_and_cache(s: &Setup) {
     let dest = format!("type=local,dest={}", out2.display());
     let warm = s.build(&def, &["-o", &dest]);
     assert!(warm.status.success(), "warm build: {}", stderr(&warm));
-    let rerun: Vec<_> = executed(&stderr(&warm))
+    let rerun: Vec<_> = common::executed(stderr(&warm))
         .intersection(&execs)
         .cloned()
         .collect();
@@ -253,7 +235,12 @@ fn check_outputs_and_cache(s: &Setup) {
     let dest = format!("type=local,dest={}", out3.display());
     let forced = s.build(&def, &["--no-cache", "-o", &dest]);
     assert!(forced.status.success(), "--no-cache: {}", stderr(&forced));
-    assert_eq!(executed(&stderr(&forced)).intersection(&execs).count(), 2);
+    assert_eq!(
+        common::executed(stderr(&forced))
+            .intersection(&execs)
+            .count(),
+        2
+    );
     assert_eq!(
         read(&out3.join("runs")).trim(),
         "2",
@@ -415,7 +402,7 @@ fn check_session_bound_steps_leave_nothing(s: &Setup) {
         let out = s.build(&def, &["-o", &dest]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(
-            executed(&stderr(&out)).contains(&digest),
+            common::executed(stderr(&out)).contains(&digest),
             "round {round} runs the step"
         );
         assert_eq!(read(&out_dir.join("ctx-step")), "in-context\n");
@@ -474,12 +461,12 @@ fn check_merge_and_diff(s: &Setup) {
         !merged.join("etc/group").exists(),
         "the step's deletion holds"
     );
-    let cold = executed(&stderr(&built));
+    let cold = common::executed(stderr(&built));
     let again = s.build(&graph("merge"), &["-o", &dest]);
     assert!(again.status.success(), "warm merge: {}", stderr(&again));
     // Only the local source (bound to its session) runs again; the step and the merge
     // come from the cache.
-    let warm = executed(&stderr(&again));
+    let warm = common::executed(stderr(&again));
     assert!(
         cold.len() >= 4,
         "source, copy, step, file, merge ran cold: {cold:?}"

@@ -8,6 +8,8 @@
 // Test helpers panic with the failing call, as the tests themselves do.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -59,25 +61,6 @@ impl Machine<'_> {
     }
 }
 
-fn executed(stderr: &[u8]) -> HashSet<String> {
-    let mut started = HashSet::new();
-    let mut cached = HashSet::new();
-    for line in String::from_utf8_lossy(stderr).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        for vertex in v["vertexes"].as_array().into_iter().flatten() {
-            let digest = vertex["digest"].as_str().unwrap_or_default().to_owned();
-            if vertex["cached"] == true {
-                cached.insert(digest);
-            } else if vertex.get("started").is_some() {
-                started.insert(digest);
-            }
-        }
-    }
-    started.difference(&cached).cloned().collect()
-}
-
 fn exec_count(name: &str, output: &Output) -> usize {
     let path = shared_dir().join(format!("conformance/defs/{name}.llbref.json"));
     let llbref: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
@@ -88,7 +71,7 @@ fn exec_count(name: &str, output: &Output) -> usize {
         .filter(|op| op["type"] == "exec")
         .filter_map(|op| op["digest"].as_str().map(str::to_owned))
         .collect();
-    executed(&output.stderr)
+    common::executed(&output.stderr)
         .iter()
         .filter(|d| execs.contains(*d))
         .count()

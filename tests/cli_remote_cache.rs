@@ -4,7 +4,8 @@
 //! min and max) imported into a fresh state run no step either. Rootful and rootless.
 //! The base image is served by the shared test registry on 127.0.0.1:5000.
 
-use std::collections::HashSet;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -50,39 +51,6 @@ fn kiln(root: &Path, def: &Path, args: &[String]) -> anyhow::Result<Output> {
     Ok(output)
 }
 
-/// Vertex digests that executed (started, not cached) according to `--progress rawjson`.
-fn executed(stderr: &[u8]) -> HashSet<String> {
-    let mut started = HashSet::new();
-    let mut cached = HashSet::new();
-    for line in String::from_utf8_lossy(stderr).lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        for vertex in v["vertexes"].as_array().into_iter().flatten() {
-            let digest = vertex["digest"].as_str().unwrap_or_default().to_owned();
-            if vertex["cached"] == true {
-                cached.insert(digest);
-            } else if vertex.get("started").is_some() {
-                started.insert(digest);
-            }
-        }
-    }
-    started.difference(&cached).cloned().collect()
-}
-
-fn exec_digests(name: &str) -> HashSet<String> {
-    let path = shared_dir().join(format!("conformance/defs/{name}.llbref.json"));
-    let llbref: Value =
-        serde_json::from_slice(&std::fs::read(path).expect("read llbref")).expect("parse llbref");
-    llbref["ops"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|op| op["type"] == "exec")
-        .filter_map(|op| op["digest"].as_str().map(str::to_owned))
-        .collect()
-}
-
 /// The files BuildKit's build of `name` produced, checked in `out`.
 fn check_files(name: &str, out: &Path) -> anyhow::Result<()> {
     let path = shared_dir().join(format!("conformance/defs/{name}.expect.json"));
@@ -103,8 +71,8 @@ fn check_files(name: &str, out: &Path) -> anyhow::Result<()> {
 }
 
 fn ran_execs(name: &str, output: &Output) -> Vec<String> {
-    let execs = exec_digests(name);
-    executed(&output.stderr)
+    let execs = common::corpus_exec_digests(name);
+    common::executed(&output.stderr)
         .into_iter()
         .filter(|d| execs.contains(d))
         .collect()

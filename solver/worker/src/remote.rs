@@ -14,7 +14,7 @@ use kiln_registry::manifest::Descriptor;
 use kiln_remotecache::{
     CacheError, ChainLoader, ExportLayer, LayerBlob, RemoteChain, ResultLayers,
 };
-use kiln_snapshotter::{Compression, ImmutableRef, RefOptions};
+use kiln_snapshotter::{Compression, ImmutableRef};
 use kiln_solver::op::OpError;
 
 use crate::KilnWorker;
@@ -64,20 +64,7 @@ async fn pull_chain(inner: &Arc<Inner>, chain: &RemoteChain) -> Result<Immutable
         None => {
             let inner = inner.clone();
             let description = format!("empty result of {}", chain.source);
-            blocking(move || {
-                inner
-                    .snapshotter
-                    .new_mutable(
-                        None,
-                        &RefOptions {
-                            description,
-                            ..RefOptions::default()
-                        },
-                    )
-                    .and_then(|m| m.commit())
-                    .map_err(failed)
-            })
-            .await
+            blocking(move || inner.empty_snapshot(description)).await
         }
     }
 }
