@@ -34,6 +34,8 @@
 
 pub mod backend;
 mod fsutil;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod layer;
 pub mod lock;
 pub mod meta;
