@@ -207,16 +207,16 @@ pub fn hosts_and_resolv_conf() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes one FileOp on a base.
+type FileAction = Box<dyn Fn(kiln_proto::builder::Output) -> FileActions>;
+
 /// FileOp paths (mkdir, mkfile, rm, copy destination and source) through symlinks and
 /// `..` stay inside the snapshot they act on.
 pub fn file_op_paths() -> anyhow::Result<()> {
     with_host(|kiln, host| {
         plant_links(kiln, host)?;
         for path in hostile_destinations(host, "b") {
-            let actions: Vec<(
-                &str,
-                Box<dyn Fn(kiln_proto::builder::Output) -> FileActions>,
-            )> = vec![
+            let actions: Vec<(&str, FileAction)> = vec![
                 (
                     "mkdir",
                     Box::new({
