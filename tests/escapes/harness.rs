@@ -22,7 +22,7 @@ pub fn race_iterations() -> usize {
     std::env::var("KILN_ESCAPES_RACE_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40)
+        .unwrap_or(400)
 }
 
 /// A kiln state directory and a busybox root filesystem (`local://rootfs`) owned by the
