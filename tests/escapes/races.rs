@@ -201,8 +201,13 @@ fn race(
     let swaps = racer.finish();
     eprintln!(
         "race: {} racing resolutions ({victims} victim starts x {CACHES} caches) in {builds} \
-         builds, {spurious} builds failed cleanly, {swaps} swaps",
-        victims * CACHES
+         builds, {spurious} builds failed cleanly, {swaps} swaps{}",
+        victims * CACHES,
+        if last_error.is_empty() {
+            String::new()
+        } else {
+            format!(" (last failure: {last_error})")
+        }
     );
     if spurious * 2 > builds {
         bail!("{spurious} of {builds} builds failed, the race did not test kiln: {last_error}");
