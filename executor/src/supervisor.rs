@@ -166,7 +166,14 @@ impl Executor {
             path: config_path,
             source,
         })?;
-        let mut child = tokio::process::Command::new(&self.runner.program)
+        let mut command = tokio::process::Command::new(&self.runner.program);
+        // The runner kills its step and cleans up on SIGTERM; it must get it even when
+        // kiln is killed between the fork and the runner's own start.
+        crate::sys::spawn_dying_with_parent(
+            command.as_std_mut(),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let mut child = command
             .args(&self.runner.args)
             .arg(bundle)
             .stdin(Stdio::null())

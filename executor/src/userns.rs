@@ -10,6 +10,11 @@
 //! kernel requires (user_namespaces(7)), and kiln warns that files owned by other ids
 //! cannot be created.
 //!
+//! The child dies with the original process (`PR_SET_PDEATHSIG`, set before anything else
+//! and checked against a parent that already died): that process is what the user, a CI
+//! timeout or the OOM killer kills, and a SIGKILL cannot be forwarded. The child's step
+//! runners die with it in turn, and each takes its step's pid namespace along.
+//!
 //! # Caveats
 //! [`enter`] and [`enter_private_mount_namespace`] must run before any thread starts:
 //! the kernel refuses `unshare(CLONE_NEWUSER | CLONE_NEWNS)` in a multi-threaded process.
@@ -293,11 +298,18 @@ fn fork_mapped(mappings: &Mappings) -> Result<Forked, UsernsError> {
     let (ready_r, ready_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
     let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
+    let parent = nix::unistd::getpid();
     match sys::fork().map_err(sys_err("fork"))? {
         Forked::Child => {
+            // Before anything else: the child must die with the process the user runs
+            // (a SIGKILL of it, by a CI timeout or the OOM killer, can be neither caught
+            // nor forwarded), or it would go on with its steps and hold their locks.
+            if sys::die_with_parent(parent, Signal::SIGKILL).is_err() {
+                sys::exit_immediately(125);
+            }
             drop(ready_r);
             drop(go_w);
-            child_side(ready_w, go_r, mappings);
+            child_side(ready_w, go_r, mappings, parent);
             Ok(Forked::Child)
         }
         Forked::Parent { child, .. } => {
@@ -325,7 +337,7 @@ fn fork_mapped(mappings: &Mappings) -> Result<Forked, UsernsError> {
 }
 
 /// Runs in the forked child: unshare, report, wait to be mapped, become root.
-fn child_side(ready: OwnedFd, go: OwnedFd, mappings: &Mappings) {
+fn child_side(ready: OwnedFd, go: OwnedFd, mappings: &Mappings, parent: Pid) {
     if nix::sched::unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS).is_err() {
         let _ = nix::unistd::write(&ready, b"E");
         sys::exit_immediately(125);
@@ -347,6 +359,10 @@ fn child_side(ready: OwnedFd, go: OwnedFd, mappings: &Mappings) {
     }
     let _ = nix::unistd::setresgid(root_gid, root_gid, root_gid);
     let _ = nix::unistd::setresuid(root_uid, root_uid, root_uid);
+    // A change of the effective ids clears the parent-death signal: set it again.
+    if sys::die_with_parent(parent, Signal::SIGKILL).is_err() {
+        sys::exit_immediately(125);
+    }
 }
 
 /// What [`enter`] left the process in.

@@ -102,6 +102,10 @@ pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> NixResult<Vec<OsString>> {
 /// Removes the entry `name` of `dir`, recursively for a directory, never following a
 /// symlink. Missing entries are not an error.
 pub(crate) fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> NixResult<()> {
+    // `..` would clear the parent of `dir` (then fail to unlink it), `.` `dir` itself.
+    if name == "." || name == ".." || name.is_empty() {
+        return Err(Errno::EINVAL);
+    }
     match nix::unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => return Ok(()),
         Err(Errno::EISDIR | Errno::EPERM) => {}

@@ -35,6 +35,8 @@
 pub mod backend;
 mod compose;
 mod fsutil;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod layer;
 pub mod lock;
 pub mod meta;

@@ -122,6 +122,37 @@ pub fn exit_immediately(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Makes the calling process receive `signal` when its parent dies
+/// (`PR_SET_PDEATHSIG`), then checks that the parent is still `parent`: a parent that died
+/// between the fork and this call would never send it. Errors with `ESRCH` then.
+///
+/// The kernel clears the setting when the effective or filesystem ids change: call it
+/// again after `setresuid`/`setresgid`.
+pub fn die_with_parent(parent: Pid, signal: nix::sys::signal::Signal) -> SysResult<()> {
+    nix::sys::prctl::set_pdeathsig(signal)?;
+    if nix::unistd::getppid() == parent {
+        Ok(())
+    } else {
+        Err(Errno::ESRCH)
+    }
+}
+
+/// Makes the process `command` starts get `signal` when the thread that spawns it dies,
+/// and refuse to start (`ESRCH`) when this process is already gone by then, so a runner
+/// never outlives the kiln that started it, even one killed right after the fork.
+pub fn spawn_dying_with_parent(
+    command: &mut std::process::Command,
+    signal: nix::sys::signal::Signal,
+) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the hook runs in the forked child before exec and only makes the
+    // async-signal-safe calls prctl and getppid, without allocating.
+    unsafe {
+        command.pre_exec(move || die_with_parent(parent, signal).map_err(std::io::Error::from));
+    }
+}
+
 /// `pidfd_open(2)`.
 pub fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
     // SAFETY: plain syscall with integer arguments; the result is a new descriptor.

@@ -646,6 +646,15 @@ impl Applier {
             // Other `.wh..wh.` names are overlay-internal in some tools; OCI ignores them.
             return Ok(());
         }
+        if target == b"." || target == b".." {
+            // `.wh..` and `.wh...` would whiteout the directory itself or its parent: at
+            // the layer root, removing `..` emptied the directory above the one being
+            // imported into (in kiln's store: the snapshot's own record directory).
+            return Err(LayerError::Entry {
+                entry: entry.to_owned(),
+                problem: "whiteout of `.` or `..`".into(),
+            });
+        }
         let dir = self.dir(parent_comps, entry)?;
         let name = OsStr::from_bytes(target);
         self.cache = None;

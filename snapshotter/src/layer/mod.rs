@@ -11,6 +11,8 @@
 mod apply;
 mod descriptor;
 mod export;
+#[cfg(test)]
+mod hostile_tests;
 
 pub(crate) use apply::{ApplyMode, apply};
 pub use descriptor::{Compression, ImportOptions, LayerDescriptor, LayerError, chain_id};

@@ -57,6 +57,10 @@ pub struct CacheDir {
     mounts: Mutex<Option<StepMounts>>,
     path: PathBuf,
     mutable: Mutex<Option<MutableRef>>,
+    /// The SHARED key's setup lock, held while releasing: a step acquiring the key meanwhile
+    /// waits for the release instead of finding the directory still held and making a
+    /// fresh one.
+    setup: Option<Arc<Mutex<()>>>,
 }
 
 impl CacheDir {
@@ -68,6 +72,8 @@ impl CacheDir {
 
 impl Drop for CacheDir {
     fn drop(&mut self) {
+        let setup = self.setup.take();
+        let _setup = setup.as_ref().map(|l| l.lock());
         // Unmount first, then release the (retained) snapshot.
         if let Ok(mut mounts) = self.mounts.lock() {
             mounts.take();
@@ -86,6 +92,10 @@ impl Drop for CacheDir {
 #[derive(Debug, Default)]
 pub struct CacheMounts {
     shared: Mutex<HashMap<String, Weak<CacheDir>>>,
+    /// One lock per SHARED key, held from the table lookup to the insert: two steps
+    /// acquiring a key at once would otherwise both miss the table, and the second,
+    /// finding the first's directory held, would make a fresh one of its own.
+    shared_setup: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     counter: std::sync::atomic::AtomicU64,
 }
 
@@ -111,6 +121,16 @@ impl CacheMounts {
         description: &str,
         cancel: &CancellationToken,
     ) -> Result<Arc<CacheDir>, CacheMountError> {
+        let setup = if sharing == CacheSharingOpt::Shared {
+            let mut locks = self.shared_setup.lock().map_err(|_| poisoned(key))?;
+            Some(Arc::clone(locks.entry(key.to_owned()).or_default()))
+        } else {
+            None
+        };
+        let _setup = match &setup {
+            Some(lock) => Some(lock.lock().map_err(|_| poisoned(key))?),
+            None => None,
+        };
         if sharing == CacheSharingOpt::Shared {
             let table = self.shared.lock().map_err(|_| poisoned(key))?;
             if let Some(dir) = table.get(key).and_then(Weak::upgrade) {
@@ -148,13 +168,12 @@ impl CacheMounts {
             mounts: Mutex::new(Some(mounts)),
             path,
             mutable: Mutex::new(Some(mutable)),
+            setup: setup.clone(),
         });
         if sharing == CacheSharingOpt::Shared {
+            // Under the key's setup lock nobody else can have inserted one meanwhile (and
+            // dropping a second directory here would wait for that very lock).
             let mut table = self.shared.lock().map_err(|_| poisoned(key))?;
-            // Another step may have raced us here: share theirs, drop ours.
-            if let Some(existing) = table.get(key).and_then(Weak::upgrade) {
-                return Ok(existing);
-            }
             table.insert(key.to_owned(), Arc::downgrade(&dir));
         }
         Ok(dir)

@@ -145,6 +145,7 @@ pub fn rerun_as_test_user() -> AsTestUser {
             shared_dir_lenient().display()
         ))
         .arg(format!("HOME=/home/{TEST_USER}"))
+        .args(passed_env())
         .arg(&exe)
         .args(["--exact", &name, "--nocapture", "--test-threads=1"])
         .current_dir("/tmp")
@@ -163,6 +164,16 @@ pub fn rerun_as_test_user() -> AsTestUser {
         "test {name} did not run as {TEST_USER}:\n{stdout}"
     );
     AsTestUser::Passed
+}
+
+/// `NAME=value` for each variable named in `KILN_TEST_PASS_ENV` (space-separated) that is
+/// set: how scripts hand settings (such as the escape suite's race budget) to the re-run.
+fn passed_env() -> Vec<String> {
+    let names = std::env::var("KILN_TEST_PASS_ENV").unwrap_or_default();
+    names
+        .split_whitespace()
+        .filter_map(|name| Some(format!("{name}={}", std::env::var(name).ok()?)))
+        .collect()
 }
 
 fn shared_dir_lenient() -> PathBuf {
