@@ -30,6 +30,7 @@ use crate::progress::{Mode, Renderer};
 pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     // Everything the user got wrong fails here, before any namespace or thread exists.
     let registry_hosts = RegistryHosts::load(config)?;
+    let network = kiln_executor::network::Config::load(config)?;
     let credentials = Credentials::load_default()?;
     let outputs = flags::outputs(args)?;
     let session = flags::session(args)?;
@@ -47,6 +48,7 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             session,
             registry_hosts,
             credentials,
+            network,
         )?;
         let platform = result_platform(&graph);
         let solved = solve(&worker, &root, graph, mode).await;
@@ -97,13 +99,14 @@ fn load_graph(args: &BuildArgs) -> anyhow::Result<Graph> {
 }
 
 /// The worker: snapshots under `root`, steps through `kiln __runner`, images through the
-/// registries `kiln.toml` describes.
+/// registries `kiln.toml` describes, sandbox networks through the stack it names.
 fn open_worker(
     root: &Path,
     in_user_namespace: bool,
     session: BuildSession,
     registry_hosts: RegistryHosts,
     credentials: Credentials,
+    network: kiln_executor::network::Config,
 ) -> anyhow::Result<KilnWorker> {
     Ok(KilnWorker::open(WorkerConfig {
         root: root.to_owned(),
@@ -112,6 +115,7 @@ fn open_worker(
         session,
         registry_hosts,
         credentials,
+        network,
     })?)
 }
 

@@ -70,6 +70,7 @@ pub fn run_with(step: &Step, cancel: CancellationToken) -> Result<StepResult, St
         shared_dir: run_root.path().to_owned(),
         run_dir: bundle,
         id: id.clone(),
+        network: None,
     };
     let spec = spec::generate(step, &host, &LinuxSys).map_err(|e| e.to_string())?;
     let mut stub_paths = vec!["/etc/resolv.conf".to_owned(), "/etc/hosts".to_owned()];
