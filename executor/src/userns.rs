@@ -293,10 +293,18 @@ fn fork_mapped(mappings: &Mappings) -> Result<Forked, UsernsError> {
     let (ready_r, ready_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
     let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
+    let parent = nix::unistd::getpid();
     match sys::fork().map_err(sys_err("fork"))? {
         Forked::Child => {
             drop(ready_r);
             drop(go_w);
+            // Killing the process the user started kills kiln too (and so its steps and
+            // network helpers), as it does rootful, where they are one process.
+            if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err()
+                || nix::unistd::getppid() != parent
+            {
+                sys::exit_immediately(125);
+            }
             child_side(ready_w, go_r, mappings);
             Ok(Forked::Child)
         }

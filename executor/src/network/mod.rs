@@ -51,6 +51,15 @@ pub enum NetworkError {
          for pasta), or run the step with --network none"
     )]
     NoStack,
+    #[error(
+        "{path} is not readable and writable here ({source}): the sandbox network's stack \
+         needs it (mode 0666, as udev sets it), or run the step with --network none"
+    )]
+    Tun {
+        path: &'static str,
+        #[source]
+        source: nix::Error,
+    },
     #[error("creating a network namespace: {op}: {source}")]
     Namespace {
         op: &'static str,

@@ -20,6 +20,9 @@ use nix::sys::stat::Mode;
 use super::{Attachment, NetworkError, Stack, find_program};
 use crate::sys::{self, Forked};
 
+/// The device a stack creates its tap interface with.
+const TUN: &str = "/dev/net/tun";
+
 /// How long a stack may take to configure its namespace.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -42,6 +45,13 @@ impl Namespace {
     /// Creates a namespace and starts `stack` on it; returns once the tap device is up.
     pub fn create(stack: Stack) -> Result<Namespace, NetworkError> {
         let program = find_program(stack.program()).ok_or(NetworkError::NoStack)?;
+        // The stack opens it inside the namespace; say so plainly rather than relay its
+        // terse failure.
+        nix::unistd::access(
+            TUN,
+            nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+        )
+        .map_err(|source| NetworkError::Tun { path: TUN, source })?;
         let netns = new_netns()?;
         let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(ns_err("pipe"))?;
         let (exit_r, exit_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(ns_err("pipe"))?;
