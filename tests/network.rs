@@ -25,6 +25,40 @@ mod common;
 /// This binary's test subnet (198.18.13.0/24).
 const SUBNET: u8 = 13;
 
+/// A temporary directory removed on drop, rootless from inside a user namespace of the
+/// test user (snapshots and the unpacked rootfs hold files of its subordinate ids, which
+/// the user cannot remove from outside).
+struct Scratch(Option<tempfile::TempDir>);
+
+impl Scratch {
+    fn new() -> anyhow::Result<Scratch> {
+        Ok(Scratch(Some(tempfile::tempdir()?)))
+    }
+
+    fn rootfs() -> Scratch {
+        Scratch(Some(common::busybox_rootfs()))
+    }
+
+    fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), tempfile::TempDir::path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let Some(dir) = self.0.take() else { return };
+        if is_root() {
+            return;
+        }
+        let path = dir.keep();
+        let _ = kiln_executor::userns::run_in_user_namespace(move || {
+            i32::from(std::fs::remove_dir_all(&path).is_err())
+        });
+    }
+}
+
 fn kiln(state: &Path, args: &[&str], stdin: Option<&[u8]>) -> anyhow::Result<Output> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--root")
@@ -122,8 +156,8 @@ fn ensure_same(before: &str, after: &str, what: &str) -> anyhow::Result<()> {
 const CHANGE_NETWORK: &str = "ip addr add 198.51.100.7/32 dev tap0 && ip route add 198.51.100.0/24 dev tap0 && ip link set tap0 mtu 1280 && echo changed";
 
 fn check_run(net: &TestNetwork) -> anyhow::Result<()> {
-    let state = tempfile::tempdir()?;
-    let rootfs = common::busybox_rootfs();
+    let state = Scratch::new()?;
+    let rootfs = Scratch::rootfs();
     // A timeout: a broken stack must fail the check, not hang it.
     let reach = format!("timeout 10 nc {} </dev/null", net.nc_target());
 
@@ -326,8 +360,8 @@ fn executed(stderr: &str) -> HashSet<String> {
 fn check_build(net: &TestNetwork) -> anyhow::Result<()> {
     use pb::NetMode::{None as NoNet, Unset as Sandbox};
     use pb::SecurityMode::{Insecure, Sandbox as Confined};
-    let state = tempfile::tempdir()?;
-    let rootfs = common::busybox_rootfs();
+    let state = Scratch::new()?;
+    let rootfs = Scratch::rootfs();
     let local = format!("rootfs={}", rootfs.path().display());
     let port = loopback_server("host-loopback-secret")?;
     let greeting = net.greeting();
@@ -514,8 +548,8 @@ fn holders_of(netns: &str) -> Vec<u32> {
 }
 
 fn check_killed_build() -> anyhow::Result<()> {
-    let state = tempfile::tempdir()?;
-    let rootfs = common::busybox_rootfs();
+    let state = Scratch::new()?;
+    let rootfs = Scratch::rootfs();
     let local = format!("rootfs={}", rootfs.path().display());
     let marker = 5_000_000 + std::process::id();
     let def = chain(&[(

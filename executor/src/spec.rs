@@ -622,6 +622,86 @@ mod tests {
     }
 
     #[test]
+    fn sandbox_steps_join_their_network_and_use_its_forwarder() {
+        let rootfs = tempfile::tempdir().unwrap();
+        std::fs::create_dir(rootfs.path().join("etc")).unwrap();
+        std::fs::write(
+            rootfs.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(rootfs.path().join("etc/group"), "root:x:0:\n").unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let mut step = Step {
+            args: vec!["true".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+            hostname: String::new(),
+            ulimits: vec![],
+            cgroup_parent: String::new(),
+            extra_hosts: vec![],
+            network: Network::Sandbox,
+            security: Security::Sandbox,
+            rootfs: rootfs.path().to_owned(),
+            readonly_rootfs: false,
+            mounts: vec![],
+            no_new_privileges: false,
+        };
+        let mut host = Host {
+            in_user_namespace: false,
+            shared_dir: run.path().to_owned(),
+            run_dir: run.path().to_owned(),
+            id: "n1".into(),
+            network: Some(Attachment {
+                path: "/proc/1/fd/9".into(),
+                nameserver: "10.0.2.3".parse().unwrap(),
+            }),
+        };
+        let network_ns = |spec: &Spec| {
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|n| n.typ() == LinuxNamespaceType::Network)
+                .cloned()
+        };
+        let resolv_of = |spec: &Spec| {
+            let m = spec
+                .mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.destination() == Path::new("/etc/resolv.conf"))
+                .unwrap()
+                .clone();
+            std::fs::read_to_string(m.source().as_ref().unwrap()).unwrap()
+        };
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        let ns = network_ns(&spec).unwrap();
+        assert_eq!(ns.path().as_deref(), Some(Path::new("/proc/1/fd/9")));
+        let resolv = resolv_of(&spec);
+        assert!(resolv.ends_with("nameserver 10.0.2.3\n"), "{resolv}");
+        assert_eq!(resolv.matches("nameserver").count(), 1, "{resolv}");
+
+        // none never joins, even with a sandbox network at hand; host has no namespace.
+        step.network = Network::None;
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        assert_eq!(network_ns(&spec).unwrap().path(), &None);
+        step.network = Network::Host;
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        assert!(network_ns(&spec).is_none());
+        // A sandbox step without a ready network gets a new, loopback-only namespace.
+        step.network = Network::Sandbox;
+        host.network = None;
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        assert_eq!(network_ns(&spec).unwrap().path(), &None);
+    }
+
+    #[test]
     fn generated_spec_for_a_busybox_like_rootfs() {
         let rootfs = tempfile::tempdir().unwrap();
         std::fs::create_dir(rootfs.path().join("etc")).unwrap();
