@@ -16,6 +16,18 @@ fn running(pid: u32) -> bool {
     })
 }
 
+/// Whether `pid` ends within a few seconds (a stopped stack is reaped in the background).
+fn ends(pid: u32) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while running(pid) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
 fn slirp_pool() -> Pool {
     Pool::new(&Config {
         stack: Some(Stack::Slirp4netns),
@@ -41,7 +53,7 @@ fn leases_are_reused_or_discarded() -> Result<(), String> {
     }
     again.discard();
     drop(again);
-    if running(first_pid) {
+    if !ends(first_pid) {
         return Err("a discarded namespace's stack still runs".into());
     }
     let other = pool.acquire().map_err(|e| e.to_string())?;
@@ -55,7 +67,7 @@ fn leases_are_reused_or_discarded() -> Result<(), String> {
     drop(other);
     pool.prewarm();
     drop(pool);
-    if running(other_pid) {
+    if !ends(other_pid) {
         return Err("an idle namespace's stack outlived its pool".into());
     }
     Ok(())

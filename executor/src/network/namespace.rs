@@ -35,7 +35,8 @@ fn ns_err(op: &'static str) -> impl FnOnce(nix::Error) -> NetworkError {
 #[derive(Debug)]
 pub(crate) struct Namespace {
     netns: OwnedFd,
-    helper: Child,
+    /// Always `Some` until dropped.
+    helper: Option<Child>,
     /// slirp4netns exits when this (the write end of its `--exit-fd`) closes.
     exit_pipe: Option<OwnedFd>,
     stack: Stack,
@@ -119,7 +120,7 @@ impl Namespace {
         match wait_ready(&ready_r, &mut helper) {
             Ok(()) => Ok(Namespace {
                 netns,
-                helper,
+                helper: Some(helper),
                 exit_pipe,
                 stack,
             }),
@@ -156,20 +157,45 @@ impl Namespace {
 
     /// Whether the stack still runs (a namespace whose stack died has no way out).
     pub fn alive(&mut self) -> bool {
-        matches!(self.helper.try_wait(), Ok(None))
+        self.helper
+            .as_mut()
+            .is_some_and(|h| matches!(h.try_wait(), Ok(None)))
     }
 
     /// The stack's process id.
     pub fn helper_pid(&self) -> u32 {
-        self.helper.id()
+        self.helper.as_ref().map_or(0, Child::id)
     }
 }
 
 impl Drop for Namespace {
     fn drop(&mut self) {
         self.exit_pipe.take();
-        let _ = self.helper.kill();
-        let _ = self.helper.wait();
+        let Some(mut helper) = self.helper.take() else {
+            return;
+        };
+        let _ = helper.kill();
+        if matches!(helper.try_wait(), Ok(None)) {
+            // Its exit tears the tap device down, which waits for an RCU grace period
+            // (≈25 ms): reap it off the caller's path. If kiln ends first, the killed
+            // stack is reaped by whoever inherits it.
+            let (tx, rx) = std::sync::mpsc::channel::<Child>();
+            let reaper = std::thread::Builder::new()
+                .name("kiln-network-reap".to_owned())
+                .spawn(move || {
+                    if let Ok(mut helper) = rx.recv() {
+                        let _ = helper.wait();
+                    }
+                });
+            match reaper {
+                Ok(_) => {
+                    let _ = tx.send(helper);
+                }
+                Err(_) => {
+                    let _ = helper.wait();
+                }
+            }
+        }
     }
 }
 
