@@ -14,7 +14,8 @@ pub struct Cli {
     /// State directory (snapshots, cache, metadata).
     #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
     pub root: Option<PathBuf>,
-    /// Configuration file (registry hosts); default `<root>/kiln.toml`, if it exists.
+    /// Configuration file (registry hosts, network stack); default `<root>/kiln.toml`, if
+    /// it exists.
     #[arg(long, global = true, env = "KILN_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Log what kiln decides and why.
@@ -142,10 +143,10 @@ pub struct StepArgs {
     /// Hostname (default buildkitsandbox).
     #[arg(long, value_name = "H", default_value = "")]
     pub hostname: String,
-    /// Network: none (only loopback) or host. Without it: the host network as root, a
-    /// network namespace of the step's own when rootless.
-    #[arg(long, value_parser = ["none", "host"])]
-    pub network: Option<String>,
+    /// Network: sandbox (a namespace of the step's own with egress through a user-space
+    /// stack, host loopback out of reach), none (only loopback) or host (kiln's own).
+    #[arg(long, value_parser = ["sandbox", "none", "host"], default_value = "sandbox")]
+    pub network: String,
     /// Security mode: sandbox (default capabilities, masks, seccomp) or insecure.
     #[arg(long, value_parser = ["sandbox", "insecure"], default_value = "sandbox")]
     pub security: String,

@@ -88,6 +88,34 @@ pub fn resolv_content(host_resolv: &str, host_network: bool) -> String {
     out
 }
 
+/// Which nameservers a step's resolv.conf names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolver {
+    /// The host's file unchanged (the step shares kiln's network).
+    Host,
+    /// The host's file without loopback nameservers, public ones if none is left
+    /// (BuildKit's rewrite for a network of the step's own).
+    Filtered,
+    /// Only this nameserver (a sandbox network's DNS forwarder, which reaches whatever
+    /// the host's resolv.conf names, loopback resolvers included); search and options
+    /// lines are kept.
+    Forwarder(IpAddr),
+}
+
+/// A step's resolv.conf naming only `nameserver`, with the host's other lines.
+pub fn forwarder_content(host_resolv: &str, nameserver: IpAddr) -> String {
+    let mut out: Vec<String> = host_resolv
+        .lines()
+        .filter(|l| l.split_whitespace().next() != Some("nameserver"))
+        .map(str::to_owned)
+        .collect();
+    while out.last().is_some_and(|l| l.trim().is_empty()) {
+        out.pop();
+    }
+    out.push(format!("nameserver {nameserver}"));
+    out.join("\n") + "\n"
+}
+
 /// The host resolv.conf BuildKit starts from: `/etc/resolv.conf`, or systemd-resolved's
 /// upstream file when the host only points at the 127.0.0.53 stub.
 pub fn read_host_resolv() -> String {
@@ -129,7 +157,7 @@ pub fn write_files(
     step_dir: &Path,
     hostname: &str,
     extra: &[ExtraHost],
-    host_network: bool,
+    resolver: Resolver,
 ) -> Result<(PathBuf, PathBuf), HostsError> {
     let hosts_dir = if hostname == kiln_proto::DEFAULT_HOSTNAME && extra.is_empty() {
         shared_dir
@@ -138,12 +166,20 @@ pub fn write_files(
     };
     let hosts = hosts_dir.join("hosts");
     write_if_changed(&hosts, &hosts_content(hostname, extra))?;
-    let resolv = shared_dir.join(if host_network {
-        "resolv.host.conf"
-    } else {
-        "resolv.conf"
-    });
-    write_if_changed(&resolv, &resolv_content(&read_host_resolv(), host_network))?;
+    let host_resolv = read_host_resolv();
+    let (name, content) = match resolver {
+        Resolver::Host => ("resolv.host.conf".to_owned(), host_resolv),
+        Resolver::Filtered => (
+            "resolv.conf".to_owned(),
+            resolv_content(&host_resolv, false),
+        ),
+        Resolver::Forwarder(ip) => (
+            format!("resolv.{ip}.conf"),
+            forwarder_content(&host_resolv, ip),
+        ),
+    };
+    let resolv = shared_dir.join(name);
+    write_if_changed(&resolv, &content)?;
     Ok((hosts, resolv))
 }
 
@@ -182,6 +218,20 @@ mod tests {
             "search example.com\nnameserver 10.1.1.1\n"
         );
         assert_eq!(resolv_content(host, true), host);
+    }
+
+    #[test]
+    fn forwarder_replaces_every_nameserver_and_keeps_the_rest() {
+        let host =
+            "search example.com\nnameserver 127.0.0.53\nnameserver 10.1.1.1\noptions edns0\n";
+        assert_eq!(
+            forwarder_content(host, "10.0.2.3".parse().unwrap()),
+            "search example.com\noptions edns0\nnameserver 10.0.2.3\n"
+        );
+        assert_eq!(
+            forwarder_content("", "169.254.1.1".parse().unwrap()),
+            "nameserver 169.254.1.1\n"
+        );
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! kiln-executor runs one process spec inside new user/mount/pid/ipc/uts/net namespaces:
 //! id maps, mounts, pivot_root, /proc /dev /sys, masked paths, capabilities, rlimits,
-//! user lookup, environment, exit status and cancellation.
+//! user lookup, environment, exit status and cancellation; sandbox networks (a pool of
+//! network namespaces behind a user-space network stack).
 
 pub mod caps;
 pub mod cgroup;
 pub mod hosts;
+pub mod network;
 pub mod path;
 pub mod process;
 pub mod rootfs;

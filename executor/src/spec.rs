@@ -20,7 +20,8 @@ use oci_spec::runtime::{
 };
 
 use crate::caps::{self, CapsError};
-use crate::hosts::{self, ExtraHost, HostsError};
+use crate::hosts::{self, ExtraHost, HostsError, Resolver};
+use crate::network::Attachment;
 use crate::seccomp;
 use crate::user::{self, UserDb, UserError};
 
@@ -55,14 +56,16 @@ fn build_err(e: oci_spec::OciSpecError) -> SpecError {
     SpecError::Build(e.to_string())
 }
 
-/// `ExecOp.network` for the runtime.
+/// `ExecOp.network` for the runtime (see [`crate::network`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Network {
-    /// `UNSET`: the worker default. Rootful: the host network, as BuildKit without CNI.
-    /// Rootless: a network namespace of the step's own with loopback up (the host
-    /// network namespace would deny raw sockets and sysfs to the step).
+    /// `UNSET`: a network namespace of the step's own, joined from [`Host::network`] (a
+    /// sandbox network with egress through a user-space stack); without one, a new
+    /// namespace with only loopback.
     Sandbox,
+    /// kiln's own network namespace.
     Host,
+    /// A new network namespace with only loopback.
     None,
 }
 
@@ -150,6 +153,8 @@ pub struct Host {
     pub run_dir: PathBuf,
     /// The step id (cgroup names).
     pub id: String,
+    /// The ready sandbox network a `Sandbox` step joins ([`crate::network::Lease`]).
+    pub network: Option<Attachment>,
 }
 
 /// containerd's masked paths (BuildKit's list plus powercap, which newer runtimes mask).
@@ -332,13 +337,10 @@ pub fn cgroups_path(parent: &str, id: &str) -> String {
     }
 }
 
-/// Whether the step gets a network namespace of its own.
-pub fn wants_network_namespace(network: Network, in_user_namespace: bool) -> bool {
-    match network {
-        Network::None => true,
-        Network::Host => false,
-        Network::Sandbox => in_user_namespace,
-    }
+/// Whether the step gets a network namespace of its own (every mode but `host`, rootful
+/// and rootless alike).
+pub fn wants_network_namespace(network: Network) -> bool {
+    network != Network::Host
 }
 
 /// Builds the spec of `step`, resolving its user against the rootfs and writing its hosts
@@ -375,13 +377,22 @@ pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<S
     } else {
         step.hostname.clone()
     };
-    let host_network = !wants_network_namespace(step.network, host.in_user_namespace);
+    let host_network = !wants_network_namespace(step.network);
+    let joined = match step.network {
+        Network::Sandbox => host.network.as_ref(),
+        Network::Host | Network::None => None,
+    };
+    let resolver = match (host_network, joined) {
+        (true, _) => Resolver::Host,
+        (false, Some(attachment)) => Resolver::Forwarder(attachment.nameserver),
+        (false, None) => Resolver::Filtered,
+    };
     let (hosts_file, resolv_file) = hosts::write_files(
         &host.shared_dir,
         &host.run_dir,
         &hostname,
         &step.extra_hosts,
-        host_network,
+        resolver,
     )?;
 
     let capabilities = match step.security {
@@ -441,10 +452,12 @@ pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<S
     let namespaces = namespaces
         .into_iter()
         .map(|typ| {
-            LinuxNamespaceBuilder::default()
-                .typ(typ)
-                .build()
-                .map_err(build_err)
+            let mut builder = LinuxNamespaceBuilder::default().typ(typ);
+            // A sandbox network is joined by path, as runc joins a CNI namespace.
+            if let (LinuxNamespaceType::Network, Some(attachment)) = (typ, joined) {
+                builder = builder.path(attachment.path.clone());
+            }
+            builder.build().map_err(build_err)
         })
         .collect::<Result<Vec<_>, _>>()?;
 
@@ -603,10 +616,89 @@ mod tests {
 
     #[test]
     fn network_namespace_policy() {
-        assert!(wants_network_namespace(Network::None, false));
-        assert!(!wants_network_namespace(Network::Host, true));
-        assert!(!wants_network_namespace(Network::Sandbox, false));
-        assert!(wants_network_namespace(Network::Sandbox, true));
+        assert!(wants_network_namespace(Network::None));
+        assert!(!wants_network_namespace(Network::Host));
+        assert!(wants_network_namespace(Network::Sandbox));
+    }
+
+    #[test]
+    fn sandbox_steps_join_their_network_and_use_its_forwarder() {
+        let rootfs = tempfile::tempdir().unwrap();
+        std::fs::create_dir(rootfs.path().join("etc")).unwrap();
+        std::fs::write(
+            rootfs.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(rootfs.path().join("etc/group"), "root:x:0:\n").unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let mut step = Step {
+            args: vec!["true".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+            hostname: String::new(),
+            ulimits: vec![],
+            cgroup_parent: String::new(),
+            extra_hosts: vec![],
+            network: Network::Sandbox,
+            security: Security::Sandbox,
+            rootfs: rootfs.path().to_owned(),
+            readonly_rootfs: false,
+            mounts: vec![],
+            no_new_privileges: false,
+        };
+        let mut host = Host {
+            in_user_namespace: false,
+            shared_dir: run.path().to_owned(),
+            run_dir: run.path().to_owned(),
+            id: "n1".into(),
+            network: Some(Attachment {
+                path: "/proc/1/fd/9".into(),
+                nameserver: "10.0.2.3".parse().unwrap(),
+            }),
+        };
+        let network_ns = |spec: &Spec| {
+            spec.linux()
+                .as_ref()
+                .unwrap()
+                .namespaces()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|n| n.typ() == LinuxNamespaceType::Network)
+                .cloned()
+        };
+        let resolv_of = |spec: &Spec| {
+            let m = spec
+                .mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|m| m.destination() == Path::new("/etc/resolv.conf"))
+                .unwrap()
+                .clone();
+            std::fs::read_to_string(m.source().as_ref().unwrap()).unwrap()
+        };
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        let ns = network_ns(&spec).unwrap();
+        assert_eq!(ns.path().as_deref(), Some(Path::new("/proc/1/fd/9")));
+        let resolv = resolv_of(&spec);
+        assert!(resolv.ends_with("nameserver 10.0.2.3\n"), "{resolv}");
+        assert_eq!(resolv.matches("nameserver").count(), 1, "{resolv}");
+
+        // none never joins, even with a sandbox network at hand; host has no namespace.
+        step.network = Network::None;
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        assert_eq!(network_ns(&spec).unwrap().path(), &None);
+        step.network = Network::Host;
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        assert!(network_ns(&spec).is_none());
+        // A sandbox step without a ready network gets a new, loopback-only namespace.
+        step.network = Network::Sandbox;
+        host.network = None;
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        assert_eq!(network_ns(&spec).unwrap().path(), &None);
     }
 
     #[test]
@@ -649,6 +741,7 @@ mod tests {
             shared_dir: run.path().to_owned(),
             run_dir: run.path().to_owned(),
             id: "abc".into(),
+            network: None,
         };
         let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
         let process = spec.process().as_ref().unwrap();

@@ -43,6 +43,7 @@ enum Input {
 pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     // Everything the user got wrong fails here, before any namespace or thread exists.
     let registry_hosts = RegistryHosts::load(config)?;
+    let network = kiln_executor::network::Config::load(config)?;
     let credentials = Credentials::load_default()?;
     let outputs = flags::outputs(args)?;
     let cache_exports: Vec<CacheExportSpec> = args
@@ -94,6 +95,7 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             session,
             registry_hosts,
             credentials,
+            network,
         )?;
         let snapshotter = worker.snapshotter().clone();
         let outcome = async {
@@ -188,13 +190,14 @@ fn load_graph(bytes: &[u8], options: &LoadOptions, no_cache: bool) -> anyhow::Re
 }
 
 /// The worker: snapshots under `root`, steps through `kiln __runner`, images through the
-/// registries `kiln.toml` describes.
+/// registries `kiln.toml` describes, sandbox networks through the stack it names.
 fn open_worker(
     root: &Path,
     in_user_namespace: bool,
     session: BuildSession,
     registry_hosts: RegistryHosts,
     credentials: Credentials,
+    network: kiln_executor::network::Config,
 ) -> anyhow::Result<KilnWorker> {
     Ok(KilnWorker::open(WorkerConfig {
         root: root.to_owned(),
@@ -203,6 +206,7 @@ fn open_worker(
         session,
         registry_hosts,
         credentials,
+        network,
     })?)
 }
 

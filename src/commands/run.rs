@@ -77,9 +77,9 @@ fn build_step(args: &StepArgs) -> anyhow::Result<Step> {
         ulimits: Vec::new(),
         cgroup_parent: String::new(),
         extra_hosts: Vec::new(),
-        network: match args.network.as_deref() {
-            Some("none") => Network::None,
-            Some("host") => Network::Host,
+        network: match args.network.as_str() {
+            "none" => Network::None,
+            "host" => Network::Host,
             _ => Network::Sandbox,
         },
         security: if args.security == "insecure" {
@@ -106,8 +106,9 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
 }
 
-pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let step = build_step(&args.step)?;
+    let network_config = kiln_executor::network::Config::load(config)?;
     // Rootless: a user namespace, entered before any thread exists. As root `kiln run`
     // mounts nothing outside the step's own mount namespace, so it needs no private one.
     let in_user_namespace = if nix::unistd::Uid::effective().is_root() {
@@ -126,11 +127,20 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<ExitCode> {
     if own_hosts {
         prepare_dir(&bundle)?;
     }
+    // Made on this thread: the step runner forks, so this process stays single-threaded.
+    let lease = match step.network {
+        Network::Sandbox => Some(
+            kiln_executor::network::Pool::standalone(&network_config)
+                .context("preparing the sandbox network")?,
+        ),
+        Network::Host | Network::None => None,
+    };
     let host = Host {
         in_user_namespace,
         shared_dir: shared.clone(),
         run_dir: bundle.clone(),
         id,
+        network: lease.as_ref().map(|l| l.attachment().clone()),
     };
     let outcome = spec::generate(&step, &host, &LinuxSys)
         .map_err(anyhow::Error::from)
@@ -150,6 +160,7 @@ pub fn run(root: &Path, args: &RunArgs) -> anyhow::Result<ExitCode> {
             };
             process::run(&config).map_err(anyhow::Error::from)
         });
+    drop(lease);
     if own_hosts {
         let _ = std::fs::remove_dir_all(&bundle);
     }
@@ -175,11 +186,13 @@ pub fn spec(root: &Path, args: &SpecArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| root.join("run").join(format!("spec-{id}")));
     prepare_dir(&bundle)?;
+    // No sandbox network to join here: a sandbox step's spec names a new namespace.
     let host = Host {
         in_user_namespace,
         shared_dir: bundle.clone(),
         run_dir: bundle,
         id,
+        network: None,
     };
     let spec = spec::generate(&step, &host, &LinuxSys)?;
     println!("{}", serde_json::to_string_pretty(&spec)?);

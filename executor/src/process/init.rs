@@ -1,5 +1,6 @@
-//! pid 1 of a step: mount tree, pivot, hostname, loopback; then the workload is forked
-//! and the init only reaps and forwards signals until the workload exits.
+//! pid 1 of a step: the network namespace to join, mount tree, pivot, hostname, loopback;
+//! then the workload is forked and the init only reaps and forwards signals until the
+//! workload exits.
 
 use std::io::Read as _;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -34,6 +35,8 @@ pub(super) struct InitArgs<'a> {
     /// processes only read it.
     pub seccomp: &'a [SockFilter],
     pub host_root: BorrowedFd<'a>,
+    /// A ready sandbox network to join instead of the new namespace of `none`.
+    pub netns: Option<BorrowedFd<'a>>,
     pub cgroups: &'a [CgroupView],
     pub status: OwnedFd,
     pub signals: &'a SigSet,
@@ -73,6 +76,11 @@ fn setup_and_start(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, (String, Opt
 
 fn setup(args: &InitArgs<'_>) -> Result<(), String> {
     let sys = LinuxSys;
+    if let Some(netns) = args.netns {
+        // Before anything else: every later step runs in the namespace the step keeps.
+        nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("joining the sandbox network: {e}"))?;
+    }
     // Device nodes and masks are created with exact modes.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     // Opened in this mount namespace: open_tree can only clone mounts of our own namespace.
@@ -96,7 +104,8 @@ fn setup(args: &InitArgs<'_>) -> Result<(), String> {
         .as_ref()
         .and_then(|l| l.namespaces().as_ref())
         .is_some_and(|n| n.iter().any(|ns| ns.typ() == LinuxNamespaceType::Network));
-    if own_network {
+    // A joined sandbox network was configured (loopback included) by its stack.
+    if own_network && args.netns.is_none() {
         sys::set_interface_up("lo").map_err(|e| format!("bringing up lo: {e}"))?;
     }
     Ok(())

@@ -143,6 +143,10 @@ fn namespace_flags(spec: &Spec) -> u64 {
         .and_then(|l| l.namespaces().clone())
         .unwrap_or_default();
     for ns in namespaces {
+        if ns.path().is_some() {
+            // Joined (setns in the init), not created.
+            continue;
+        }
         flags |= match ns.typ() {
             LinuxNamespaceType::Mount => libc::CLONE_NEWNS,
             LinuxNamespaceType::Pid => libc::CLONE_NEWPID,
@@ -155,6 +159,25 @@ fn namespace_flags(spec: &Spec) -> u64 {
     }
     // A step always gets its own mount and pid namespace, whatever the spec says.
     flags | (libc::CLONE_NEWNS | libc::CLONE_NEWPID) as u64
+}
+
+/// The network namespace the spec names by path (a sandbox network to join), opened.
+fn joined_network(spec: &Spec) -> Result<Option<OwnedFd>, RunError> {
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|n| {
+            n.iter()
+                .find(|ns| ns.typ() == LinuxNamespaceType::Network)
+                .and_then(|ns| ns.path().clone())
+        });
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    nix::fcntl::open(&path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+        .map(Some)
+        .map_err(|source| RunError::Open { path, source })
 }
 
 /// Runs one step. Must be called from a single-threaded process.
@@ -184,6 +207,7 @@ pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
     };
     let host_root = open_dir(Path::new("/"))?;
     let rootfs = open_dir(&root_path)?;
+    let netns = joined_network(spec)?;
 
     let stubs = if config.stub_paths.is_empty() {
         Stubs::default()
@@ -224,7 +248,7 @@ pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
         }
         _ => Placement::default(),
     };
-    let result = run_in_namespaces(config, &host_root, &placement, &seccomp);
+    let result = run_in_namespaces(config, &host_root, netns.as_ref(), &placement, &seccomp);
     let (peak_cgroup, oom) = cgroup::memory_stats(&placement);
     cgroup::remove(&placement);
     if !config.stub_paths.is_empty() {
@@ -241,6 +265,7 @@ pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
 fn run_in_namespaces(
     config: &RunnerConfig,
     host_root: &OwnedFd,
+    netns: Option<&OwnedFd>,
     placement: &Placement,
     seccomp: &[crate::seccomp::SockFilter],
 ) -> Result<ExitInfo, RunError> {
@@ -262,6 +287,7 @@ fn run_in_namespaces(
                     spec: &config.spec,
                     seccomp,
                     host_root: host_root.as_fd(),
+                    netns: netns.map(AsFd::as_fd),
                     cgroups: &placement.views,
                     status: status_w,
                     signals: &signals,

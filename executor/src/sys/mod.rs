@@ -153,6 +153,42 @@ pub fn spawn_dying_with_parent(
     }
 }
 
+/// Starts `command` as a helper tied to the calling thread: the descriptors in `inherit`
+/// (close-on-exec here) stay open across its exec under the same numbers, it gets SIGKILL
+/// when the calling thread ends (`PR_SET_PDEATHSIG`; it refuses to start when that
+/// thread is already gone), and it gets a process group of its own, so a terminal's ^C
+/// reaches kiln, which then stops its helpers itself.
+///
+/// # Caveats
+/// The parent-death signal follows the *thread* that spawns: call it from a thread that
+/// lives as long as the helper should.
+pub fn spawn_tied(
+    command: &mut std::process::Command,
+    inherit: &[RawFd],
+) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt as _;
+    let parent = nix::unistd::getpid();
+    let inherit = inherit.to_vec();
+    // SAFETY: the hook runs in the forked child before exec and makes only the
+    // async-signal-safe calls fcntl, prctl, getppid and setpgid, without allocating (the
+    // descriptor list was copied before the fork).
+    unsafe {
+        command.pre_exec(move || {
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            die_with_parent(parent, nix::sys::signal::Signal::SIGKILL)?;
+            if libc::setpgid(0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    command.spawn()
+}
+
 /// `pidfd_open(2)`.
 pub fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
     // SAFETY: plain syscall with integer arguments; the result is a new descriptor.

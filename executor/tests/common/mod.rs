@@ -46,6 +46,15 @@ static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new
 
 /// Runs `step` to completion (or until `cancel` fires) and returns its result.
 pub fn run_with(step: &Step, cancel: CancellationToken) -> Result<StepResult, String> {
+    run_in_network(step, cancel, None)
+}
+
+/// As [`run_with`], joining `network` (a leased sandbox network) for a sandbox step.
+pub fn run_in_network(
+    step: &Step,
+    cancel: CancellationToken,
+    network: Option<kiln_executor::network::Attachment>,
+) -> Result<StepResult, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -70,6 +79,7 @@ pub fn run_with(step: &Step, cancel: CancellationToken) -> Result<StepResult, St
         shared_dir: run_root.path().to_owned(),
         run_dir: bundle,
         id: id.clone(),
+        network,
     };
     let spec = spec::generate(step, &host, &LinuxSys).map_err(|e| e.to_string())?;
     let mut stub_paths = vec!["/etc/resolv.conf".to_owned(), "/etc/hosts".to_owned()];
@@ -158,6 +168,23 @@ pub fn expect_eq(what: &str, got: &str, want: &str) -> Result<(), String> {
 
 pub fn output_of(s: &Step) -> Result<String, String> {
     let result = run_with(s, CancellationToken::new())?;
+    if result.exit.exit_code != 0 {
+        return Err(format!(
+            "step exited {}: {}{}",
+            result.exit.exit_code,
+            stdout(&result),
+            String::from_utf8_lossy(&result.stderr)
+        ));
+    }
+    Ok(stdout(&result))
+}
+
+/// The standard output of `step` run in `network`; an error unless it exits 0.
+pub fn output_with_network(
+    s: &Step,
+    network: Option<kiln_executor::network::Attachment>,
+) -> Result<String, String> {
+    let result = run_in_network(s, CancellationToken::new(), network)?;
     if result.exit.exit_code != 0 {
         return Err(format!(
             "step exited {}: {}{}",

@@ -36,4 +36,6 @@ pub struct WorkerConfig {
     pub registry_hosts: RegistryHosts,
     /// Registry credentials (Docker's `config.json`).
     pub credentials: Credentials,
+    /// The sandbox network's stack and pool (`[network]` of `kiln.toml`).
+    pub network: kiln_executor::network::Config,
 }

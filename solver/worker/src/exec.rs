@@ -426,6 +426,10 @@ impl Op<ImmutableRef> for ExecOp {
         let security = Security::try_from(self.exec.security)
             .map_err(|mode| failed(format!("unknown security mode {mode}")))?;
         let env = self.environment()?;
+        if network == Network::Sandbox {
+            // Set up while the mounts are prepared, when no network is idle yet.
+            self.inner.network.prewarm();
+        }
 
         // Prepare on a blocking thread: snapshots and mounts are synchronous.
         let this = ExecOp::new(self.inner.clone(), self.vertex.clone(), self.exec.clone());
@@ -491,19 +495,36 @@ async fn run_step(
 ) -> Result<kiln_executor::process::ExitInfo, OpError> {
     let id = inner.next_id();
     let bundle = inner.executor.prepare_bundle(&id).map_err(failed)?;
-    let host = Host {
+    let mut host = Host {
         in_user_namespace: inner.config.in_user_namespace,
         shared_dir: inner.config.root.join("run"),
         run_dir: bundle.clone(),
         id: id.clone(),
+        network: None,
     };
     let for_spec = step.clone();
-    let spec = blocking(move || {
-        spec::generate(&for_spec, &host, &kiln_executor::sys::LinuxSys).map_err(failed)
+    let pool_owner = inner.clone();
+    let prepared = blocking(move || {
+        // The sandbox network is held (its lease) until the step has run.
+        let lease = match for_spec.network {
+            Network::Sandbox => {
+                let mut lease = pool_owner.network.acquire().map_err(failed)?;
+                if for_spec.security == Security::Insecure {
+                    // CAP_NET_ADMIN in the namespace: no other step may get it after.
+                    lease.discard();
+                }
+                host.network = Some(lease.attachment().clone());
+                Some(lease)
+            }
+            Network::Host | Network::None => None,
+        };
+        let spec =
+            spec::generate(&for_spec, &host, &kiln_executor::sys::LinuxSys).map_err(failed)?;
+        Ok((spec, lease))
     })
     .await;
-    let spec = match spec {
-        Ok(spec) => spec,
+    let (spec, lease) = match prepared {
+        Ok(prepared) => prepared,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&bundle);
             return Err(e);
@@ -539,6 +560,10 @@ async fn run_step(
         .run(&request, Some(tx), ctx.cancel.clone())
         .await;
     let _ = forward.await;
+    // Back to the pool, or stopped (which waits for the stack to exit): off the async threads.
+    if let Some(lease) = lease {
+        let _ = tokio::task::spawn_blocking(move || drop(lease)).await;
+    }
     let result = result.map_err(failed)?;
     Ok(result.exit)
 }

@@ -1,10 +1,11 @@
 //! The state a worker shares with its ops (snapshot store, step runner, mount points,
-//! cache directories, image resolver, configuration), and the helpers every op uses to
+//! cache directories, image resolver, sandbox networks, configuration), and the helpers every op uses to
 //! run blocking work and report failures.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use kiln_executor::network::Pool;
 use kiln_executor::supervisor::Executor;
 use kiln_registry::ImageResolver;
 use kiln_snapshotter::{ImmutableRef, RefOptions, Snapshotter};
@@ -35,6 +36,8 @@ pub(crate) struct Inner {
     pub mounts_dir: MountsDir,
     pub cache_mounts: CacheMounts,
     pub images: ImageResolver,
+    /// Ready sandbox networks for ExecOps with the default network.
+    pub network: Pool,
     pub config: WorkerConfig,
     counter: AtomicU64,
 }
@@ -66,6 +69,7 @@ impl Inner {
             mounts_dir,
             cache_mounts: CacheMounts::default(),
             images,
+            network: Pool::new(&config.network),
             config,
             counter: AtomicU64::new(0),
         })

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub mod bodies;
+pub mod network;
 pub mod registry;
 pub mod secure_registry;
 
