@@ -208,9 +208,7 @@ fn check_outputs_and_cache(s: &Setup) {
     );
     assert_eq!(read(&out1.join("runs")).trim(), "1");
     assert_eq!(
-        common::executed(stderr(&cold))
-            .intersection(&execs)
-            .count(),
+        common::executed(stderr(&cold)).intersection(&execs).count(),
         2,
         "both steps run cold"
     );
