@@ -10,7 +10,6 @@ pub mod network;
 pub mod path;
 pub mod process;
 pub mod rootfs;
-pub mod seccomp;
 pub mod spec;
 pub mod stubs;
 pub mod supervisor;

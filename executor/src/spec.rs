@@ -22,8 +22,8 @@ use oci_spec::runtime::{
 use crate::caps::{self, CapsError};
 use crate::hosts::{self, ExtraHost, HostsError, Resolver};
 use crate::network::Attachment;
-use crate::seccomp;
 use crate::user::{self, UserDb, UserError};
+use kiln_seccomp as seccomp;
 
 /// Errors from building a step's spec.
 #[derive(Debug, thiserror::Error)]

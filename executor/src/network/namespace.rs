@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
-use super::{Attachment, NetworkError, Stack, find_program};
+use super::config::{Attachment, NetworkError, Stack, find_program};
 use crate::sys::{self, Forked};
 
 /// The device a stack creates its tap interface with.

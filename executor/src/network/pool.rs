@@ -13,8 +13,8 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
+use super::config::{Attachment, Config, NetworkError, Stack};
 use super::namespace::Namespace;
-use super::{Attachment, Config, NetworkError, Stack};
 
 /// Counters for tests and `--debug`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

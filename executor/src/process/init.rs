@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::workload;
 use crate::rootfs::{self, CgroupView, Context};
-use crate::seccomp::SockFilter;
 use crate::sys::{self, Forked, LinuxSys, Sys as _};
+use kiln_seccomp::SockFilter;
 
 /// What the init reports to the runner over its status pipe.
 #[derive(Debug, Serialize, Deserialize)]

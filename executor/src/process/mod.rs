@@ -91,7 +91,7 @@ pub struct RunnerConfig {
     /// Give the step cgroups of its own at `linux.cgroupsPath` (see [`cgroup::wanted`]).
     pub own_cgroups: bool,
     /// Where compiled seccomp programs are kept between steps (see
-    /// [`crate::seccomp::load_or_compile`]); `None` compiles for this step only.
+    /// [`kiln_seccomp::load_or_compile`]); `None` compiles for this step only.
     #[serde(default)]
     pub seccomp_cache: Option<PathBuf>,
 }
@@ -237,7 +237,7 @@ pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
     })?;
 
     let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-        Some(profile) => crate::seccomp::load_or_compile(profile, config.seccomp_cache.as_deref())
+        Some(profile) => kiln_seccomp::load_or_compile(profile, config.seccomp_cache.as_deref())
             .map_err(|e| RunError::Setup(e.to_string()))?,
         None => Vec::new(),
     };
@@ -267,7 +267,7 @@ fn run_in_namespaces(
     host_root: &OwnedFd,
     netns: Option<&OwnedFd>,
     placement: &Placement,
-    seccomp: &[crate::seccomp::SockFilter],
+    seccomp: &[kiln_seccomp::SockFilter],
 ) -> Result<ExitInfo, RunError> {
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
     let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;

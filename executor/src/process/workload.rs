@@ -11,8 +11,8 @@ use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{PosixRlimitType, Spec};
 
-use crate::seccomp::SockFilter;
 use crate::{caps, sys};
+use kiln_seccomp::SockFilter;
 
 /// Sets the step's privileges and executes its command; never returns.
 pub(super) fn exec(

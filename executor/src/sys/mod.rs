@@ -1,11 +1,12 @@
 //! The one place in the executor with `unsafe`: raw syscalls that neither `nix` nor the
 //! standard library wrap, each behind a safe function, and the [`Sys`] trait through which
-//! mount and path logic reaches the kernel (so [`recording::RecordingSys`] can stand in
-//! for it in unit tests that run without root).
+//! mount and path logic reaches the kernel (so a recording fake, `recording::RecordingSys`,
+//! can stand in for it in unit tests that run without root).
 //!
 //! Process-level primitives (fork, clone3, pidfds, signals) are free functions: they are
 //! exercised by the integration tests, not by the fake.
 
+#[cfg(test)]
 pub mod recording;
 
 use std::ffi::{CStr, CString};
@@ -311,7 +312,7 @@ pub fn set_interface_up(name: &str) -> SysResult<()> {
 /// Installs a compiled seccomp filter on the calling thread without setting
 /// `no_new_privs` (the caller holds `CAP_SYS_ADMIN` in its user namespace), so a step's
 /// `noNewPrivileges: false` is honoured.
-pub fn install_seccomp(program: &[crate::seccomp::SockFilter]) -> SysResult<()> {
+pub fn install_seccomp(program: &[kiln_seccomp::SockFilter]) -> SysResult<()> {
     let prog = libc::sock_fprog {
         len: u16::try_from(program.len()).map_err(|_| Errno::E2BIG)?,
         // SockFilter is the kernel's struct sock_filter (repr(C), same fields and order).
