@@ -1,8 +1,9 @@
 //! Image outputs of `kiln build`, as buildctl spells them:
 //! - `type=docker` archives that skopeo reads and copies (Docker's `manifest.json` beside
-//!   the OCI layout), `dest=-` on standard output, `type=oci` beside it, and
-//!   `--metadata-file`; the base image's layer is the registry's blob, not recompressed;
-//!   rootful and rootless;
+//!   the OCI layout), `dest=-` on standard output, `type=oci` beside it, `type=image`
+//!   without a push (kept in the content store), and `--metadata-file`; the base image's
+//!   layer is the registry's blob, not recompressed, and `compression=zstd` applies to new
+//!   layers only; rootful and rootless;
 //! - `type=image,push=true` to a registry with TLS and auth: skopeo reads the frontend's
 //!   config (Env, Cmd, Labels, WorkingDir); a second image on top uploads only its new
 //!   layer (the base ones are mounted or present); a fresh rootless state builds `FROM`
@@ -230,8 +231,18 @@ fn archives_body() -> anyhow::Result<()> {
                 "type=oci,name=kiln.test/app:1,dest={},compression=zstd",
                 oci.display()
             ),
+            "--output".into(),
+            "type=image,name=kiln.test/app:stored".into(),
         ],
     )?;
+    // type=image without push: kept in the content store, the same manifest.
+    let stored = root.join("content/blobs/sha256").join(
+        entry["digest"]
+            .as_str()
+            .context("digest")?
+            .trim_start_matches("sha256:"),
+    );
+    ensure!(stored.is_file(), "the image is not in the content store");
     let streamed = entries(&again.stdout)?;
     ensure!(
         json_of(&streamed, "index.json")?["manifests"][0]["digest"] == entry["digest"],

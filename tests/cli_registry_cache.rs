@@ -291,8 +291,8 @@ fn an_inline_cache_travels_in_the_pushed_image() {
     );
 
     // B imports the image as a cache: no step runs, no layer comes down; pushing the
-    // same image back to the registry finds every layer there.
-    let again = format!("{}/team/app:again", registry.host());
+    // result to another repository of the registry mounts every layer from the image's.
+    let again = format!("{}/team/copy:1", registry.host());
     let imported = b.build(
         &[
             ctx_b.display().to_string(),
@@ -315,6 +315,12 @@ fn an_inline_cache_travels_in_the_pushed_image() {
     let first = skopeo(&registry, &["inspect"], &image);
     let second = skopeo(&registry, &["inspect"], &again);
     assert_eq!(first["Layers"], second["Layers"], "the same layer blobs");
+    let layers = first["Layers"].as_array().map_or(0, Vec::len);
+    let report = stderr(&imported);
+    assert!(
+        report.contains(&format!("0 layers present, {layers} mounted, 0 uploaded")),
+        "every layer mounted: {report}"
+    );
 }
 
 /// `skopeo ARGS docker://REFERENCE` against `registry` (its CA and credentials), as JSON.
