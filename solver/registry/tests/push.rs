@@ -88,7 +88,7 @@ fn pushes_check_mount_and_upload_in_chunks() {
                 registry: host.clone(),
                 repository: "team/a".into(),
             };
-            assert_eq!(content.origins(&blob.digest), [origin.clone()]);
+            assert_eq!(content.origins(&blob.digest), [origin]);
             blob.origins = content.origins(&blob.digest);
             assert_eq!(push("team/b", blob.clone()).await, BlobPush::Mounted);
             assert_eq!(read_blob(&client, "team/b", &blob.digest).await, data);
