@@ -70,10 +70,16 @@ pub struct BuildArgs {
     /// `NAME=VALUE` label for the image config; repeatable.
     #[arg(long, value_name = "NAME=VALUE")]
     pub label: Vec<String>,
-    /// `type=local,dest=DIR`, `type=tar,dest=FILE` (`-` for stdout) or
-    /// `type=oci,dest=FILE,name=REF`; repeatable.
+    /// `type=local,dest=DIR`, `type=tar,dest=FILE` (`-` for stdout),
+    /// `type=oci|docker,dest=FILE[,name=REF]` or `type=image,name=REF[,push=true]` (image
+    /// types also take `compression=gzip|zstd|uncompressed` and `oci-mediatypes=BOOL`);
+    /// repeatable.
     #[arg(long, short = 'o', value_name = "SPEC")]
     pub output: Vec<String>,
+    /// Write what the exports tell (`containerimage.digest`, `image.name`, …) to FILE as
+    /// JSON, as buildctl does.
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
     /// Progress output: auto, plain, tty or rawjson.
     #[arg(long, default_value = "auto", value_parser = ["auto", "plain", "tty", "rawjson"])]
     pub progress: String,
@@ -95,8 +101,9 @@ pub struct BuildArgs {
     /// `NAME=DIR`: the OCI layout for `oci-layout://` sources of store NAME; repeatable.
     #[arg(long, value_name = "NAME=DIR")]
     pub oci_layout: Vec<String>,
-    /// `type=local,dest=DIR[,mode=min|max][,tag=T]` or `type=registry,ref=REF[,mode=min|max]`:
-    /// write the build cache in BuildKit's format; repeatable.
+    /// `type=local,dest=DIR[,mode=min|max][,tag=T]`, `type=registry,ref=REF[,mode=min|max]`
+    /// or `type=inline` (in the exported image's config): write the build cache in
+    /// BuildKit's format; repeatable.
     #[arg(long, value_name = "SPEC")]
     pub export_cache: Vec<String>,
     /// `type=local,src=DIR[,tag=T]` or `type=registry,ref=REF` (a cache, or an image with

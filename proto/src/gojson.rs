@@ -660,6 +660,12 @@ fn civil_from_days(days: u64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
+/// `at` in UTC as Go's `time.RFC3339` layout formats it (whole seconds).
+pub fn rfc3339_seconds(at: SystemTime) -> String {
+    let full = rfc3339_nanos(at);
+    format!("{}Z", &full[..19])
+}
+
 /// `at` as Go's `encoding/json` writes a `time.Time` in UTC (RFC 3339 with trailing
 /// zeros of the fraction trimmed, and no fraction when it is zero).
 pub fn go_time(at: SystemTime) -> String {
@@ -669,9 +675,108 @@ pub fn go_time(at: SystemTime) -> String {
     format!("{date}{fraction}Z")
 }
 
+/// Go's zero `time.Time` as `encoding/json` writes it (an unset time is never omitted).
+pub const GO_ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+/// Days from 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Parses RFC 3339 text with any offset and up to nine fractional digits, as Go's
+/// `time.Time` unmarshals it; `None` when malformed. Times before 1970 (Go's zero time
+/// among them) are `None`: nothing kiln reads predates the epoch.
+pub fn parse_go_time(text: &str) -> Option<SystemTime> {
+    let b = text.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let digits = text.get(r)?;
+        digits
+            .bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| digits.parse().ok())?
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let mut rest = text.get(19..)?;
+    let mut nanos = 0u32;
+    if let Some(f) = rest.strip_prefix('.') {
+        let end = f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len());
+        if end == 0 || end > 9 {
+            return None;
+        }
+        nanos = format!("{:0<9}", &f[..end]).parse().ok()?;
+        rest = &f[end..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            if rest.len() != 6 || rest.as_bytes()[3] != b':' {
+                return None;
+            }
+            let oh: i64 = rest.get(1..3)?.parse().ok()?;
+            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            sign * (oh * 3600 + om * 60)
+        }
+    };
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s - offset;
+    let secs = u64::try_from(secs).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::new(secs, nanos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_what_go_writes() {
+        for text in [
+            "2026-12-05T16:26:53.427964837Z",
+            "2026-12-05T16:25:19.8286792Z",
+            "2000-02-29T00:00:00.12Z",
+            "1970-01-01T00:00:00Z",
+        ] {
+            assert_eq!(go_time(parse_go_time(text).unwrap()), text);
+        }
+        assert_eq!(
+            parse_go_time("1970-01-01T01:00:00+01:00"),
+            Some(SystemTime::UNIX_EPOCH)
+        );
+        // Go's zero time predates the epoch: unknown.
+        assert_eq!(parse_go_time(GO_ZERO_TIME), None);
+        for bad in [
+            "yesterday",
+            "2026-13-05T16:26:53Z",
+            "2026-12-05T16:26:53",
+            "2026-12-05T16:26:53.Z",
+            "2026-12-05T16:26:53+0100",
+            "2026-12-05 16:26:53Z",
+        ] {
+            assert_eq!(parse_go_time(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn times_as_go_writes_them() {
@@ -681,6 +786,7 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::new(951_782_400, 120_000_000);
         assert_eq!(go_time(t), "2000-02-29T00:00:00.12Z");
         assert_eq!(go_time(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_seconds(t), "2000-02-29T00:00:00Z");
     }
 
     fn s(input: &[u8]) -> String {

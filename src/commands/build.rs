@@ -5,6 +5,7 @@
 //! (kiln-remotecache) → solve (kiln-solver: CacheMaps, keys, cache store, scheduler) →
 //! export the cache and the result (kiln-remotecache, kiln-export).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -82,6 +83,7 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
     };
     let session_id = session.id.clone();
     let no_cache = args.no_cache;
+    let metadata_file = args.metadata_file.clone();
     let mode = Mode::parse(&args.progress);
 
     let in_user_namespace = enter_namespaces()?;
@@ -121,42 +123,47 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             let platform = graph
                 .as_ref()
                 .map_or_else(kiln_proto::platform::host_platform, result_platform);
-            let (result, cache) = match graph {
+            let (result, cache, empty) = match graph {
                 Some(graph) => {
                     let sources = import_caches(&worker, &cache_imports).await?;
-                    solve(&worker, &root, Arc::new(graph), mode, sources).await?
+                    let (result, cache) =
+                        solve(&worker, &root, Arc::new(graph), mode, sources).await?;
+                    (result, cache, false)
                 }
                 None => {
                     let empty = worker
                         .empty_result("scratch")
                         .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
-                    (KilnRef::ready(empty), CacheExport::default())
+                    (KilnRef::ready(empty), CacheExport::default(), true)
                 }
             };
+            // As BuildKit: the result's exporters first, then the cache exporters.
+            let inline = cache_exports
+                .iter()
+                .any(|c| matches!(c, CacheExportSpec::Inline));
+            if inline && !outputs.iter().any(|o| !o.needs_files()) {
+                tracing::warn!("--export-cache type=inline: no image output to carry it");
+            }
+            let exports = Exports {
+                worker: &worker,
+                result: &result,
+                empty,
+                platform: &platform,
+                image_config: image_config.as_deref(),
+                inline: inline.then_some(&cache),
+            };
+            let mut metadata = BTreeMap::new();
+            exports.outputs(&outputs, &mut metadata).await?;
             export_caches(&worker, &cache, &cache_exports).await?;
-            if !outputs.is_empty() {
-                let snapshot = worker
-                    .materialize(&result)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
-                let worker = worker.clone();
-                tokio::task::spawn_blocking(move || {
-                    outputs.iter().try_for_each(|output| {
-                        export(
-                            &worker,
-                            &snapshot,
-                            output,
-                            &platform,
-                            image_config.as_deref(),
-                        )
-                    })
-                })
-                .await
-                .context("export task")?
-                .context("failed to solve")?;
+            if let Some(path) = &metadata_file {
+                write_metadata(path, &metadata)?;
             }
             let (bodies, bytes) = worker.images().clients().downloaded();
-            tracing::info!("registries: {bodies} bodies downloaded, {bytes} bytes");
+            let (sent, bytes_up) = worker.images().clients().uploaded();
+            tracing::info!(
+                "registries: {bodies} bodies downloaded, {bytes} bytes; \
+                 {sent} bodies uploaded, {bytes_up} bytes"
+            );
             anyhow::Ok(())
         }
         .await;
@@ -255,6 +262,8 @@ async fn export_caches(
         let (max, oci) = match spec {
             CacheExportSpec::Local { max, oci, .. }
             | CacheExportSpec::Registry { max, oci, .. } => (*max, *oci),
+            // Written into the image's config by the image outputs.
+            CacheExportSpec::Inline => continue,
         };
         let mode = if max {
             remotecache::Mode::Max
@@ -275,10 +284,19 @@ async fn export_caches(
                     .with_context(|| format!("exporting cache to {reference}"))?;
                 let client = worker.images().clients().get(parsed.registry())?;
                 let tag = parsed.tag().unwrap_or("latest");
-                remotecache::export::push_registry(&client, parsed.repository(), tag, &built, oci)
-                    .await
-                    .with_context(|| format!("exporting cache to {reference}"))?;
+                let content = worker.images().content();
+                remotecache::export::push_registry(
+                    &client,
+                    parsed.repository(),
+                    tag,
+                    &built,
+                    oci,
+                    Some(content),
+                )
+                .await
+                .with_context(|| format!("exporting cache to {reference}"))?;
             }
+            CacheExportSpec::Inline => {}
         }
     }
     Ok(())
@@ -327,15 +345,199 @@ fn result_platform(graph: &kiln_proto::Graph) -> kiln_proto::pb::Platform {
     kiln_proto::platform::normalize(target.platform(), &host)
 }
 
-/// Writes `result` where `output` says. Runs on a blocking thread: exports mount a view
-/// and walk it synchronously.
-fn export(
-    worker: &KilnWorker,
-    result: &ImmutableRef,
-    output: &OutputSpec,
-    platform: &kiln_proto::pb::Platform,
-    image_config: Option<&[u8]>,
-) -> anyhow::Result<()> {
+/// What every `--output` of a build exports.
+struct Exports<'a> {
+    worker: &'a KilnWorker,
+    result: &'a KilnRef,
+    /// The target is scratch without a change: an image of no layers.
+    empty: bool,
+    platform: &'a kiln_proto::pb::Platform,
+    /// The frontend's image config.
+    image_config: Option<&'a [u8]>,
+    /// The solve's cache, when `--export-cache type=inline` asks for it in the images.
+    inline: Option<&'a CacheExport<KilnRef>>,
+}
+
+/// A `--metadata-file` value: text, or a descriptor (buildctl decodes base64 JSON).
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+enum Metadata {
+    Text(String),
+    Descriptor(export::ImageDescriptor),
+}
+
+impl Exports<'_> {
+    /// Writes the result where each `--output` says, recording what BuildKit's exporters
+    /// answer in `metadata`. Only outputs of files pull a lazy result's layers.
+    async fn outputs(
+        &self,
+        outputs: &[OutputSpec],
+        metadata: &mut BTreeMap<String, Metadata>,
+    ) -> anyhow::Result<()> {
+        let mut snapshot: Option<ImmutableRef> = None;
+        for output in outputs {
+            if !output.needs_files() {
+                self.image(output, metadata)
+                    .await
+                    .context("failed to solve")?;
+                continue;
+            }
+            let snap = match &snapshot {
+                Some(s) => s.clone(),
+                None => {
+                    let s = self
+                        .worker
+                        .materialize(self.result)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+                    snapshot = Some(s.clone());
+                    s
+                }
+            };
+            let output = output.clone();
+            tokio::task::spawn_blocking(move || export_files(&snap, &output))
+                .await
+                .context("export task")?
+                .context("failed to solve")?;
+        }
+        Ok(())
+    }
+
+    /// An image output: the result's layers (blobs reused by digest, a lazy result's
+    /// left on its registry), assembled once, then archived, pushed or stored.
+    async fn image(
+        &self,
+        output: &OutputSpec,
+        metadata: &mut BTreeMap<String, Metadata>,
+    ) -> anyhow::Result<()> {
+        let (name, flags) = match output {
+            OutputSpec::Archive { name, image, .. } | OutputSpec::Image { name, image, .. } => {
+                (name.as_str(), *image)
+            }
+            OutputSpec::Local { .. } | OutputSpec::Tar { .. } => return Ok(()),
+        };
+        let layers_of = CacheLayers::new(self.worker);
+        let layers = match self.empty {
+            true => Vec::new(),
+            false => layers_of
+                .chain(self.result, Some(flags.compression))
+                .await?
+                .context("the result has no layers to export")?,
+        };
+        let inline = match self.inline {
+            Some(cache) => {
+                let built = remotecache::export::build(cache, remotecache::Mode::Min, &layers_of)
+                    .await
+                    .context("exporting inline cache")?;
+                let digests: Vec<_> = layers.iter().map(|l| l.digest.clone()).collect();
+                remotecache::export::inline_records(&built, &digests)
+                    .context("exporting inline cache")?
+            }
+            None => None,
+        };
+        let now = std::time::SystemTime::now();
+        let image = export::assemble(
+            layers,
+            &export::ImageOptions {
+                platform: self.platform,
+                base_config: None,
+                image_config: self.image_config,
+                oci_types: flags.oci_types,
+                inline_cache: inline.as_deref(),
+            },
+            now,
+        )?;
+        let parsed = match name {
+            "" => None,
+            n => Some(export::ImageName::parse(n)?),
+        };
+        let text = |s: &str| Metadata::Text(s.to_owned());
+        metadata.insert(
+            "containerimage.digest".into(),
+            text(image.manifest_digest.as_str()),
+        );
+        metadata.insert(
+            "containerimage.config.digest".into(),
+            text(image.config_digest.as_str()),
+        );
+        match output {
+            OutputSpec::Archive { docker, dest, .. } => {
+                let mut paths = Vec::with_capacity(image.layers.len());
+                for layer in &image.layers {
+                    paths.push(layer.local_path().await?);
+                }
+                let format = match docker {
+                    true => export::ArchiveFormat::Docker,
+                    false => export::ArchiveFormat::Oci,
+                };
+                let created = kiln_proto::gojson::rfc3339_seconds(now);
+                let (dest, name) = (dest.clone(), parsed.clone());
+                let descriptor = tokio::task::spawn_blocking(move || {
+                    let mut out = open_output(&dest)?;
+                    let d = export::write_archive(
+                        &image,
+                        &paths,
+                        name.as_ref(),
+                        &created,
+                        format,
+                        &mut out,
+                    )?;
+                    out.flush()
+                        .with_context(|| format!("writing {}", dest.display()))?;
+                    anyhow::Ok(d)
+                })
+                .await
+                .context("export task")??;
+                metadata.insert(
+                    "containerimage.descriptor".into(),
+                    Metadata::Descriptor(descriptor),
+                );
+                if let Some(n) = &parsed {
+                    metadata.insert("image.name".into(), text(&n.full));
+                }
+            }
+            OutputSpec::Image { push, .. } => {
+                let content = self.worker.images().content();
+                if *push {
+                    let reference = kiln_registry::reference::parse_normalized(name)?;
+                    let client = self.worker.images().clients().get(reference.registry())?;
+                    let target = reference
+                        .tag()
+                        .unwrap_or(image.manifest_digest.as_str())
+                        .to_owned();
+                    export::push(
+                        &image,
+                        &client,
+                        reference.repository(),
+                        &target,
+                        Some(content),
+                    )
+                    .await
+                    .with_context(|| format!("failed to push {name}"))?;
+                } else {
+                    export::store(&image, content, parsed.as_ref()).await?;
+                }
+                metadata.insert(
+                    "containerimage.descriptor".into(),
+                    Metadata::Descriptor(image.descriptor(BTreeMap::new())),
+                );
+                metadata.insert("image.name".into(), text(name));
+            }
+            OutputSpec::Local { .. } | OutputSpec::Tar { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// Writes `--metadata-file` as buildctl does (indented JSON, sorted keys).
+fn write_metadata(path: &Path, metadata: &BTreeMap<String, Metadata>) -> anyhow::Result<()> {
+    let bytes = serde_json::to_vec_pretty(metadata).context("encoding the metadata")?;
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes the files of `result` where `output` says. Runs on a blocking thread: exports
+/// mount a view and walk it synchronously.
+fn export_files(result: &ImmutableRef, output: &OutputSpec) -> anyhow::Result<()> {
     match output {
         OutputSpec::Local { dest } => export::local(result, dest)
             .with_context(|| format!("exporting to {}", dest.display()))?,
@@ -345,18 +547,7 @@ fn export(
             out.flush()
                 .with_context(|| format!("writing {}", dest.display()))?;
         }
-        OutputSpec::Oci { dest, name } => {
-            let mut out = open_output(dest)?;
-            let options = export::OciExportOptions {
-                name,
-                platform,
-                base_config: None,
-                image_config,
-            };
-            export::oci(worker.snapshotter(), result, &mut out, &options)?;
-            out.flush()
-                .with_context(|| format!("writing {}", dest.display()))?;
-        }
+        OutputSpec::Archive { .. } | OutputSpec::Image { .. } => {}
     }
     Ok(())
 }

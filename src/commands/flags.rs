@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use kiln_proto::Entitlements;
+use kiln_snapshotter::Compression;
 use kiln_worker::BuildSession;
 
 use crate::cli::BuildArgs;
@@ -14,9 +15,73 @@ use crate::cli::BuildArgs;
 /// One `--output`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OutputSpec {
-    Local { dest: PathBuf },
-    Tar { dest: PathBuf },
-    Oci { dest: PathBuf, name: String },
+    Local {
+        dest: PathBuf,
+    },
+    Tar {
+        dest: PathBuf,
+    },
+    /// `type=oci` or `type=docker`: an image archive.
+    Archive {
+        docker: bool,
+        dest: PathBuf,
+        name: String,
+        image: ImageFlags,
+    },
+    /// `type=image`: pushed (`push=true`) or kept in the content store.
+    Image {
+        name: String,
+        push: bool,
+        image: ImageFlags,
+    },
+}
+
+/// How an image output makes its layers and manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageFlags {
+    /// For layers that have no blob yet; existing blobs are reused as they are.
+    pub compression: Compression,
+    pub oci_types: bool,
+}
+
+impl OutputSpec {
+    /// Whether the output needs the result's files (and so a lazy result's layers).
+    pub fn needs_files(&self) -> bool {
+        matches!(self, OutputSpec::Local { .. } | OutputSpec::Tar { .. })
+    }
+}
+
+/// `compression=` and `oci-mediatypes=` of an image output (`oci_default` for the
+/// latter's default: true for `type=oci`, false for `docker` and `image`, as BuildKit).
+fn image_flags(
+    spec: &str,
+    fields: &HashMap<String, String>,
+    oci_default: bool,
+) -> anyhow::Result<ImageFlags> {
+    let compression = match fields.get("compression").map(String::as_str) {
+        None | Some("gzip") => Compression::Gzip,
+        Some("zstd") => Compression::Zstd,
+        Some("uncompressed") => Compression::None,
+        Some(other) => {
+            bail!("--output {spec}: compression={other} is not gzip, zstd or uncompressed")
+        }
+    };
+    let mut oci_types = parse_bool(
+        spec,
+        "--output",
+        "oci-mediatypes",
+        fields.get("oci-mediatypes"),
+        oci_default,
+    )?;
+    if compression == Compression::Zstd && !oci_types {
+        // BuildKit's words: Docker media types have no zstd layer.
+        eprintln!("WARNING: forcibly turning on oci-mediatype mode for zstd");
+        oci_types = true;
+    }
+    Ok(ImageFlags {
+        compression,
+        oci_types,
+    })
 }
 
 fn key_values(spec: &str, flag: &str) -> anyhow::Result<HashMap<String, String>> {
@@ -30,7 +95,9 @@ fn key_values(spec: &str, flag: &str) -> anyhow::Result<HashMap<String, String>>
         .collect()
 }
 
-/// Parses `type=local,dest=DIR`, `type=tar,dest=FILE` or `type=oci,dest=FILE,name=REF`.
+/// Parses `type=local,dest=DIR`, `type=tar,dest=FILE`, `type=oci|docker,dest=FILE[,name=REF]`
+/// or `type=image,name=REF[,push=true]` (the image types also take `compression=` and
+/// `oci-mediatypes=`).
 pub fn parse_output(spec: &str) -> anyhow::Result<OutputSpec> {
     let fields = key_values(spec, "--output")?;
     let dest = || -> anyhow::Result<PathBuf> {
@@ -39,14 +106,30 @@ pub fn parse_output(spec: &str) -> anyhow::Result<OutputSpec> {
             .map(PathBuf::from)
             .with_context(|| format!("--output {spec}: dest= is required"))
     };
+    let name = fields.get("name").cloned().unwrap_or_default();
     match fields.get("type").map(String::as_str) {
         Some("local") => Ok(OutputSpec::Local { dest: dest()? }),
         Some("tar") => Ok(OutputSpec::Tar { dest: dest()? }),
-        Some("oci") => Ok(OutputSpec::Oci {
+        Some(kind @ ("oci" | "docker")) => Ok(OutputSpec::Archive {
+            docker: kind == "docker",
             dest: dest()?,
-            name: fields.get("name").cloned().unwrap_or_default(),
+            name,
+            image: image_flags(spec, &fields, kind == "oci")?,
         }),
-        Some(other) => bail!("--output {spec}: unsupported type {other:?} (local, tar or oci)"),
+        Some("image") => {
+            let push = parse_bool(spec, "--output", "push", fields.get("push"), false)?;
+            if name.is_empty() {
+                bail!("--output {spec}: name= is required");
+            }
+            Ok(OutputSpec::Image {
+                name,
+                push,
+                image: image_flags(spec, &fields, false)?,
+            })
+        }
+        Some(other) => {
+            bail!("--output {spec}: unsupported type {other:?} (local, tar, oci, docker or image)")
+        }
         None => bail!("--output {spec}: type= is required"),
     }
 }
@@ -65,6 +148,8 @@ pub enum CacheExportSpec {
         max: bool,
         oci: bool,
     },
+    /// The cache in the exported image's config.
+    Inline,
 }
 
 /// One `--import-cache`.
@@ -95,8 +180,8 @@ fn parse_bool(
     }
 }
 
-/// Parses `--export-cache type=local,dest=DIR[,mode=][,tag=][,oci-mediatypes=]` or
-/// `type=registry,ref=REF[,mode=][,oci-mediatypes=]`.
+/// Parses `--export-cache type=local,dest=DIR[,mode=][,tag=][,oci-mediatypes=]`,
+/// `type=registry,ref=REF[,mode=][,oci-mediatypes=]` or `type=inline`.
 pub fn parse_export_cache(spec: &str) -> anyhow::Result<CacheExportSpec> {
     let flag = "--export-cache";
     let fields = key_values(spec, flag)?;
@@ -133,7 +218,10 @@ pub fn parse_export_cache(spec: &str) -> anyhow::Result<CacheExportSpec> {
             max,
             oci,
         }),
-        Some(other) => bail!("{flag} {spec}: unsupported type {other:?} (local or registry)"),
+        Some("inline") => Ok(CacheExportSpec::Inline),
+        Some(other) => {
+            bail!("{flag} {spec}: unsupported type {other:?} (local, registry or inline)")
+        }
         None => bail!("{flag} {spec}: type= is required"),
     }
 }
@@ -276,13 +364,57 @@ mod tests {
             parse_output("type=local,dest=out").unwrap(),
             OutputSpec::Local { dest: "out".into() }
         );
+        let gzip_oci = ImageFlags {
+            compression: Compression::Gzip,
+            oci_types: true,
+        };
         assert_eq!(
             parse_output("type=oci,dest=img.tar,name=example.com/a:b").unwrap(),
-            OutputSpec::Oci {
+            OutputSpec::Archive {
+                docker: false,
                 dest: "img.tar".into(),
-                name: "example.com/a:b".into()
+                name: "example.com/a:b".into(),
+                image: gzip_oci,
             }
         );
+        assert_eq!(
+            parse_output("type=docker,dest=-,name=a").unwrap(),
+            OutputSpec::Archive {
+                docker: true,
+                dest: "-".into(),
+                name: "a".into(),
+                image: ImageFlags {
+                    oci_types: false,
+                    ..gzip_oci
+                },
+            }
+        );
+        assert_eq!(
+            parse_output("type=image,name=r/a:1,push=true,compression=zstd").unwrap(),
+            OutputSpec::Image {
+                name: "r/a:1".into(),
+                push: true,
+                image: ImageFlags {
+                    compression: Compression::Zstd,
+                    oci_types: true
+                },
+            }
+        );
+        assert_eq!(
+            parse_output("type=image,name=a,compression=uncompressed,oci-mediatypes=true").unwrap(),
+            OutputSpec::Image {
+                name: "a".into(),
+                push: false,
+                image: ImageFlags {
+                    compression: Compression::None,
+                    oci_types: true
+                },
+            }
+        );
+        assert!(parse_output("type=image,push=true").is_err());
+        assert!(parse_output("type=image,name=a,compression=lz4").is_err());
+        assert!(parse_output("type=image,name=a,push=maybe").is_err());
+        assert!(parse_output("type=docker,name=a").is_err());
         assert!(parse_output("type=nonsense,name=x").is_err());
         assert!(parse_output("type=local").is_err());
         assert!(parse_output("dest=out").is_err());
@@ -306,6 +438,10 @@ mod tests {
                 max: false,
                 oci: false
             }
+        );
+        assert_eq!(
+            parse_export_cache("type=inline").unwrap(),
+            CacheExportSpec::Inline
         );
         assert!(parse_export_cache("type=registry,ref=x,mode=all").is_err());
         assert!(parse_export_cache("type=local").is_err());

@@ -1,4 +1,5 @@
-//! The crate's error: what failed while exporting, naming the path, snapshot or archive.
+//! The crate's error: what failed while exporting, naming the path, snapshot, archive,
+//! image or registry.
 
 use std::path::PathBuf;
 
@@ -42,4 +43,25 @@ pub enum ExportError {
     Write(#[source] std::io::Error),
     #[error("the base image config is not a JSON object: {0}")]
     BaseConfig(String),
+    #[error("encoding the image {what}: {reason}")]
+    Json { what: &'static str, reason: String },
+    #[error("{files} layer files were given for an image of {layers} layers")]
+    LayerFiles { files: usize, layers: usize },
+    #[error("image name {name:?}: {reason}")]
+    Name { name: String, reason: String },
+    #[error("pushing {image}: {source}")]
+    Push {
+        image: String,
+        #[source]
+        source: kiln_registry::PushError,
+    },
+    #[error("fetching layer {digest}: {source}")]
+    Fetch {
+        digest: kiln_proto::Digest,
+        // Boxed: the registry's error is large.
+        #[source]
+        source: Box<kiln_registry::ImageError>,
+    },
+    #[error("storing the image: {0}")]
+    Content(#[source] kiln_registry::content::ContentError),
 }

@@ -517,7 +517,7 @@ fn reimport(archive: &Path, store_root: &Path) -> anyhow::Result<ImmutableRef> {
         serde_json::from_slice(files.get("index.json").context("index")?)?;
     let entry = &index["manifests"][0];
     ensure!(
-        entry["annotations"]["org.opencontainers.image.ref.name"] == "localhost/kiln-test:latest"
+        entry["annotations"]["org.opencontainers.image.ref.name"] == "latest"
             && entry["annotations"]["io.containerd.image.name"] == "localhost/kiln-test:latest",
         "{entry}"
     );

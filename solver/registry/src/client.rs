@@ -134,6 +134,14 @@ impl TransferStats {
             self.bytes_down.load(Ordering::Relaxed),
         )
     }
+
+    /// `(uploads, bytes uploaded)`: blobs and manifests sent.
+    pub fn uploaded(&self) -> (usize, u64) {
+        (
+            self.uploads.load(Ordering::Relaxed),
+            self.bytes_up.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// How often and how patiently requests are repeated.
@@ -1163,12 +1171,21 @@ impl RegistryClients {
 
     /// Bytes and bodies downloaded from every registry so far: `(downloads, bytes)`.
     pub fn downloaded(&self) -> (usize, u64) {
+        self.sum(TransferStats::downloaded)
+    }
+
+    /// Bytes and bodies uploaded to every registry so far: `(uploads, bytes)`.
+    pub fn uploaded(&self) -> (usize, u64) {
+        self.sum(TransferStats::uploaded)
+    }
+
+    fn sum(&self, of: fn(&TransferStats) -> (usize, u64)) -> (usize, u64) {
         let clients = self
             .clients
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         clients.values().fold((0, 0), |(n, b), c| {
-            let (n2, b2) = c.stats.downloaded();
+            let (n2, b2) = of(&c.stats);
             (n + n2, b + b2)
         })
     }

@@ -1,6 +1,9 @@
 //! The content store: registry blobs (manifests, configs, layers) by digest under
-//! `<root>/content/blobs/sha256/<hex>`, and what tags last resolved to under
-//! `<root>/content/tags/` (for `image.resolvemode=local`).
+//! `<root>/content/blobs/sha256/<hex>`, what tags last resolved to under
+//! `<root>/content/tags/` (for `image.resolvemode=local`), and which registry repositories
+//! a blob is known to be in under `<root>/content/sources/<hex>` (containerd's
+//! `distribution.source` labels: a push to another repository of the same registry mounts
+//! the blob from there instead of uploading it).
 //!
 //! A blob is written to a temporary file in the same directory, its digest and size are
 //! checked, it is synced and then renamed into place, so a blob that exists is complete
@@ -50,11 +53,20 @@ fn io_err<'a>(
     }
 }
 
+/// A repository on a registry known to hold a blob.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlobOrigin {
+    /// The registry name (`host[:port]`, `docker.io`).
+    pub registry: String,
+    pub repository: String,
+}
+
 /// Blobs by digest under one root.
 #[derive(Clone, Debug)]
 pub struct ContentStore {
     blobs: PathBuf,
     tags: PathBuf,
+    sources: PathBuf,
 }
 
 impl ContentStore {
@@ -63,10 +75,15 @@ impl ContentStore {
         let content = root.join("content");
         let blobs = content.join("blobs").join("sha256");
         let tags = content.join("tags");
-        for dir in [&blobs, &tags] {
+        let sources = content.join("sources");
+        for dir in [&blobs, &tags, &sources] {
             std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         }
-        Ok(ContentStore { blobs, tags })
+        Ok(ContentStore {
+            blobs,
+            tags,
+            sources,
+        })
     }
 
     /// Where blob `digest` lives (whether or not it is there).
@@ -166,6 +183,42 @@ impl ContentStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("reading", &path)(e)),
         }
+    }
+
+    /// The repositories blob `digest` is known to be in (fetched from or pushed to).
+    pub fn origins(&self, digest: &Digest) -> Vec<BlobOrigin> {
+        let path = self.sources.join(digest.hex());
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| line.split_once('\t'))
+            .map(|(registry, repository)| BlobOrigin {
+                registry: registry.to_owned(),
+                repository: repository.to_owned(),
+            })
+            .collect()
+    }
+
+    /// Records that blob `digest` is in `origin` (kept to the last few repositories: they
+    /// are hints for mounts, checked by the registry).
+    pub fn add_origin(&self, digest: &Digest, origin: &BlobOrigin) -> Result<(), ContentError> {
+        const KEEP: usize = 8;
+        let mut origins = self.origins(digest);
+        if origins.first() == Some(origin) {
+            return Ok(());
+        }
+        origins.retain(|o| o != origin);
+        origins.insert(0, origin.clone());
+        origins.truncate(KEEP);
+        let text: String = origins
+            .iter()
+            .filter(|o| !o.registry.contains(['\t', '\n']) && !o.repository.contains(['\t', '\n']))
+            .map(|o| format!("{}\t{}\n", o.registry, o.repository))
+            .collect();
+        let path = self.sources.join(digest.hex());
+        let suffix: u64 = rand::rng().random();
+        let temp = self.sources.join(format!(".tmp-{suffix:016x}"));
+        std::fs::write(&temp, text).map_err(io_err("writing", &temp))?;
+        std::fs::rename(&temp, &path).map_err(io_err("renaming", &temp))
     }
 
     /// Records that `tag_key` resolved to `digest`.
@@ -325,8 +378,18 @@ mod tests {
                 .unwrap();
             assert_eq!(
                 store.tag("localhost:5000/x:latest").await.unwrap(),
-                Some(digest)
+                Some(digest.clone())
             );
+
+            assert_eq!(store.origins(&digest), []);
+            let origin = |repo: &str| BlobOrigin {
+                registry: "r.test:5000".into(),
+                repository: repo.into(),
+            };
+            store.add_origin(&digest, &origin("a/b")).unwrap();
+            store.add_origin(&digest, &origin("c")).unwrap();
+            store.add_origin(&digest, &origin("a/b")).unwrap();
+            assert_eq!(store.origins(&digest), [origin("a/b"), origin("c")]);
         });
     }
 }

@@ -1,8 +1,8 @@
 //! kiln-registry: image distribution. References and source identifiers
 //! (`docker-image://`, `oci-layout://`), registry transports from `kiln.toml`, Docker
-//! credentials, the registry client (on `oci-client`), OCI layouts, the content store of
-//! blobs, manifest parsing and platform choice, pulls into the snapshot store, and the
-//! keys an image source is cached by.
+//! credentials, the registry client, OCI layouts, the content store of blobs, manifest
+//! parsing and platform choice, pulls into the snapshot store, pushes of layer blobs
+//! (existence checks, mounts, uploads), and the keys an image source is cached by.
 //!
 //! How an image source is served:
 //! 1. [`ImageSource::from_op`] parses the identifier and attributes (BuildKit's texts);
@@ -23,6 +23,7 @@ pub mod hosts;
 pub mod layout;
 pub mod manifest;
 pub mod pull;
+pub mod push;
 pub mod reference;
 pub mod registry;
 pub mod resolve;
@@ -30,10 +31,11 @@ pub mod resolve;
 pub use auth::{Auth, Credentials};
 pub use cache_key::{ImageCacheKey, cache_key, chain_id, config_key, manifest_key_json};
 pub use client::{ClientError, RegistryClient, RegistryClients};
-pub use content::ContentStore;
+pub use content::{BlobOrigin, ContentStore};
 pub use error::ImageError;
 pub use hosts::{RegistryHosts, Transport};
 pub use pull::{ProgressFn, PullProgress, PullState, Pulled, pull, pull_layers};
+pub use push::{BlobPush, ExportLayer, LayerBlob, PushError, push_bytes, push_layer};
 pub use reference::{ImageIdentifier, ImageSource, OciLayoutIdentifier, RecordType, ResolveMode};
 pub use registry::RegistryFetcher;
 pub use resolve::{Fetcher, ImageConfig, ImageResolver, ResolvedImage};

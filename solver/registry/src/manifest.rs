@@ -12,6 +12,35 @@ pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MEDIA_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+
+/// Layer media types with their Docker schema 2 equivalents (zstd has none: Docker media
+/// types cannot describe it, so it keeps the OCI one).
+const LAYER_MEDIA_TYPES: [(&str, &str); 3] = [
+    (
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    ),
+    (
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar",
+    ),
+    (
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+    ),
+];
+
+/// The media type a layer of `media_type` gets in a manifest or index with OCI media
+/// types (`oci`) or Docker's, as BuildKit converts them; unknown types are kept.
+pub fn layer_media_type(media_type: &str, oci: bool) -> String {
+    for (o, d) in LAYER_MEDIA_TYPES {
+        if media_type == o || media_type == d {
+            return if oci { o } else { d }.to_owned();
+        }
+    }
+    media_type.to_owned()
+}
 
 /// Media types kiln asks registries for, in preference order.
 pub const ACCEPTED_MANIFESTS: &[&str] = &[
@@ -306,6 +335,18 @@ impl ConfigSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_media_types_convert_both_ways() {
+        let gzip_oci = "application/vnd.oci.image.layer.v1.tar+gzip";
+        let gzip_docker = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+        assert_eq!(layer_media_type(gzip_docker, true), gzip_oci);
+        assert_eq!(layer_media_type(gzip_oci, false), gzip_docker);
+        assert_eq!(layer_media_type(gzip_oci, true), gzip_oci);
+        let zstd = "application/vnd.oci.image.layer.v1.tar+zstd";
+        assert_eq!(layer_media_type(zstd, false), zstd);
+        assert_eq!(layer_media_type("x/unknown", false), "x/unknown");
+    }
 
     fn p(os: &str, arch: &str, variant: &str) -> pb::Platform {
         pb::Platform {

@@ -1,6 +1,7 @@
 //! Fetching one repository's manifests and blobs through the [`RegistryClient`], every
-//! body checked against its digest and kept in the [`ContentStore`], which is consulted
-//! first, so nothing stored is fetched twice.
+//! body checked against its digest and kept in the [`ContentStore`] (with the repository
+//! it came from, for mounts when it is pushed), which is consulted first, so nothing
+//! stored is fetched twice.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -10,7 +11,7 @@ use kiln_proto::Digest;
 use oci_client::Reference;
 
 use super::client::{ClientError, RegistryClient};
-use super::content::{ContentError, ContentStore};
+use super::content::{BlobOrigin, ContentError, ContentStore};
 use super::manifest::ACCEPTED_MANIFESTS;
 
 /// Errors from talking to a registry.
@@ -204,6 +205,13 @@ impl RegistryFetcher {
         }
         let written = writer.written();
         writer.commit().await?;
+        let origin = BlobOrigin {
+            registry: self.client.name().to_owned(),
+            repository: self.repo().to_owned(),
+        };
+        if let Err(e) = self.content.add_origin(digest, &origin) {
+            tracing::warn!("recording where {digest} came from: {e}");
+        }
         self.client.count_download(written);
         self.count(written);
         Ok(())

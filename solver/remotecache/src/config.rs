@@ -16,6 +16,20 @@ pub const ANNOTATION_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// The image config key of an inline cache.
 pub const INLINE_CACHE_KEY: &str = "moby.buildkit.cache.v0";
 
+/// Unix nanoseconds as Go writes a `time.Time` (before 1970: the epoch).
+pub fn go_time_nanos(nanos: i64) -> String {
+    let since = std::time::Duration::from_nanos(u64::try_from(nanos).unwrap_or(0));
+    kiln_proto::gojson::go_time(std::time::UNIX_EPOCH + since)
+}
+
+/// A Go time's text as Unix nanoseconds; `None` when malformed or before 1970.
+pub fn nanos_of_go_time(text: &str) -> Option<i64> {
+    let since = kiln_proto::gojson::parse_go_time(text)?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    i64::try_from(since.as_nanos()).ok()
+}
+
 fn is_zero(v: &i64) -> bool {
     *v == 0
 }
@@ -73,7 +87,11 @@ pub struct CacheRecord {
 
 /// Go never omits a `time.Time`: an unset one is its zero time.
 fn created_at_text<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(if v.is_empty() { crate::time::ZERO } else { v })
+    s.serialize_str(if v.is_empty() {
+        kiln_proto::gojson::GO_ZERO_TIME
+    } else {
+        v
+    })
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,6 +184,15 @@ mod tests {
             serde_json::to_string(&config).unwrap(),
             r#"{"layers":[{"blob":"sha256:a","parent":-1},{"blob":"sha256:b"}],"records":[{"layers":[{"layer":0,"createdAt":"0001-01-01T00:00:00Z"}],"digest":"sha256:r","inputs":[[{"link":0}]]}]}"#
         );
+        assert_eq!(
+            go_time_nanos(1_700_000_000_120_000_000),
+            "2023-11-14T22:13:20.12Z"
+        );
+        assert_eq!(
+            nanos_of_go_time("2023-11-14T22:13:20.12Z"),
+            Some(1_700_000_000_120_000_000)
+        );
+        assert_eq!(nanos_of_go_time(kiln_proto::gojson::GO_ZERO_TIME), None);
         let back: CacheConfig =
             serde_json::from_str(r#"{"layers":[{"blob":"sha256:b"}]}"#).unwrap();
         assert_eq!(

@@ -24,6 +24,12 @@ pub enum CacheError {
         #[source]
         source: kiln_registry::ClientError,
     },
+    #[error("{cache}: {source}")]
+    Push {
+        cache: String,
+        #[source]
+        source: kiln_registry::PushError,
+    },
     #[error("{cache}: {message}")]
     Cache { cache: String, message: String },
 }

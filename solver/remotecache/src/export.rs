@@ -10,12 +10,12 @@
 //! every link is dropped, with the records built on it (BuildKit's `validate`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 use async_trait::async_trait;
 use kiln_proto::Digest;
-use kiln_registry::{Fetcher, RegistryClient};
+use kiln_registry::manifest::layer_media_type;
+use kiln_registry::{ContentStore, ExportLayer, RegistryClient};
 use kiln_solver::scheduler::CacheExport;
 
 use crate::config::{
@@ -24,7 +24,6 @@ use crate::config::{
     MEDIA_OCI_INDEX,
 };
 use crate::error::CacheError;
-use crate::import::BlobOrigin;
 
 /// Which results a cache export carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -32,30 +31,6 @@ pub enum Mode {
     #[default]
     Min,
     Max,
-}
-
-/// Where a layer blob's bytes are.
-#[derive(Clone, Debug)]
-pub enum LayerBlob {
-    /// A complete, checked file (the content store).
-    File(PathBuf),
-    /// Not downloaded: fetched on demand, or mounted when it goes back to its registry.
-    Remote {
-        fetcher: Arc<Fetcher>,
-        origin: Option<BlobOrigin>,
-    },
-}
-
-/// One layer of a result's chain.
-#[derive(Clone, Debug)]
-pub struct ExportLayer {
-    pub media_type: String,
-    pub digest: Digest,
-    pub size: u64,
-    pub diff_id: Digest,
-    /// Unix nanoseconds.
-    pub created_at: i64,
-    pub blob: LayerBlob,
 }
 
 /// Gives the layers of a result (the worker: snapshots exported as layers, or the
@@ -194,7 +169,7 @@ pub async fn build<R: Send + Sync>(
                         if let Some((_, top)) = parent {
                             record.results.push(CacheResult {
                                 layer_index: top as i64,
-                                created_at: crate::time::format(result.created_at),
+                                created_at: crate::config::go_time_nanos(result.created_at),
                             });
                         }
                     }
@@ -318,30 +293,6 @@ pub fn sort_config(cc: &mut CacheConfig) {
     cc.records = sorted;
 }
 
-/// The media type a layer gets in an index with or without OCI media types.
-fn layer_media_type(media_type: &str, oci: bool) -> String {
-    const PAIRS: [(&str, &str); 3] = [
-        (
-            "application/vnd.oci.image.layer.v1.tar+gzip",
-            "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        ),
-        (
-            "application/vnd.oci.image.layer.v1.tar",
-            "application/vnd.docker.image.rootfs.diff.tar",
-        ),
-        (
-            "application/vnd.oci.image.layer.v1.tar+zstd",
-            "application/vnd.oci.image.layer.v1.tar+zstd",
-        ),
-    ];
-    for (o, d) in PAIRS {
-        if media_type == o || media_type == d {
-            return if oci { o } else { d }.to_owned();
-        }
-    }
-    media_type.to_owned()
-}
-
 /// The bytes of a cache: config, index, and the descriptors of both.
 #[derive(Clone, Debug)]
 pub struct CacheBlobs {
@@ -369,7 +320,7 @@ pub fn marshal(built: &BuiltCache, oci: bool) -> Result<CacheBlobs, CacheError> 
             annotations: BTreeMap::from([
                 (
                     ANNOTATION_CREATED.to_owned(),
-                    crate::time::format(b.created_at),
+                    crate::config::go_time_nanos(b.created_at),
                 ),
                 (
                     ANNOTATION_UNCOMPRESSED.to_owned(),
@@ -407,20 +358,6 @@ pub fn marshal(built: &BuiltCache, oci: bool) -> Result<CacheBlobs, CacheError> 
     })
 }
 
-/// A readable path of a layer blob (downloaded first when remote).
-async fn blob_path(layer: &ExportLayer) -> Result<PathBuf, CacheError> {
-    match &layer.blob {
-        LayerBlob::File(path) => Ok(path.clone()),
-        LayerBlob::Remote { fetcher, .. } => fetcher
-            .local_path(&layer.digest, Some(layer.size))
-            .await
-            .map_err(|e| CacheError::Image {
-                cache: "cache export".into(),
-                source: Box::new(e),
-            }),
-    }
-}
-
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     move |source| CacheError::Io {
         path: path.to_owned(),
@@ -444,7 +381,10 @@ pub async fn write_local(
         if dest.is_file() {
             continue;
         }
-        let src = blob_path(layer).await?;
+        let src = layer.local_path().await.map_err(|e| CacheError::Image {
+            cache: "cache export".into(),
+            source: Box::new(e),
+        })?;
         let temp = blob_dir.join(format!(".tmp-{}", layer.digest.hex()));
         std::fs::copy(&src, &temp).map_err(io_err(&src))?;
         std::fs::rename(&temp, &dest).map_err(io_err(&dest))?;
@@ -489,47 +429,6 @@ pub async fn write_local(
     Ok(blobs.index_digest)
 }
 
-/// Makes sure the registry has `layer` in `repo`: already there, mounted from the
-/// repository it came from on the same registry, or uploaded.
-pub async fn push_layer(
-    client: &RegistryClient,
-    repo: &str,
-    layer: &ExportLayer,
-) -> Result<(), CacheError> {
-    let err = |source| CacheError::Client {
-        cache: format!("{}/{repo}", client.name()),
-        source,
-    };
-    if client
-        .blob_exists(repo, &layer.digest)
-        .await
-        .map_err(err)?
-        .is_some()
-    {
-        return Ok(());
-    }
-    if let LayerBlob::Remote {
-        origin: Some(origin),
-        ..
-    } = &layer.blob
-    {
-        if origin.registry == client.name()
-            && origin.repository != repo
-            && client
-                .mount_blob(repo, &origin.repository, &layer.digest)
-                .await
-                .map_err(err)?
-        {
-            return Ok(());
-        }
-    }
-    let path = blob_path(layer).await?;
-    client
-        .push_blob_file(repo, &layer.digest, layer.size, &path)
-        .await
-        .map_err(err)
-}
-
 /// Pushes the cache to `repo:tag` as BuildKit's `type=registry` does: layers, config,
 /// then the index as the tag's manifest.
 pub async fn push_registry(
@@ -538,26 +437,25 @@ pub async fn push_registry(
     tag: &str,
     built: &BuiltCache,
     oci: bool,
+    content: Option<&ContentStore>,
 ) -> Result<Digest, CacheError> {
     let blobs = marshal(built, oci)?;
+    let push_err = |source| CacheError::Push {
+        cache: format!("{}/{repo}:{tag}", client.name()),
+        source,
+    };
     for layer in &built.blobs {
-        push_layer(client, repo, layer).await?;
+        kiln_registry::push_layer(client, repo, layer, content)
+            .await
+            .map_err(push_err)?;
     }
+    kiln_registry::push_bytes(client, repo, &blobs.config_digest, &blobs.config)
+        .await
+        .map_err(push_err)?;
     let err = |source| CacheError::Client {
         cache: format!("{}/{repo}:{tag}", client.name()),
         source,
     };
-    if client
-        .blob_exists(repo, &blobs.config_digest)
-        .await
-        .map_err(err)?
-        .is_none()
-    {
-        client
-            .push_blob_bytes(repo, &blobs.config_digest, &blobs.config)
-            .await
-            .map_err(err)?;
-    }
     client
         .put_manifest(repo, tag, blobs.index_media_type, &blobs.index)
         .await

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use kiln_proto::Digest;
-use kiln_registry::Fetcher;
 use kiln_registry::manifest::Descriptor;
+use kiln_registry::{BlobOrigin, Fetcher};
 use kiln_solver::cachemap::CacheDigest;
 use kiln_solver::keys::root_key;
 use kiln_solver::op::OpError;
@@ -34,13 +34,6 @@ pub struct RemoteLayer {
     pub diff_id: Option<Digest>,
     /// `buildkit/createdat`, as written.
     pub created_at: Option<String>,
-}
-
-/// Where remote blobs live on a registry (for cross-repository mounts on export).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlobOrigin {
-    pub registry: String,
-    pub repository: String,
 }
 
 /// A result of an imported cache: its layers, base first, and where to fetch them.
@@ -273,9 +266,9 @@ impl<R: Send + Sync + 'static> ImportedCache<R> {
             // The newest result of a record wins, as BuildKit keeps one per item.
             if let Some((chain, created)) = chains
                 .into_iter()
-                .max_by_key(|(_, c)| crate::time::parse(c).unwrap_or(0))
+                .max_by_key(|(_, c)| crate::config::nanos_of_go_time(c).unwrap_or(0))
             {
-                let created = crate::time::parse(&created).unwrap_or(0);
+                let created = crate::config::nanos_of_go_time(&created).unwrap_or(0);
                 cache.results.push((
                     RemoteChain {
                         layers: chain,

@@ -20,9 +20,8 @@ mod error;
 pub mod export;
 pub mod import;
 pub mod sources;
-pub mod time;
 
 pub use error::CacheError;
-pub use export::{BuiltCache, ExportLayer, LayerBlob, Mode, ResultLayers};
-pub use import::{BlobOrigin, ChainLoader, ImportedCache, RemoteChain, RemoteLayer};
+pub use export::{BuiltCache, Mode, ResultLayers};
+pub use import::{ChainLoader, ImportedCache, RemoteChain, RemoteLayer};
 pub use sources::{LoadedCache, load_local, load_registry};

@@ -10,12 +10,12 @@ use kiln_proto::Digest;
 use kiln_registry::content::ContentStore;
 use kiln_registry::layout::{ANNOTATION_REF_NAME, OciLayout};
 use kiln_registry::manifest::{self, ACCEPTED_MANIFESTS, Parsed};
-use kiln_registry::{Fetcher, RegistryClients, RegistryFetcher};
+use kiln_registry::{BlobOrigin, Fetcher, RegistryClients, RegistryFetcher};
 use serde::Deserialize;
 
 use crate::config::{CACHE_CONFIG_MEDIA_TYPE, CacheConfig, CacheIndex, CacheLayer, Descriptor};
 use crate::error::CacheError;
-use crate::import::{BlobOrigin, LayerMap, RemoteLayer};
+use crate::import::{LayerMap, RemoteLayer};
 
 /// A cache as read: configs (one, or one per image of an inline cache) with their layers.
 #[derive(Debug)]

@@ -200,8 +200,13 @@ impl Worker for KilnWorker {
         blocking(move || r.set_retain(true).map_err(failed)).await
     }
 
-    async fn preprocess(&self, r: &KilnRef) -> Result<(), OpError> {
-        self.materialize(r).await.map(|_| ())
+    /// Nothing: BuildKit unlazies an input here (its `unlazyResultFunc`) before the
+    /// slow keys are computed, but a lazy input is pulled anyway when an op runs on it
+    /// (`Materializing`) or its content is hashed (`content_digest`); pulling it here
+    /// would download the layers of a step that then turns out to be cached (a COPY from
+    /// the context on top of an imported result).
+    async fn preprocess(&self, _r: &KilnRef) -> Result<(), OpError> {
+        Ok(())
     }
 
     async fn content_digest(

@@ -11,9 +11,8 @@ use std::time::UNIX_EPOCH;
 use async_trait::async_trait;
 use kiln_proto::Digest;
 use kiln_registry::manifest::Descriptor;
-use kiln_remotecache::{
-    CacheError, ChainLoader, ExportLayer, LayerBlob, RemoteChain, ResultLayers,
-};
+use kiln_registry::{ExportLayer, LayerBlob};
+use kiln_remotecache::{CacheError, ChainLoader, RemoteChain, ResultLayers};
 use kiln_snapshotter::{Compression, ImmutableRef};
 use kiln_solver::op::OpError;
 
@@ -107,12 +106,14 @@ fn cache_err(what: String, e: impl std::fmt::Display) -> CacheError {
     }
 }
 
-/// The layer blobs of a snapshot chain, base first; `None` with `create` false when a
-/// layer has no blob yet.
+/// The layer blobs of a snapshot chain, base first: each layer's blob when the content
+/// store has it (a pulled layer keeps its registry blob, whatever its compression), else
+/// the layer exported with `create`'s compression; `None` without `create` when a layer
+/// has no blob yet.
 fn snapshot_layers(
     worker: &KilnWorker,
     top: &ImmutableRef,
-    create: bool,
+    create: Option<Compression>,
 ) -> Result<Option<Vec<ExportLayer>>, CacheError> {
     let content = worker.images().content().clone();
     let snapshotter = worker.snapshotter();
@@ -135,6 +136,7 @@ fn snapshot_layers(
                                 .clone()
                                 .unwrap_or_else(|| Compression::Gzip.media_type().to_owned()),
                             blob: LayerBlob::File(content.path(&digest)),
+                            origins: content.origins(&digest),
                             digest,
                             size,
                             diff_id,
@@ -145,15 +147,15 @@ fn snapshot_layers(
                 }
             }
         }
-        if !create {
+        let Some(compression) = create else {
             return Ok(None);
-        }
+        };
         // Exported once into the content store, named by its digest afterwards.
         let dir = content.blobs_dir();
         let mut temp =
             tempfile::NamedTempFile::new_in(dir).map_err(|e| cache_err(what.clone(), e))?;
         let desc = snapshotter
-            .export_layer(layer, temp.as_file_mut(), Compression::Gzip)
+            .export_layer(layer, temp.as_file_mut(), compression)
             .map_err(|e| cache_err(what.clone(), e))?;
         temp.as_file()
             .sync_all()
@@ -176,17 +178,20 @@ fn snapshot_layers(
             diff_id,
             created_at,
             blob: LayerBlob::File(path),
+            origins: Vec::new(),
         });
     }
     Ok(Some(out))
 }
 
-#[async_trait]
-impl ResultLayers<KilnRef> for CacheLayers {
-    async fn layers(
+impl CacheLayers {
+    /// The layers of `r`, base first: a lazy ref's remote descriptors (nothing is
+    /// downloaded), or each snapshot's blob, a layer without one exported with
+    /// `create`'s compression first; `None` without `create` when a layer has no blob.
+    pub async fn chain(
         &self,
         r: &KilnRef,
-        create: bool,
+        create: Option<Compression>,
     ) -> Result<Option<Vec<ExportLayer>>, CacheError> {
         if let (None, Some(chain)) = (r.snapshot(), r.remote()) {
             let mut out = Vec::with_capacity(chain.layers.len());
@@ -202,12 +207,10 @@ impl ResultLayers<KilnRef> for CacheLayers {
                     created_at: l
                         .created_at
                         .as_deref()
-                        .and_then(kiln_remotecache::time::parse)
+                        .and_then(kiln_remotecache::config::nanos_of_go_time)
                         .unwrap_or(0),
-                    blob: LayerBlob::Remote {
-                        fetcher: chain.fetcher.clone(),
-                        origin: chain.origin.clone(),
-                    },
+                    blob: LayerBlob::Remote(chain.fetcher.clone()),
+                    origins: chain.origin.iter().cloned().collect(),
                 });
             }
             return Ok(Some(out));
@@ -219,5 +222,17 @@ impl ResultLayers<KilnRef> for CacheLayers {
         tokio::task::spawn_blocking(move || snapshot_layers(&worker, &top, create))
             .await
             .map_err(|e| cache_err("layer export".into(), e))?
+    }
+}
+
+/// Cache exports take gzip layers, as BuildKit's cache exporters do by default.
+#[async_trait]
+impl ResultLayers<KilnRef> for CacheLayers {
+    async fn layers(
+        &self,
+        r: &KilnRef,
+        create: bool,
+    ) -> Result<Option<Vec<ExportLayer>>, CacheError> {
+        self.chain(r, create.then_some(Compression::Gzip)).await
     }
 }

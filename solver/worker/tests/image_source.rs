@@ -588,8 +588,8 @@ fn kiln_toml_transport_reaches_the_client() {
             .await
             .unwrap_err()
             .to_string();
+        // The registry client names the registry and what it was doing.
         assert!(
-            // Registry errors name the registry, what was done and why.
             err.starts_with("localhost:5000: resolving busybox:latest: ")
                 && err.contains("https://localhost:5000/v2/busybox/manifests/latest"),
             "unexpected error: {err}"

@@ -8,13 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub mod bodies;
+pub mod machine;
 pub mod network;
 pub mod registry;
 pub mod secure_registry;
+pub mod token_server;
 
 pub use bodies::{Mounted, rootful, rootless, rt, serial};
 pub use registry::{RegistryGuard, test_registry};
-pub use secure_registry::SecureRegistry;
+pub use secure_registry::{RegistryAuth, SecureRegistry};
 
 /// Name of the unprivileged user rootless tests run as (created by `scripts/setup-test-env`).
 pub const TEST_USER: &str = "kiln-test";

@@ -1,25 +1,39 @@
-//! A registry with TLS and htpasswd auth on a free 127.0.0.1 port (never 5000, the shared
-//! test registry's), for distribution tests: Debian's `docker-registry` with a certificate
-//! signed by a throw-away CA (`openssl`), and a bcrypt htpasswd file (`htpasswd -B`, from
-//! apache2-utils). Everything lives in a temporary directory readable by the test user;
-//! the registry is stopped (by its pid, through its `Child`) when the guard drops, and dies
-//! with the test process.
+//! A registry with TLS and auth on a free 127.0.0.1 port (never 5000, the shared test
+//! registry's), for distribution tests: Debian's `docker-registry` with a certificate
+//! signed by a throw-away CA (`openssl`), and either a bcrypt htpasswd file (`htpasswd -B`,
+//! from apache2-utils: Basic auth) or a token server in front of it (Bearer auth:
+//! [`crate::token_server`], whose signing certificate the registry trusts). Everything
+//! lives in a temporary directory readable by the test user; the registry is stopped (by
+//! its pid, through its `Child`) and the token server with it when the guard drops, and
+//! both die with the test process.
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::token_server::{ISSUER, SERVICE, TokenServer};
 use crate::{require, which};
 
 /// The user and password the registry accepts.
 pub const USER: &str = "kiln";
 pub const PASSWORD: &str = "s3cret-pass";
 
+/// How the registry authenticates clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegistryAuth {
+    /// Basic auth against an htpasswd file.
+    Htpasswd,
+    /// Bearer tokens from a token server.
+    Token,
+}
+
 /// A running TLS registry; stopped on drop.
 #[derive(Debug)]
 pub struct SecureRegistry {
     child: Child,
+    // Dropped after the registry is killed (fields drop after `Drop::drop`).
+    token: Option<TokenServer>,
     dir: tempfile::TempDir,
     port: u16,
 }
@@ -40,9 +54,15 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> Vec<u8> {
 }
 
 impl SecureRegistry {
-    /// Starts one, or `None` outside CI when `docker-registry`, `openssl` or `htpasswd`
-    /// is missing (under `CI=true` that fails the test).
+    /// Starts one with htpasswd (Basic) auth, or `None` outside CI when
+    /// `docker-registry`, `openssl` or `htpasswd` is missing (under `CI=true` that fails
+    /// the test).
     pub fn start() -> Option<Self> {
+        Self::start_with(RegistryAuth::Htpasswd)
+    }
+
+    /// Starts one with `auth`.
+    pub fn start_with(auth: RegistryAuth) -> Option<Self> {
         if !require(
             which("docker-registry") && which("openssl") && which("htpasswd"),
             "docker-registry, openssl and htpasswd (for the TLS test registry)",
@@ -120,10 +140,58 @@ impl SecureRegistry {
         );
         let htpasswd = run(d, "htpasswd", &["-Bbn", USER, PASSWORD]);
         std::fs::write(d.join("htpasswd"), htpasswd).expect("write htpasswd");
-        for f in ["ca.pem", "server.pem", "server.key", "htpasswd"] {
+        // skopeo's --cert-dir takes CAs as *.crt.
+        std::fs::create_dir(d.join("certs")).expect("certs directory");
+        std::fs::copy(d.join("ca.pem"), d.join("certs/ca.crt")).expect("copy the CA");
+        for f in [
+            "ca.pem",
+            "server.pem",
+            "server.key",
+            "htpasswd",
+            "certs/ca.crt",
+        ] {
             std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644))
                 .expect("chmod");
         }
+        let (token, auth_config) = match auth {
+            RegistryAuth::Htpasswd => (
+                None,
+                format!(
+                    "auth:\n  htpasswd:\n    realm: kiln-test\n    path: '{}'\n",
+                    d.join("htpasswd").display()
+                ),
+            ),
+            RegistryAuth::Token => {
+                run(
+                    d,
+                    "openssl",
+                    &[
+                        "req",
+                        "-x509",
+                        "-newkey",
+                        "rsa:2048",
+                        "-nodes",
+                        "-keyout",
+                        "token.key",
+                        "-out",
+                        "token.pem",
+                        "-days",
+                        "2",
+                        "-subj",
+                        "/CN=kiln-test-token-signer",
+                    ],
+                );
+                let server =
+                    TokenServer::start(&d.join("token.key"), &d.join("token.pem"), USER, PASSWORD);
+                let config = format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    \
+                     issuer: {ISSUER}\n    rootcertbundle: '{}'\n",
+                    server.realm(),
+                    d.join("token.pem").display()
+                );
+                (Some(server), config)
+            }
+        };
         std::fs::create_dir(d.join("storage")).expect("storage");
         // A free port: bound and released here (nothing else on this machine hands out
         // ports in this range while the test starts).
@@ -136,11 +204,10 @@ impl SecureRegistry {
             format!(
                 "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: '{}'\n\
                  http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: '{}'\n    key: '{}'\n\
-                 auth:\n  htpasswd:\n    realm: kiln-test\n    path: '{}'\n",
+                 {auth_config}",
                 d.join("storage").display(),
                 d.join("server.pem").display(),
                 d.join("server.key").display(),
-                d.join("htpasswd").display(),
             ),
         )
         .expect("write config");
@@ -154,7 +221,12 @@ impl SecureRegistry {
             .stderr(log);
         crate::die_with_this_process(&mut command);
         let child = command.spawn().expect("start docker-registry");
-        let mut registry = SecureRegistry { child, dir, port };
+        let mut registry = SecureRegistry {
+            child,
+            token,
+            dir,
+            port,
+        };
         for _ in 0..300 {
             if let Ok(Some(status)) = registry.child.try_wait() {
                 panic!(
@@ -179,6 +251,16 @@ impl SecureRegistry {
     /// The CA certificate (PEM) that signed the registry's certificate.
     pub fn ca(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
+    }
+
+    /// A directory with the CA as `ca.crt` (skopeo's `--cert-dir`).
+    pub fn cert_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// The token server, for a registry with token auth.
+    pub fn token_server(&self) -> Option<&TokenServer> {
+        self.token.as_ref()
     }
 
     /// A `kiln.toml` trusting the CA for this registry.
