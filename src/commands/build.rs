@@ -23,7 +23,7 @@ use kiln_solver::progress::ProgressSender;
 use kiln_solver::scheduler::{CacheExport, JobOptions, Solver, SolverOptions};
 use kiln_solver::source::CacheSource;
 use kiln_solver::store::Store;
-use kiln_worker::{BuildSession, CacheLayers, KilnRef, KilnWorker, LazyLoader, WorkerConfig};
+use kiln_worker::{BuildSession, KilnRef, KilnWorker, LazyLoader, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::flags::{self, CacheExportSpec, CacheImportSpec, OutputSpec};
@@ -257,7 +257,7 @@ async fn export_caches(
     cache: &CacheExport<KilnRef>,
     exports: &[CacheExportSpec],
 ) -> anyhow::Result<()> {
-    let layers = CacheLayers::new(worker);
+    let layers = worker.cache_layers();
     for spec in exports {
         let (max, oci) = match spec {
             CacheExportSpec::Local { max, oci, .. }
@@ -416,7 +416,7 @@ impl Exports<'_> {
             }
             OutputSpec::Local { .. } | OutputSpec::Tar { .. } => return Ok(()),
         };
-        let layers_of = CacheLayers::new(self.worker);
+        let layers_of = self.worker.cache_layers();
         let layers = match self.empty {
             true => Vec::new(),
             false => layers_of

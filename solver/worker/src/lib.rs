@@ -66,6 +66,11 @@ impl KilnWorker {
         self.inner.empty_snapshot(description.to_owned())
     }
 
+    /// Describes this worker's results as layer blobs, for cache and image exports.
+    pub fn cache_layers(&self) -> CacheLayers {
+        CacheLayers::new(self.inner.clone())
+    }
+
     /// The snapshot of `r`, pulling a lazy ref's layers first.
     pub async fn materialize(&self, r: &KilnRef) -> Result<ImmutableRef, OpError> {
         remote::materialize(&self.inner, r).await

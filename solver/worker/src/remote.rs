@@ -16,7 +16,6 @@ use kiln_remotecache::{CacheError, ChainLoader, RemoteChain, ResultLayers};
 use kiln_snapshotter::{Compression, ImmutableRef};
 use kiln_solver::op::OpError;
 
-use crate::KilnWorker;
 use crate::refs::KilnRef;
 use crate::state::{Inner, blocking, failed};
 
@@ -82,14 +81,12 @@ impl ChainLoader<KilnRef> for LazyLoader {
 /// Describes results as layer blobs for exports.
 #[derive(Debug, Clone)]
 pub struct CacheLayers {
-    worker: KilnWorker,
+    inner: Arc<Inner>,
 }
 
 impl CacheLayers {
-    pub fn new(worker: &KilnWorker) -> Self {
-        CacheLayers {
-            worker: worker.clone(),
-        }
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        CacheLayers { inner }
     }
 }
 
@@ -111,12 +108,12 @@ fn cache_err(what: String, e: impl std::fmt::Display) -> CacheError {
 /// the layer exported with `create`'s compression; `None` without `create` when a layer
 /// has no blob yet.
 fn snapshot_layers(
-    worker: &KilnWorker,
+    inner: &Inner,
     top: &ImmutableRef,
     create: Option<Compression>,
 ) -> Result<Option<Vec<ExportLayer>>, CacheError> {
-    let content = worker.images().content().clone();
-    let snapshotter = worker.snapshotter();
+    let content = inner.images.content().clone();
+    let snapshotter = &inner.snapshotter;
     let mut chain: Vec<&ImmutableRef> = std::iter::once(top).chain(top.parents()).collect();
     chain.reverse();
     let mut out = Vec::with_capacity(chain.len());
@@ -218,8 +215,8 @@ impl CacheLayers {
         let Some(top) = r.snapshot().cloned() else {
             return Ok(None);
         };
-        let worker = self.worker.clone();
-        tokio::task::spawn_blocking(move || snapshot_layers(&worker, &top, create))
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || snapshot_layers(&inner, &top, create))
             .await
             .map_err(|e| cache_err("layer export".into(), e))?
     }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use kiln_snapshotter::{ImmutableRef, Mountable, unmount};
 
-use crate::{AsTestUser, is_root, require, rerun_as_test_user, run_in_private_mount_namespace};
+use crate::host::{
+    AsTestUser, is_root, require, rerun_as_test_user, run_in_private_mount_namespace,
+};
 
 /// Serialises the tests of one binary. The bodies fork (private mount namespace, user
 /// namespace); a fork while another test thread is inside a lazy initialisation (a

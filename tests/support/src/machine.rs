@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::TEST_USER;
+use crate::host::TEST_USER;
 
 /// One kiln state.
 #[derive(Debug, Clone)]

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use sha2::Digest as _;
 
-use crate::{require, which};
+use crate::host::{require, which};
 
 /// The registry as test images name it.
 pub const REGISTRY_HOST: &str = "localhost:5000";
@@ -304,7 +304,7 @@ fn start() -> Instance {
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("registry log"))
         .stderr(log);
-    crate::die_with_this_process(&mut command);
+    crate::host::die_with_this_process(&mut command);
     let child = spawn_long_lived(command).expect("start docker-registry");
     let instance = Instance {
         child: Some(Mutex::new(child)),
@@ -312,7 +312,7 @@ fn start() -> Instance {
         _users: None,
     };
     wait_until_ready(&instance, &log_path);
-    let layout = crate::test_image_layout();
+    let layout = crate::host::test_image_layout();
     for name in TEST_IMAGES {
         push(&layout, name);
     }

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::host::{require, which};
 use crate::token_server::{ISSUER, SERVICE, TokenServer};
-use crate::{require, which};
 
 /// The user and password the registry accepts.
 pub const USER: &str = "kiln";
@@ -219,7 +219,7 @@ impl SecureRegistry {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
-        crate::die_with_this_process(&mut command);
+        crate::host::die_with_this_process(&mut command);
         let child = command.spawn().expect("start docker-registry");
         let mut registry = SecureRegistry {
             child,
