@@ -12,6 +12,7 @@ use kiln_solver::op::OpError;
 
 use crate::cache_mounts::CacheMounts;
 use crate::config::WorkerConfig;
+use crate::http::Downloads;
 use crate::mounts::{self, MountsDir};
 
 /// Errors from setting a worker up.
@@ -35,6 +36,8 @@ pub(crate) struct Inner {
     pub mounts_dir: MountsDir,
     pub cache_mounts: CacheMounts,
     pub images: ImageResolver,
+    /// `http(s)://` sources: the client and the ETag records.
+    pub downloads: Downloads,
     pub config: WorkerConfig,
     counter: AtomicU64,
 }
@@ -60,12 +63,14 @@ impl Inner {
             config.credentials.clone(),
             config.session.oci_layouts.clone(),
         )?;
+        let downloads = Downloads::new(&config.root, config.root.join("locks"));
         Ok(Inner {
             snapshotter,
             executor,
             mounts_dir,
             cache_mounts: CacheMounts::default(),
             images,
+            downloads,
             config,
             counter: AtomicU64::new(0),
         })
