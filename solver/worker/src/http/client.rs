@@ -251,7 +251,10 @@ impl ProxyConfig {
             "http" => self.http.as_ref()?,
             _ => return None,
         };
-        let host = url.host_str()?.trim_start_matches('[').trim_end_matches(']');
+        let host = url
+            .host_str()?
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         let host = host.to_lowercase();
         if host == "localhost" {
             return None;
@@ -315,10 +318,17 @@ mod tests {
             " Example.com, .suffix.org, *.star.net, 10.0.0.0/8, 192.168.1.1, host.io:8080",
         );
         assert_eq!(via(&c, "http://example.com/"), None);
-        assert_eq!(via(&c, "http://sub.example.com/"), None, "domains match subdomains");
+        assert_eq!(
+            via(&c, "http://sub.example.com/"),
+            None,
+            "domains match subdomains"
+        );
         assert!(via(&c, "http://notexample.com/").is_some());
         assert_eq!(via(&c, "http://a.suffix.org/"), None);
-        assert!(via(&c, "http://suffix.org/").is_some(), ".domain: only below it");
+        assert!(
+            via(&c, "http://suffix.org/").is_some(),
+            ".domain: only below it"
+        );
         assert_eq!(via(&c, "http://x.star.net/"), None);
         assert_eq!(via(&c, "http://10.1.2.3/"), None);
         assert_eq!(via(&c, "http://192.168.1.1/"), None);

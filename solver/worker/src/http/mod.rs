@@ -195,7 +195,11 @@ impl HttpSourceOp {
         }
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder, ctx: &JobContext) -> Result<reqwest::Response, OpError> {
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        ctx: &JobContext,
+    ) -> Result<reqwest::Response, OpError> {
         tokio::select! {
             sent = request.send() => sent.map_err(|e| failed(self.request_error(&e))),
             () = ctx.cancel.cancelled() => Err(OpError::Cancelled),
@@ -242,9 +246,7 @@ impl HttpSourceOp {
             let filename = self
                 .id
                 .file_name(header(headers, CONTENT_DISPOSITION).as_deref());
-            let key = self
-                .id
-                .cache_key(&filename, checksum, &entry.last_modified);
+            let key = self.id.cache_key(&filename, checksum, &entry.last_modified);
             Some((
                 key,
                 Found {
@@ -453,7 +455,11 @@ impl HttpSourceOp {
 
 #[async_trait]
 impl Op<ImmutableRef> for HttpSourceOp {
-    async fn cache_map(&self, ctx: &JobContext, _index: usize) -> Result<CacheMapResponse, OpError> {
+    async fn cache_map(
+        &self,
+        ctx: &JobContext,
+        _index: usize,
+    ) -> Result<CacheMapResponse, OpError> {
         if let Some(checksum) = &self.id.checksum {
             let (map, done) = kiln_solver::cachemap::source::offline_cache_map(
                 &self.source,
@@ -481,7 +487,11 @@ impl Op<ImmutableRef> for HttpSourceOp {
         })
     }
 
-    async fn exec(&self, ctx: &JobContext, _inputs: Vec<ImmutableRef>) -> Result<Vec<ImmutableRef>, OpError> {
+    async fn exec(
+        &self,
+        ctx: &JobContext,
+        _inputs: Vec<ImmutableRef>,
+    ) -> Result<Vec<ImmutableRef>, OpError> {
         let found = self.found.lock().await.take();
         let expected = match found {
             Some(Found {

@@ -83,7 +83,10 @@ impl Store {
         let path = self.path(id);
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!("ignoring the damaged download record {}: {e}", path.display());
+                tracing::warn!(
+                    "ignoring the damaged download record {}: {e}",
+                    path.display()
+                );
                 Vec::new()
             }),
             Err(_) => Vec::new(),
@@ -116,9 +119,7 @@ impl Store {
     /// Writes `bytes` to `path` atomically and durably.
     fn replace(&self, path: &Path, bytes: &[u8]) -> Result<(), HttpError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{}-{n}", std::process::id()));
+        let tmp = self.dir.join(format!(".tmp-{}-{n}", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut file = File::create(&tmp)?;
             file.write_all(bytes)?;
@@ -177,7 +178,9 @@ mod tests {
             store.entries(&id),
             vec![entry("\"b\"", "s2"), entry("\"a\"", "s3")]
         );
-        store.record(&id, entry("\"c\"", "s4"), |s| s != "s2").unwrap();
+        store
+            .record(&id, entry("\"c\"", "s4"), |s| s != "s2")
+            .unwrap();
         assert_eq!(
             store.entries(&id),
             vec![entry("\"a\"", "s3"), entry("\"c\"", "s4")]
@@ -186,7 +189,11 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(leftovers, [format!("{}.json", id.hex())], "no temporary files");
+        assert_eq!(
+            leftovers,
+            [format!("{}.json", id.hex())],
+            "no temporary files"
+        );
         std::fs::write(store.path(&id), b"{torn").unwrap();
         assert!(store.entries(&id).is_empty(), "a damaged record is a miss");
         assert_ne!(id, identity("http://x/g", "f", 0, 0, 0));
