@@ -1083,6 +1083,48 @@ fn check_local_incremental(k: &Kiln) {
     assert_eq!(entries(&full.stdout), files, "incremental == full transfer");
 }
 
+/// Each changed build adds a layer; past the limit the chain starts again with a full copy
+/// and the old chain goes; a prune costs a full copy and nothing else.
+fn check_local_chain_restarts(k: &Kiln) {
+    let ctx = tempfile::tempdir().expect("context");
+    let c = ctx.path();
+    write(&c.join("a"), b"a");
+    write(&c.join("b"), b"b");
+    let local = format!("chain={}", c.display());
+    let def = source_def("local://chain", &[("local.sharedkeyhint", "chain")]);
+    let build = |round: usize| -> Transfer {
+        write(&c.join("counter"), round.to_string().as_bytes());
+        let out = k.build_tar(&def, &["--local", &local], &[]);
+        ok(&out, &format!("round {round}"));
+        assert_eq!(
+            entries(&out.stdout)["counter"].data,
+            round.to_string().as_bytes()
+        );
+        transfer(&stderr(&out), "chain")
+    };
+    for round in 0..16 {
+        let t = build(round);
+        let expected = if round == 0 { 3 } else { 1 };
+        assert_eq!(t.files, expected, "round {round}: {t:?}");
+    }
+    let records = local_records(k, "chain");
+    assert_eq!(
+        records.len(),
+        16,
+        "one layer per changed build: {records:?}"
+    );
+    let t = build(16);
+    assert_eq!(t.files, 3, "a full copy starts the chain again: {t:?}");
+    let records = local_records(k, "chain");
+    assert_eq!(records.len(), 1, "the old chain is gone: {records:?}");
+    assert_eq!(records[0].1, None);
+
+    ok(&k.run(&["prune", "--all"], b"", &[]), "prune");
+    assert!(local_records(k, "chain").is_empty());
+    let t = build(17);
+    assert_eq!(t.files, 3, "after a prune: a full copy: {t:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 
 fn check_sources() {
@@ -1098,6 +1140,7 @@ fn check_sources() {
     check_local_selection(&k);
     check_local_dockerfile(&k);
     check_local_incremental(&k);
+    check_local_chain_restarts(&k);
 }
 
 #[test]
