@@ -1123,6 +1123,16 @@ fn check_local_chain_restarts(k: &Kiln) {
     assert!(local_records(k, "chain").is_empty());
     let t = build(17);
     assert_eq!(t.files, 3, "after a prune: a full copy: {t:?}");
+
+    // `local.differ=none`: nothing is taken as unchanged.
+    let none = source_def(
+        "local://chain",
+        &[("local.sharedkeyhint", "chain"), ("local.differ", "none")],
+    );
+    let out = k.build_tar(&none, &["--local", &local], &[]);
+    ok(&out, "differ none");
+    let t = transfer(&stderr(&out), "chain");
+    assert_eq!((t.files, t.unchanged), (3, 0), "{t:?}");
 }
 
 // ---------------------------------------------------------------------------------------

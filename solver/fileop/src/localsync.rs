@@ -71,6 +71,27 @@ impl SyncStats {
     }
 }
 
+/// How entries already in the destination are compared (LLB's `local.differ`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Differ {
+    /// fsutil's `DiffMetadata` (`metadata`, the default): equal metadata is equal.
+    #[default]
+    Metadata,
+    /// fsutil's `DiffNone` (`none`): nothing is equal, every entry is transferred again.
+    None,
+}
+
+impl Differ {
+    /// The `local.differ` attribute (`None` for an unknown value, which BuildKit ignores).
+    pub fn from_attr(value: Option<&str>) -> Option<Self> {
+        match value {
+            None | Some("" | "metadata") => Some(Differ::Metadata),
+            Some("none") => Some(Differ::None),
+            Some(_) => None,
+        }
+    }
+}
+
 /// Which entries of the source are transferred (fsutil's `WalkOpt`, compiled).
 #[derive(Debug)]
 pub struct Selection {
@@ -364,21 +385,24 @@ impl Frame {
 struct Syncer<'a> {
     dst_root: BorrowedFd<'a>,
     selection: &'a Selection,
+    differ: Differ,
     stats: SyncStats,
     /// The first transferred path of each multiply-linked source inode.
     links: HashMap<(u64, u64), String>,
 }
 
 /// Makes `dst_root` hold exactly what `selection` takes from `src_root`, changing only
-/// what differs. The destination root's own metadata is left alone.
+/// what differs (by `differ`). The destination root's own metadata is left alone.
 pub fn sync(
     src_root: BorrowedFd<'_>,
     dst_root: BorrowedFd<'_>,
     selection: &Selection,
+    differ: Differ,
 ) -> Result<SyncStats, LocalSyncError> {
     let mut syncer = Syncer {
         dst_root,
         selection,
+        differ,
         stats: SyncStats::default(),
         links: HashMap::new(),
     };
@@ -565,7 +589,8 @@ impl Syncer<'_> {
         let name = OsStr::new(base);
         let current = sys::stat_fd(dst.as_fd(), &dir_path)?;
         let src = &done.stat;
-        let same = current.st_mode == src.st_mode
+        let same = self.differ == Differ::Metadata
+            && current.st_mode == src.st_mode
             && current.st_uid == src.st_uid
             && current.st_gid == src.st_gid
             && current.st_mtime == src.st_mtime
@@ -613,10 +638,11 @@ impl Syncer<'_> {
         };
         let existing = sys::lstat_at(dst_dir, name, &path)?;
         if let Some(current) = &existing {
-            let same = match &link_to {
-                Some(first) => self.same_inode(first, current)?,
-                None => same_entry(src_dir, dst_dir, name, stat, current, &path)?,
-            };
+            let same = self.differ == Differ::Metadata
+                && match &link_to {
+                    Some(first) => self.same_inode(first, current)?,
+                    None => same_entry(src_dir, dst_dir, name, stat, current, &path)?,
+                };
             if same {
                 self.stats.unchanged += 1;
                 return Ok(());
@@ -795,7 +821,7 @@ mod tests {
             follow.as_deref(),
         )
         .unwrap();
-        sync(s.as_fd(), open(dst).as_fd(), &selection).unwrap()
+        sync(s.as_fd(), open(dst).as_fd(), &selection, Differ::Metadata).unwrap()
     }
 
     fn write(path: &Path, content: &str) {
@@ -840,6 +866,22 @@ mod tests {
         assert!(!second.changed(), "{second:?}");
         assert_eq!(second.unchanged, 9, "every entry but the root: {second:?}");
         assert_eq!(tree(src.path()), tree(dst.path()));
+
+        // `local.differ=none`: everything again.
+        let s = open(src.path());
+        let selection = Selection::new(s.as_fd(), None, None, None).unwrap();
+        let again = sync(
+            s.as_fd(),
+            open(dst.path()).as_fd(),
+            &selection,
+            Differ::None,
+        )
+        .unwrap();
+        assert_eq!((again.files_copied, again.unchanged), (3, 0), "{again:?}");
+        assert_eq!(tree(src.path()), tree(dst.path()));
+        assert_eq!(Differ::from_attr(Some("none")), Some(Differ::None));
+        assert_eq!(Differ::from_attr(None), Some(Differ::Metadata));
+        assert_eq!(Differ::from_attr(Some("bogus")), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `local://NAME` sources: the build's directory for NAME (`--local NAME=DIR`) transferred
-//! into a snapshot with `local.includepattern`, `local.excludepatterns` and
-//! `local.followpaths` as BuildKit's filesync selects files ([`kiln_fileop::localsync`]).
+//! into a snapshot with `local.includepattern`, `local.excludepatterns`,
+//! `local.followpaths` and `local.differ` as BuildKit's filesync selects and compares
+//! files ([`kiln_fileop::localsync`]).
 //! Their CacheMap is a session-bound `random:` digest, as in BuildKit: dependents are
 //! cached by the content of what was transferred (content-based keys), not by the
 //! directory's name.
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use kiln_fileop::localsync::{self, Selection, SyncStats};
+use kiln_fileop::localsync::{self, Differ, Selection, SyncStats};
 use kiln_proto::{Vertex, pb};
 use kiln_snapshotter::{Backend, ImmutableRef, RecordState, RefOptions};
 use nix::fcntl::{Flock, FlockArg};
@@ -99,6 +100,7 @@ struct Transfer {
     include: Option<Vec<String>>,
     exclude: Option<Vec<String>>,
     follow: Option<Vec<String>>,
+    differ: Differ,
     /// Index key of the last transfer's snapshot (BuildKit's `local.sharedKey`).
     shared_key: String,
 }
@@ -160,6 +162,9 @@ impl LocalSource {
             include: self.list("local.includepattern")?,
             exclude: self.list("local.excludepatterns")?,
             follow: self.list("local.followpaths")?,
+            // BuildKit ignores values it does not know.
+            differ: Differ::from_attr(self.source.attrs.get("local.differ").map(String::as_str))
+                .unwrap_or_default(),
             name,
             dir,
             shared_key,
@@ -281,7 +286,8 @@ fn run(inner: &Inner, t: &Transfer) -> Result<(ImmutableRef, SyncStats), LocalEr
     } else {
         None
     };
-    let previous = if incremental {
+    // `local.differ=none` transfers everything anyway: into a fresh chain.
+    let previous = if incremental && t.differ == Differ::Metadata {
         last_transfer(inner, t)?
     } else {
         None
@@ -312,7 +318,7 @@ fn run(inner: &Inner, t: &Transfer) -> Result<(ImmutableRef, SyncStats), LocalEr
         .and_then(|dest| {
             let dest = kiln_fileop::sys::open_root(&dest)
                 .map_err(|e| transfer_err(localsync::LocalSyncError::Sys(e)))?;
-            localsync::sync(src.as_fd(), dest.as_fd(), &selection).map_err(transfer_err)
+            localsync::sync(src.as_fd(), dest.as_fd(), &selection, t.differ).map_err(transfer_err)
         });
     mounts.release();
     let stats = match synced {
