@@ -661,14 +661,22 @@ fn check_http_proxies(k: &Kiln, server: &Server) {
         "an absolute request target: a proxy request"
     );
 
-    // NO_PROXY wins: the name is then looked up (and does not exist).
-    let out = k.build_tar(
-        &def,
-        &[],
-        &[("HTTP_PROXY", &proxy), ("NO_PROXY", ".invalid")],
-    );
-    assert!(!out.status.success(), "NO_PROXY must bypass the proxy");
-    assert!(stderr(&out).contains(&url), "{}", stderr(&out));
+    // 0.0.0.0 is not loopback, so it is proxied (an absolute target), unless NO_PROXY
+    // names it (then kiln connects itself: Linux takes 0.0.0.0 as this host).
+    let any = format!("http://0.0.0.0:{}{path}", server.port);
+    let def = source_def(&any, &[]);
+    for (no_proxy, proxied) in [("", true), ("example.com, 0.0.0.0", false)] {
+        let mark = server.log().len();
+        let out = k.build_tar(&def, &[], &[("HTTP_PROXY", &proxy), ("NO_PROXY", no_proxy)]);
+        ok(&out, &format!("NO_PROXY={no_proxy:?}"));
+        let log = server.requests(path, mark);
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert_eq!(
+            log[0].target == any,
+            proxied,
+            "NO_PROXY={no_proxy:?}: {log:?}"
+        );
+    }
 
     // Loopback never goes through a proxy (Go's rule): a dead proxy does not matter.
     let local = "/files/local.txt";
@@ -1081,6 +1089,24 @@ fn check_local_incremental(k: &Kiln) {
     let full = fresh.build_tar(&def, &["--local", &local], &[]);
     ok(&full, "full copy");
     assert_eq!(entries(&full.stdout), files, "incremental == full transfer");
+
+    // Metadata alone is a change: a mode, and (as root, who may chown) an owner.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(c.join("dir1/file1"), std::fs::Permissions::from_mode(0o640))
+        .expect("chmod");
+    if is_root() {
+        std::os::unix::fs::chown(c.join("dir2/file2"), Some(1234), Some(1235)).expect("chown");
+    }
+    let third = k.build_tar(&def, &["--local", &local], &[]);
+    ok(&third, "metadata changes");
+    let t = transfer(&stderr(&third), "inc");
+    assert_eq!(t.files, if is_root() { 2 } else { 1 }, "{t:?}");
+    let files = entries(&third.stdout);
+    assert_eq!(files["dir1/file1"].mode & 0o7777, 0o640);
+    if is_root() {
+        let owner = &files["dir2/file2"];
+        assert_eq!((owner.uid, owner.gid), (1234, 1235));
+    }
 }
 
 /// Each changed build adds a layer; past the limit the chain starts again with a full copy
