@@ -1373,6 +1373,11 @@ impl ImmutableRef {
         Ok(self.held.shared.db().add_key(self.id(), key)?)
     }
 
+    /// Removes the record from `key`'s index.
+    pub fn remove_key(&self, key: &str) -> Result<()> {
+        Ok(self.held.shared.db().remove_key(self.id(), key)?)
+    }
+
     /// Drops this handle (the same as dropping it).
     pub fn release(self) {}
 }

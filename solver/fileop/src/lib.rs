@@ -16,6 +16,7 @@
 
 pub mod copy;
 pub mod glob;
+pub mod localsync;
 pub mod mkdir;
 pub mod mkfile;
 pub mod owner;

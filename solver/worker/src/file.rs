@@ -6,7 +6,7 @@
 //! snapshot. Outputs are the results of the actions with `output != -1`, by output number.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -316,44 +316,6 @@ impl Op<ImmutableRef> for FileOp {
         let name = self.vertex.name.clone();
         let actions = self.file.actions.clone();
         blocking(move || solve(&inner, &name, &actions, &inputs)).await
-    }
-}
-
-/// A directory of the host copied into a fresh snapshot (the `local://` source).
-pub(crate) fn snapshot_directory(
-    inner: &Inner,
-    dir: &Path,
-    copy: &pb::FileActionCopy,
-    description: &str,
-) -> Result<ImmutableRef, OpError> {
-    let layer = inner
-        .snapshotter
-        .new_mutable(
-            None,
-            &RefOptions {
-                description: description.to_owned(),
-                record_type: "source.local".to_owned(),
-                ..RefOptions::default()
-            },
-        )
-        .map_err(failed)?;
-    let mut mounts = StepMounts::new(&inner.mounts_dir, &inner.next_id()).map_err(failed)?;
-    let dest = mounts
-        .mount("dest", &layer.mountable(), false)
-        .map_err(failed)?;
-    let copied = fileop::copy(dir, &dest, copy, None).map_err(failed);
-    mounts.release();
-    match copied {
-        Ok(()) => {
-            let id = layer.id().to_owned();
-            layer
-                .commit()
-                .map_err(|e| failed(format!("error committing {id}: {e}")))
-        }
-        Err(e) => {
-            let _ = layer.release();
-            Err(e)
-        }
     }
 }
 

@@ -11,6 +11,7 @@ mod config;
 pub mod contenthash;
 mod exec;
 mod file;
+mod http;
 pub mod image;
 mod local;
 mod merge_diff;
@@ -148,6 +149,16 @@ impl KilnWorker {
                     vertex.clone(),
                     source.clone(),
                 )))
+            }
+            Some(pb::op::Op::Source(source))
+                if source.identifier.starts_with("http://")
+                    || source.identifier.starts_with("https://") =>
+            {
+                Ok(Arc::new(http::HttpSourceOp::new(
+                    self.inner.clone(),
+                    vertex.clone(),
+                    source.clone(),
+                )?))
             }
             Some(pb::op::Op::Source(source))
                 if source.identifier.starts_with("docker-image://")

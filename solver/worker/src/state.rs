@@ -13,6 +13,7 @@ use kiln_solver::op::OpError;
 
 use crate::cache_mounts::CacheMounts;
 use crate::config::WorkerConfig;
+use crate::http::Downloads;
 use crate::mounts::{self, MountsDir};
 
 /// Errors from setting a worker up.
@@ -38,6 +39,8 @@ pub(crate) struct Inner {
     pub images: ImageResolver,
     /// Ready sandbox networks for ExecOps with the default network.
     pub network: Pool,
+    /// `http(s)://` sources: the client and the ETag records.
+    pub downloads: Downloads,
     pub config: WorkerConfig,
     counter: AtomicU64,
 }
@@ -63,6 +66,7 @@ impl Inner {
             config.credentials.clone(),
             config.session.oci_layouts.clone(),
         )?;
+        let downloads = Downloads::new(&config.root, config.root.join("locks"));
         Ok(Inner {
             snapshotter,
             executor,
@@ -70,6 +74,7 @@ impl Inner {
             cache_mounts: CacheMounts::default(),
             images,
             network: Pool::new(&config.network),
+            downloads,
             config,
             counter: AtomicU64::new(0),
         })

@@ -10,6 +10,7 @@ pub mod diff;
 mod error;
 pub mod exec;
 pub mod file;
+pub mod http;
 mod map;
 pub mod merge_diff;
 pub mod source;

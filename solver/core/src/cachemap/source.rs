@@ -10,6 +10,7 @@ use kiln_proto::gojson::{ObjectWriter, write_string};
 use kiln_proto::{Digest, pb};
 use sha2::{Digest as _, Sha256};
 
+use super::http::HttpIdentifier;
 use super::map::{CacheDigest, CacheMap};
 
 /// Prefix of every source key before hashing.
@@ -70,7 +71,7 @@ pub fn offline_cache_map(
     let key = match scheme {
         "local" => Some(local_key(source, rest, ctx)?),
         "git" => git_key(source, rest),
-        "http" | "https" => http_key(source, scheme, rest)?,
+        "http" | "https" => http_key(source)?,
         "docker-image" | "oci-layout" => None,
         other => return Err(SourceError::UnknownScheme(other.to_owned())),
     };
@@ -182,95 +183,16 @@ fn git_key(source: &pb::SourceOp, rest: &str) -> Option<String> {
     Some(key)
 }
 
-/// `sha256({"Filename","Perm","UID","GID","Checksum"})` for a download with a checksum.
-fn http_key(
-    source: &pb::SourceOp,
-    scheme: &str,
-    rest: &str,
-) -> Result<Option<String>, SourceError> {
-    let Some(checksum) = source.attrs.get("http.checksum") else {
+/// `formatCacheKey` for a download with a checksum (named without a response).
+fn http_key(source: &pb::SourceOp) -> Result<Option<String>, SourceError> {
+    let id = HttpIdentifier::from_op(source)?;
+    let Some(checksum) = &id.checksum else {
         return Ok(None);
     };
-    let bad = |attr: &'static str, value: &str, reason: String| SourceError::BadAttr {
-        identifier: source.identifier.clone(),
-        attr,
-        value: value.to_owned(),
-        reason,
-    };
-    let checksum: Digest = checksum
-        .parse()
-        .map_err(|e: kiln_proto::digest::DigestError| {
-            bad("http.checksum", checksum, e.to_string())
-        })?;
-    let int_attr = |attr: &'static str| -> Result<i64, SourceError> {
-        source
-            .attrs
-            .get(attr)
-            .map(|v| parse_go_int(v).ok_or_else(|| bad(attr, v, "not an integer".to_owned())))
-            .transpose()
-            .map(|v| v.unwrap_or(0))
-    };
-    let (perm, uid, gid) = (
-        int_attr("http.perm")?,
-        int_attr("http.uid")?,
-        int_attr("http.gid")?,
-    );
-    let filename = match source.attrs.get("http.filename").filter(|f| !f.is_empty()) {
-        Some(name) => name.clone(),
-        None => url_file_name(&format!("{scheme}://{rest}")),
-    };
-    let mut json = Vec::new();
-    ObjectWriter::new(&mut json)
-        .string_always("Filename", &filename)
-        .int_always("Perm", perm)
-        .int_always("UID", uid)
-        .int_always("GID", gid)
-        .string_always("Checksum", checksum.as_str())
-        .finish();
-    Ok(Some(Digest::of(&json).as_str().to_owned()))
-}
-
-/// Go `strconv.ParseInt(v, 0, 64)`: optional sign, `0x`/`0o`/`0b`/leading-`0` prefixes,
-/// underscores only with a prefix.
-fn parse_go_int(value: &str) -> Option<i64> {
-    let (negative, digits) = match value.as_bytes().first()? {
-        b'-' => (true, &value[1..]),
-        b'+' => (false, &value[1..]),
-        _ => (false, value),
-    };
-    let lower = digits.to_ascii_lowercase();
-    let (radix, body, prefixed) = if let Some(b) = lower.strip_prefix("0x") {
-        (16, b.to_owned(), true)
-    } else if let Some(b) = lower.strip_prefix("0o") {
-        (8, b.to_owned(), true)
-    } else if let Some(b) = lower.strip_prefix("0b") {
-        (2, b.to_owned(), true)
-    } else if lower.len() > 1 && lower.starts_with('0') {
-        (8, lower[1..].to_owned(), true)
-    } else {
-        (10, lower.clone(), false)
-    };
-    if body.is_empty() || (!prefixed && body.contains('_')) {
-        return None;
-    }
-    let body = body.replace('_', "");
-    let magnitude = i128::from_str_radix(&body, radix).ok()?;
-    let signed = if negative { -magnitude } else { magnitude };
-    i64::try_from(signed).ok()
-}
-
-/// BuildKit's `getFileName` without a response: last URL path element, else `download`.
-fn url_file_name(url: &str) -> String {
-    let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
-    let path = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    let base = kiln_proto::paths::clean(path);
-    let base = base.rsplit('/').next().unwrap_or("");
-    if base.is_empty() || base == "." || base == "/" {
-        "download".to_owned()
-    } else {
-        base.to_owned()
-    }
+    let filename = id.file_name(None);
+    Ok(Some(
+        id.cache_key(&filename, checksum, "").as_str().to_owned(),
+    ))
 }
 
 #[cfg(test)]
@@ -409,21 +331,5 @@ mod tests {
                 .to_string(),
             "unknown schema ftp: not found"
         );
-    }
-
-    #[test]
-    fn go_int_parsing_and_url_names() {
-        assert_eq!(parse_go_int("0644"), Some(0o644));
-        assert_eq!(parse_go_int("0x1f"), Some(31));
-        assert_eq!(parse_go_int("-12"), Some(-12));
-        assert_eq!(parse_go_int("1_000"), None);
-        assert_eq!(parse_go_int("0x1_0"), Some(16));
-        assert_eq!(parse_go_int(""), None);
-        assert_eq!(
-            url_file_name("https://example.com/a/file.tar.gz?x=1"),
-            "file.tar.gz"
-        );
-        assert_eq!(url_file_name("https://example.com/"), "download");
-        assert_eq!(url_file_name("https://example.com"), "download");
     }
 }
