@@ -13,7 +13,7 @@ use kiln_solver::op::OpError;
 
 use crate::cache_mounts::CacheMounts;
 use crate::config::WorkerConfig;
-use crate::http::Downloads;
+use crate::http::downloads::Downloads;
 use crate::mounts::{self, MountsDir};
 
 /// Errors from setting a worker up.

@@ -2,7 +2,7 @@
 
 use kiln_proto::Digest;
 
-use super::source;
+use super::source_error;
 
 /// Errors from computing a CacheMap.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +23,6 @@ pub enum CacheMapError {
     Source {
         op: Digest,
         #[source]
-        source: source::SourceError,
+        source: source_error::SourceError,
     },
 }

@@ -11,7 +11,7 @@
 use kiln_proto::gojson::ObjectWriter;
 use kiln_proto::{Digest, pb};
 
-use super::source::SourceError;
+use super::source_error::SourceError;
 
 /// An `http(s)://` source (BuildKit's `HTTPIdentifier`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -14,6 +14,7 @@ pub mod http;
 mod map;
 pub mod merge_diff;
 pub mod source;
+mod source_error;
 
 use kiln_proto::{OpKind, Vertex, pb};
 

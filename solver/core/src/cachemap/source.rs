@@ -12,6 +12,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::http::HttpIdentifier;
 use super::map::{CacheDigest, CacheMap};
+pub use super::source_error::SourceError;
 
 /// Prefix of every source key before hashing.
 pub const SOURCE_CACHE_PREFIX: &str = "buildkit.source.v0:";
@@ -19,24 +20,6 @@ pub const SOURCE_CACHE_PREFIX: &str = "buildkit.source.v0:";
 /// Session id used by `kiln debug cachemap` for local sources when none is given. Local
 /// digests are `random:` and only meaningful within one session anyway.
 pub const PLACEHOLDER_SESSION: &str = "kiln-debug-session";
-
-/// Errors from parsing a source identifier or its attributes.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("failed to parse {0}: invalid")]
-    NoScheme(String),
-    #[error("unknown schema {0}: not found")]
-    UnknownScheme(String),
-    #[error("could not access local files without session")]
-    NoSession,
-    #[error("invalid {attr} {value:?} on source {identifier}: {reason}")]
-    BadAttr {
-        identifier: String,
-        attr: &'static str,
-        value: String,
-        reason: String,
-    },
-}
 
 /// What source CacheMaps may need from the job.
 #[derive(Clone, Debug, Default)]

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::HttpError;
+use super::error::HttpError;
 
 /// Go's `certFiles` for Linux, in its order.
 const CERT_FILES: &[&str] = &[

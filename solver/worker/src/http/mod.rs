@@ -12,15 +12,17 @@
 //! ([`store`]).
 
 mod client;
+pub(crate) mod downloads;
+mod error;
 mod store;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use async_trait::async_trait;
-use kiln_fileop::sys::{self as fsys, SysError};
+use kiln_fileop::sys as fsys;
 use kiln_proto::{Digest, Vertex, pb};
 use kiln_snapshotter::{ImmutableRef, RefOptions};
 use kiln_solver::cachemap::CacheMap;
@@ -32,85 +34,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
 use crate::state::{Inner, blocking, failed};
-pub(crate) use store::Store;
+pub use error::HttpError;
 use store::{Entry, identity};
-
-/// Errors of `http(s)://` sources, each naming the URL or file concerned.
-#[derive(Debug, thiserror::Error)]
-pub enum HttpError {
-    #[error("{what}: {reason}")]
-    Setup { what: String, reason: String },
-    #[error("download records {path}: {source}")]
-    Store {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{url}: invalid http.filename {name:?}: must be a file name, not a path")]
-    Filename { url: String, name: String },
-    #[error("{url}: invalid {attr} {value}: not an id")]
-    Owner {
-        url: String,
-        attr: &'static str,
-        value: i64,
-    },
-    #[error("{url}: {reason}")]
-    Request { url: String, reason: String },
-    #[error("{url}: invalid response status {status}")]
-    Status { url: String, status: u16 },
-    #[error("{url}: invalid not-modified ETag: {etag}")]
-    NotModified { url: String, etag: String },
-    #[error("{url}: digest mismatch {got}: {expected}")]
-    Mismatch {
-        url: String,
-        got: Digest,
-        expected: Digest,
-    },
-    #[error("{url}: writing {name}: {source}")]
-    Write {
-        url: String,
-        name: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{url}: {source}")]
-    File {
-        url: String,
-        #[source]
-        source: SysError,
-    },
-    #[error("{url}: {source}")]
-    Snapshot {
-        url: String,
-        #[source]
-        source: kiln_snapshotter::Error,
-    },
-}
-
-/// The worker's download state: one client (built on first use, from the environment)
-/// and the ETag records.
-#[derive(Debug)]
-pub(crate) struct Downloads {
-    client: OnceLock<reqwest::Client>,
-    store: Store,
-}
-
-impl Downloads {
-    pub fn new(root: &std::path::Path, locks: std::path::PathBuf) -> Self {
-        Downloads {
-            client: OnceLock::new(),
-            store: Store::new(root, locks),
-        }
-    }
-
-    fn client(&self) -> Result<&reqwest::Client, HttpError> {
-        if let Some(client) = self.client.get() {
-            return Ok(client);
-        }
-        let client = client::build()?;
-        Ok(self.client.get_or_init(|| client))
-    }
-}
 
 /// BuildKit's `etagValue`: a weak validator compares as the strong one.
 fn etag_value(v: &str) -> &str {

@@ -19,7 +19,7 @@ use kiln_proto::gojson::ObjectWriter;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use super::HttpError;
+use super::error::HttpError;
 
 /// One remembered download.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
