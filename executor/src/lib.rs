@@ -1,10 +1,12 @@
 //! kiln-executor runs one process spec inside new user/mount/pid/ipc/uts/net namespaces:
 //! id maps, mounts, pivot_root, /proc /dev /sys, masked paths, capabilities, rlimits,
-//! user lookup, environment, exit status and cancellation.
+//! user lookup, environment, exit status and cancellation; a step's cgroups, limits and
+//! what it used.
 
 pub mod caps;
 pub mod cgroup;
 pub mod hosts;
+pub mod limits;
 pub mod path;
 pub mod process;
 pub mod rootfs;

@@ -27,6 +27,7 @@ pub fn step(rootfs: &Path, script: &str) -> Step {
         readonly_rootfs: false,
         mounts: Vec::<StepMount>::new(),
         no_new_privileges: false,
+        limits: kiln_executor::limits::Limits::default(),
     }
 }
 
@@ -86,6 +87,7 @@ pub fn run_with(step: &Step, cancel: CancellationToken) -> Result<StepResult, St
                 step.security == kiln_executor::spec::Security::Insecure,
             ),
             seccomp_cache: None,
+            cgroup_registry: None,
         },
     };
     runtime
