@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use kiln_executor::limits::Limits;
 use kiln_executor::supervisor::RunnerCommand;
 use kiln_registry::{Credentials, RegistryHosts};
 
@@ -36,4 +37,6 @@ pub struct WorkerConfig {
     pub registry_hosts: RegistryHosts,
     /// Registry credentials (Docker's `config.json`).
     pub credentials: Credentials,
+    /// Every step's resource limits (`[limits]` of `kiln.toml`).
+    pub limits: Limits,
 }
