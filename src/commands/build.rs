@@ -30,7 +30,7 @@ use super::frontend::{self, DockerfileRequest};
 use super::namespaces::{enter_namespaces, runtime};
 use crate::cli::BuildArgs;
 use crate::input::read_input;
-use crate::progress::{Mode, Renderer};
+use crate::progress::{Mode, Renderer, StepUsage, usage_json};
 
 /// What a build starts from.
 enum Input {
@@ -43,6 +43,7 @@ enum Input {
 pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     // Everything the user got wrong fails here, before any namespace or thread exists.
     let registry_hosts = RegistryHosts::load(config)?;
+    let limits = kiln_executor::limits::load_config(config)?;
     let credentials = Credentials::load_default()?;
     let outputs = flags::outputs(args)?;
     let cache_exports: Vec<CacheExportSpec> = args
@@ -84,6 +85,11 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
     let mode = Mode::parse(&args.progress);
 
     let in_user_namespace = enter_namespaces()?;
+    let (enforced, reason) = kiln_executor::cgroup::enforcement(!in_user_namespace, &limits);
+    if let Some(line) = kiln_executor::limits::explain(&limits, enforced, &reason) {
+        eprintln!("WARNING: {line}");
+    }
+    let metadata_file = args.metadata_file.clone();
     let runtime = runtime()?;
     let root = root.to_owned();
     let result = runtime.block_on(async move {
@@ -94,6 +100,7 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             session,
             registry_hosts,
             credentials,
+            limits,
         )?;
         let snapshotter = worker.snapshotter().clone();
         let outcome = async {
@@ -119,16 +126,27 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             let platform = graph
                 .as_ref()
                 .map_or_else(kiln_proto::platform::host_platform, result_platform);
-            let (result, cache) = match graph {
+            let (result, cache, usages) = match graph {
                 Some(graph) => {
                     let sources = import_caches(&worker, &cache_imports).await?;
-                    solve(&worker, &root, Arc::new(graph), mode, sources).await?
+                    // Steps that ignore the cache get fresh cache mounts (BuildKit's
+                    // PruneCacheMounts, before the solve).
+                    let worker_for_prune = worker.clone();
+                    let graph = Arc::new(graph);
+                    let for_prune = graph.clone();
+                    tokio::task::spawn_blocking(move || {
+                        worker_for_prune.prune_cache_mounts(&for_prune)
+                    })
+                    .await
+                    .context("cache mounts")?
+                    .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+                    solve(&worker, &root, graph, mode, sources).await?
                 }
                 None => {
                     let empty = worker
                         .empty_result("scratch")
                         .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
-                    (KilnRef::ready(empty), CacheExport::default())
+                    (KilnRef::ready(empty), CacheExport::default(), Vec::new())
                 }
             };
             export_caches(&worker, &cache, &cache_exports).await?;
@@ -152,6 +170,9 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
                 .await
                 .context("export task")?
                 .context("failed to solve")?;
+            }
+            if let Some(path) = &metadata_file {
+                write_metadata(path, &usages)?;
             }
             let (bodies, bytes) = worker.images().clients().downloaded();
             tracing::info!("registries: {bodies} bodies downloaded, {bytes} bytes");
@@ -187,14 +208,15 @@ fn load_graph(bytes: &[u8], options: &LoadOptions, no_cache: bool) -> anyhow::Re
     load(&def, options).context("failed to solve: failed to load LLB")
 }
 
-/// The worker: snapshots under `root`, steps through `kiln __runner`, images through the
-/// registries `kiln.toml` describes.
+/// The worker: snapshots under `root`, steps through `kiln __runner` with `limits`,
+/// images through the registries `kiln.toml` describes.
 fn open_worker(
     root: &Path,
     in_user_namespace: bool,
     session: BuildSession,
     registry_hosts: RegistryHosts,
     credentials: Credentials,
+    limits: kiln_executor::limits::Limits,
 ) -> anyhow::Result<KilnWorker> {
     Ok(KilnWorker::open(WorkerConfig {
         root: root.to_owned(),
@@ -203,7 +225,26 @@ fn open_worker(
         session,
         registry_hosts,
         credentials,
+        limits,
     })?)
+}
+
+/// The top-level key of `--metadata-file` that holds the steps' resource figures (other
+/// keys, BuildKit's exporter response, sit beside it).
+const STEPS_KEY: &str = "kiln.steps";
+
+/// Writes `--metadata-file`: `{"kiln.steps": {"<vertex digest>": {"name": …, figures…}}}`.
+fn write_metadata(path: &Path, usages: &[StepUsage]) -> anyhow::Result<()> {
+    let mut steps = serde_json::Map::new();
+    for step in usages {
+        let mut entry = usage_json(&step.usage);
+        entry["name"] = serde_json::Value::String(step.name.clone());
+        steps.insert(step.digest.as_str().to_owned(), entry);
+    }
+    let mut metadata = serde_json::Map::new();
+    metadata.insert(STEPS_KEY.to_owned(), serde_json::Value::Object(steps));
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(metadata))?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Reads every `--import-cache` (indexes and configs only) as a source of cache keys.
@@ -288,7 +329,7 @@ async fn solve(
     graph: Arc<Graph>,
     mode: Mode,
     sources: Vec<Arc<dyn CacheSource<KilnRef>>>,
-) -> anyhow::Result<(KilnRef, CacheExport<KilnRef>)> {
+) -> anyhow::Result<(KilnRef, CacheExport<KilnRef>, Vec<StepUsage>)> {
     let store = Arc::new(Store::open(root)?);
     let solver = Solver::new(
         Arc::new(worker.clone()),
@@ -312,8 +353,9 @@ async fn solve(
     };
     let solved = solver.solve_for_export(graph, job).await;
     drop(solver);
-    let _ = renderer.await;
-    solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))
+    let usages = renderer.await.unwrap_or_default();
+    let (result, cache) = solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+    Ok((result, cache, usages))
 }
 
 /// The platform of the op producing the result (the host's when it has none).

@@ -21,8 +21,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Prune(args) => state::prune(&root, &args),
         Command::Du(args) => state::du(&root, &args),
-        Command::Run(args) => run::run(&root, &args),
-        Command::Spec(args) => run::spec(&root, &args),
+        Command::Run(args) => {
+            let config = cli.config.clone().unwrap_or_else(|| root.join("kiln.toml"));
+            run::run(&root, &config, &args)
+        }
+        Command::Spec(args) => {
+            let config = cli.config.clone().unwrap_or_else(|| root.join("kiln.toml"));
+            run::spec(&root, &config, &args)
+        }
         Command::Debug(command) => {
             let config = cli.config.clone().unwrap_or_else(|| root.join("kiln.toml"));
             debug::run(&root, &config, command)
