@@ -76,6 +76,16 @@ const CPU: &str = "cpu";
 /// step's cgroups then go next to it.
 const SUPERVISOR: &str = "kiln-supervisor";
 
+/// Whether `dir` (cgroup v2) gives its children one of the limit controllers.
+fn delegates_controllers(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("cgroup.subtree_control"))
+        .is_ok_and(|s| s.split_whitespace().any(|c| [PIDS, MEMORY, CPU].contains(&c)))
+}
+
+fn writable(dir: &Path) -> bool {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
 /// One mounted hierarchy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Hierarchy {
@@ -97,16 +107,22 @@ impl Hierarchy {
     }
 
     /// Below which a step's cgroups go: the mountpoint as real root (runc's absolute
-    /// paths), else kiln's own, delegated cgroup (its parent when kiln moved itself into
-    /// [`SUPERVISOR`]).
+    /// paths), else kiln's own, delegated cgroup. On cgroup v2 a cgroup with processes
+    /// cannot give children controllers, so there it is the nearest delegated (writable)
+    /// ancestor that does — such as the scope kiln moved out of into [`SUPERVISOR`].
     fn base(&self, real_root: bool) -> PathBuf {
         if real_root {
             return self.mountpoint.clone();
         }
         let own = self.own_dir();
-        if self.is_v2() && own.file_name().is_some_and(|n| n == SUPERVISOR) {
-            if let Some(parent) = own.parent() {
-                return parent.to_path_buf();
+        if self.is_v2() {
+            let delegated = own
+                .ancestors()
+                .take_while(|d| d.starts_with(&self.mountpoint) && *d != self.mountpoint)
+                .take_while(|d| writable(d))
+                .find(|d| delegates_controllers(d));
+            if let Some(dir) = delegated {
+                return dir.to_path_buf();
             }
         }
         own
@@ -891,7 +907,6 @@ pub fn enforcement(real_root: bool, limits: &Limits) -> (Enforced, String) {
     let Ok(hierarchies) = hierarchies() else {
         return (Enforced::default(), "cgroups are not readable here".into());
     };
-    let writable = |dir: &Path| nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok();
     let mut enforced = Enforced::default();
     let mut reasons = Vec::new();
     for controller in [PIDS, MEMORY, CPU] {
@@ -943,9 +958,8 @@ pub fn prepare_delegation(parent: Option<nix::unistd::Pid>) -> Result<(), Cgroup
         return Ok(());
     };
     let own = h.own_dir();
-    if own.file_name().is_some_and(|n| n == SUPERVISOR)
-        || nix::unistd::access(&own, nix::unistd::AccessFlags::W_OK).is_err()
-    {
+    if h.base(false) != own || !writable(&own) {
+        // Steps already have a delegated cgroup with controllers, or none is delegated.
         return Ok(());
     }
     let available = v2_available(&own);
@@ -1090,17 +1104,26 @@ mod tests {
     }
 
     #[test]
-    fn supervisor_leaf_places_steps_next_to_it() {
+    fn v2_steps_go_below_the_nearest_delegated_cgroup_that_gives_controllers() {
+        // A fake v2 tree: mount/user.slice/app.scope (delegated, controllers enabled for
+        // its children) holding kiln in app.scope/kiln-supervisor.
+        let mount = tempfile::tempdir().unwrap();
+        let scope = mount.path().join("user.slice/app.scope");
+        let supervisor = scope.join(SUPERVISOR);
+        fs::create_dir_all(&supervisor).unwrap();
+        fs::write(scope.join("cgroup.subtree_control"), "cpu memory pids
+").unwrap();
+        fs::write(supervisor.join("cgroup.subtree_control"), "").unwrap();
         let h = Hierarchy {
-            mountpoint: PathBuf::from("/sys/fs/cgroup"),
+            mountpoint: mount.path().to_owned(),
             controllers: Vec::new(),
             own: format!("/user.slice/app.scope/{SUPERVISOR}"),
         };
-        assert_eq!(
-            h.base(false),
-            PathBuf::from("/sys/fs/cgroup/user.slice/app.scope")
-        );
-        assert_eq!(h.base(true), PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(h.base(false), scope);
+        assert_eq!(h.base(true), mount.path());
+        // Without controllers given anywhere: kiln's own cgroup.
+        fs::write(scope.join("cgroup.subtree_control"), "").unwrap();
+        assert_eq!(h.base(false), supervisor);
     }
 
     #[test]
