@@ -12,8 +12,8 @@ use std::io::Write;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
-use kiln_proto::Digest;
 use kiln_executor::limits::format_bytes;
+use kiln_proto::Digest;
 use kiln_solver::progress::{LogStream, ProgressEvent, ResourceUsage};
 use tokio::sync::mpsc;
 
@@ -184,8 +184,8 @@ impl Renderer {
             ProgressEvent::Usage { vertex, usage, .. } => {
                 let name = self.names.get(vertex).cloned().unwrap_or_default();
                 self.usages.push(StepUsage {
-                digest: vertex.clone(),
-                name,
+                    digest: vertex.clone(),
+                    name,
                     usage: *usage,
                 });
             }
@@ -288,7 +288,8 @@ impl Renderer {
                 let took = v.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
                 match &v.usage {
                     Some(usage) => {
-                        let _ = writeln!(err, "#{} DONE {took:.1}s {}", v.number, usage_text(usage));
+                        let _ =
+                            writeln!(err, "#{} DONE {took:.1}s {}", v.number, usage_text(usage));
                     }
                     None => {
                         let _ = writeln!(err, "#{} DONE {took:.1}s", v.number);

@@ -46,7 +46,9 @@ fn check_same_id_twice_in_one_step() {
     for (sharing, name) in MODES {
         let id = format!("twice-{name}");
         let def = step_with(
-            &format!("echo {name} > /a/f; cat /b/f > /out/seen; [ /a -ef /b ] && echo same >> /out/seen"),
+            &format!(
+                "echo {name} > /a/f; cat /b/f > /out/seen; [ /a -ef /b ] && echo same >> /out/seen"
+            ),
             vec![
                 ExecMount::cache("/a", &id, sharing),
                 ExecMount::cache("/b", &id, sharing),
@@ -54,9 +56,16 @@ fn check_same_id_twice_in_one_step() {
             false,
         );
         let dest = k.state.path().join(format!("out-{name}"));
-        let out = k.build(&def, &["-o", &format!("type=local,dest={}", dest.display())]);
+        let out = k.build(
+            &def,
+            &["-o", &format!("type=local,dest={}", dest.display())],
+        );
         assert!(out.status.success(), "{name}: {}", stderr(&out));
-        assert_eq!(read(&dest.join("seen")), format!("{name}\nsame\n"), "{name}");
+        assert_eq!(
+            read(&dest.join("seen")),
+            format!("{name}\nsame\n"),
+            "{name}"
+        );
     }
 }
 
@@ -79,7 +88,11 @@ fn same_id_twice_in_one_step_rootless() {
 /// Files named `name` in any snapshot directory of the store, with their contents.
 fn in_store(state: &Path, name: &str) -> Vec<String> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(state.join("snapshots")).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(state.join("snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Ok(text) = std::fs::read_to_string(entry.path().join("fs").join(name)) {
             found.push(text);
         }
@@ -107,10 +120,26 @@ fn check_ignoring_the_cache_gives_fresh_directories() {
         read(&dest.join("seen"))
     };
     assert_eq!(build("one", &[], false), "");
-    assert_eq!(build("two", &[], false), "one\n", "the cache mount persists");
-    assert_eq!(build("three", &["--no-cache"], false), "", "--no-cache: a fresh directory");
-    assert_eq!(build("four", &[], false), "three\n", "that replaced the old one");
-    assert_eq!(build("five", &[], true), "", "IgnoreCache on the vertex: fresh too");
+    assert_eq!(
+        build("two", &[], false),
+        "one\n",
+        "the cache mount persists"
+    );
+    assert_eq!(
+        build("three", &["--no-cache"], false),
+        "",
+        "--no-cache: a fresh directory"
+    );
+    assert_eq!(
+        build("four", &[], false),
+        "three\n",
+        "that replaced the old one"
+    );
+    assert_eq!(
+        build("five", &[], true),
+        "",
+        "IgnoreCache on the vertex: fresh too"
+    );
     assert_eq!(build("six", &[], false), "five\n");
     assert_eq!(
         in_store(k.state.path(), "fresh.log"),
@@ -177,7 +206,11 @@ fn check_concurrent_builds_share_cache_mounts() {
     let all: BTreeMap<String, usize> = (0..BUILDS).map(|i| (format!("t{i}"), 1)).collect();
     for name in ["shared.log", "locked.log"] {
         let dirs = in_store(k.state.path(), name);
-        assert_eq!(dirs.len(), 1, "{name}: one directory for everyone, got {dirs:?}");
+        assert_eq!(
+            dirs.len(),
+            1,
+            "{name}: one directory for everyone, got {dirs:?}"
+        );
         assert_eq!(tokens(&dirs[0]), all, "{name}: every write, once");
     }
     assert_eq!(
@@ -186,7 +219,11 @@ fn check_concurrent_builds_share_cache_mounts() {
         "a LOCKED directory was used by two steps at once"
     );
     let private = in_store(k.state.path(), "private.log").concat();
-    assert_eq!(tokens(&private), all, "PRIVATE: every write, once, across its directories");
+    assert_eq!(
+        tokens(&private),
+        all,
+        "PRIVATE: every write, once, across its directories"
+    );
 }
 
 #[test]

@@ -255,11 +255,7 @@ fn check_outputs_and_cache(s: &Setup) {
     let forced = s.build(&def, &["--no-cache", "-o", &dest]);
     assert!(forced.status.success(), "--no-cache: {}", stderr(&forced));
     assert_eq!(executed(&stderr(&forced)).intersection(&execs).count(), 2);
-    assert_eq!(
-        read(&out3.join("runs")).trim(),
-        "1",
-        "a fresh cache mount"
-    );
+    assert_eq!(read(&out3.join("runs")).trim(), "1", "a fresh cache mount");
 
     // tar to standard output.
     let tar = s.build(&def, &["-o", "type=tar,dest=-"]);

@@ -43,7 +43,10 @@ fn against_a_normal_step(
     let mut normal = normal;
     let mut lines = BufReader::new(normal.stdout.take().expect("stdout")).lines();
     // The normal step is running when the hostile one starts.
-    let started = lines.by_ref().map_while(Result::ok).any(|l| l.contains("started"));
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("started"));
     assert!(started, "the normal step never started");
     let bad = bad();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
@@ -80,8 +83,9 @@ fn check_run_limits() {
         let normal = limited(&normal_step("run"))
             .spawn()
             .expect("start the normal step");
-        let (normal, bad) =
-            against_a_normal_step(normal, || finish(limited(script).spawn().expect("run"), script));
+        let (normal, bad) = against_a_normal_step(normal, || {
+            finish(limited(script).spawn().expect("run"), script)
+        });
         assert_eq!(
             bad.status.code(),
             Some(137),
@@ -99,7 +103,11 @@ fn check_run_limits() {
             stdout(&normal),
             stderr(&normal)
         );
-        assert_eq!(parent.leaves(), Vec::<std::path::PathBuf>::new(), "cgroups left");
+        assert_eq!(
+            parent.leaves(),
+            Vec::<std::path::PathBuf>::new(),
+            "cgroups left"
+        );
     }
     // The limits are the step's own: visible to it through its cgroup.
     let out = k.run(&[
@@ -118,7 +126,10 @@ fn check_run_limits() {
         "cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/memory/memory.limit_in_bytes",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out).split_whitespace().collect::<Vec<_>>(), ["64", "67108864"]);
+    assert_eq!(
+        stdout(&out).split_whitespace().collect::<Vec<_>>(),
+        ["64", "67108864"]
+    );
 }
 
 #[test]
@@ -184,7 +195,9 @@ fn check_build_limits() {
         assert_eq!(bad.status.code(), Some(1), "{script}: {text}");
         assert!(
             last.starts_with("error: failed to solve: ")
-                && last.contains(&format!("process \"/bin/sh -c {script}\" did not complete successfully: exit code: "))
+                && last.contains(&format!(
+                    "process \"/bin/sh -c {script}\" did not complete successfully: exit code: "
+                ))
                 && last.ends_with(&format!(": step exceeded its {limit}")),
             "{script}: {last}"
         );
@@ -193,7 +206,11 @@ fn check_build_limits() {
             "the concurrent build next to {script}: {}",
             rest.join("\n")
         );
-        assert_eq!(parent.leaves(), Vec::<std::path::PathBuf>::new(), "cgroups left");
+        assert_eq!(
+            parent.leaves(),
+            Vec::<std::path::PathBuf>::new(),
+            "cgroups left"
+        );
     }
 }
 
@@ -225,7 +242,17 @@ fn check_killed_kiln_leaves_no_cgroup() {
 
     // kiln run.
     let child = k
-        .command(&["run", "--rootfs", &rootfs, "--cgroup-parent", &parent.name, "--", "sh", "-c", &sleep])
+        .command(&[
+            "run",
+            "--rootfs",
+            &rootfs,
+            "--cgroup-parent",
+            &parent.name,
+            "--",
+            "sh",
+            "-c",
+            &sleep,
+        ])
         .spawn()
         .expect("kiln run");
     let leaves = parent.wait_for_leaf();
@@ -234,7 +261,11 @@ fn check_killed_kiln_leaves_no_cgroup() {
     assert!(leaves.iter().all(|l| l.exists()), "nobody removed them yet");
     let out = k.run(&["run", "--rootfs", &rootfs, "--", "true"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(parent.leaves(), Vec::<std::path::PathBuf>::new(), "the next kiln run cleans");
+    assert_eq!(
+        parent.leaves(),
+        Vec::<std::path::PathBuf>::new(),
+        "the next kiln run cleans"
+    );
 
     // kiln build.
     let (def, _) = one_step(&sleep, &parent.name);
@@ -246,8 +277,16 @@ fn check_killed_kiln_leaves_no_cgroup() {
     let (quick, _) = one_step("true", "");
     let out = k.build(&quick, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(parent.leaves(), Vec::<std::path::PathBuf>::new(), "the next kiln build cleans");
-    assert_eq!(processes_with(&marker), Vec::<String>::new(), "step processes left");
+    assert_eq!(
+        parent.leaves(),
+        Vec::<std::path::PathBuf>::new(),
+        "the next kiln build cleans"
+    );
+    assert_eq!(
+        processes_with(&marker),
+        Vec::<String>::new(),
+        "step processes left"
+    );
 }
 
 #[test]
@@ -318,7 +357,10 @@ fn rlimits_stand_in_without_a_delegated_cgroup() {
         "ulimit -u; ulimit -v; ulimit -d",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out).split_whitespace().collect::<Vec<_>>(), ["20", "65536", "65536"]);
+    assert_eq!(
+        stdout(&out).split_whitespace().collect::<Vec<_>>(),
+        ["20", "65536", "65536"]
+    );
     let warning = stderr(&out);
     assert_eq!(warning.lines().count(), 1, "{warning}");
     assert!(
@@ -341,8 +383,15 @@ fn rlimits_stand_in_without_a_delegated_cgroup() {
         // forking: at the limit nothing more can start.
         "(i=0; while [ $i -lt 60 ]; do sleep 30 & i=$((i+1)); done); set -- /proc/[0-9]*; echo $#",
     ]);
-    let count: usize = stdout(&out).trim().parse().unwrap_or_else(|_| panic!("{}", stderr(&out)));
-    assert!((5..=20).contains(&count), "{count} processes: {}", stderr(&out));
+    let count: usize = stdout(&out)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{}", stderr(&out)));
+    assert!(
+        (5..=20).contains(&count),
+        "{count} processes: {}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("can't fork"), "{}", stderr(&out));
     // A memory hog is refused its allocation instead of being OOM-killed.
     let out = kiln_as_test_user(&["--memory", "64m", "--", "sh", "-c", MEMORY_HOG]);
@@ -372,21 +421,32 @@ fn check_ulimit_and_cgroup_parent() {
     let out = b.exec(&exec).output("/out").expect("/out");
     let def = b.finish(&out).gogo_encode();
     let dest = k.state.path().join("out");
-    let result = k.build(&def, &["-o", &format!("type=local,dest={}", dest.display())]);
+    let result = k.build(
+        &def,
+        &["-o", &format!("type=local,dest={}", dest.display())],
+    );
     assert!(result.status.success(), "{}", stderr(&result));
     let report = std::fs::read_to_string(dest.join("report")).expect("report");
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(&lines[..2], ["1000", "1024"], "{report}");
     let cgroups = &lines[2..lines.len() - 1];
     assert_eq!(cgroups.len(), 3, "{report}");
-    let own = if is_root() { String::new() } else { format!("/{TEST_USER}") };
+    let own = if is_root() {
+        String::new()
+    } else {
+        format!("/{TEST_USER}")
+    };
     for line in cgroups {
         assert!(
             line.contains(&format!(":{own}/{}/buildkit/", parent.name)),
             "{line} in {report}"
         );
     }
-    assert_eq!(lines.last().copied(), Some("4096"), "the default pids limit: {report}");
+    assert_eq!(
+        lines.last().copied(),
+        Some("4096"),
+        "the default pids limit: {report}"
+    );
 }
 
 #[test]
@@ -415,7 +475,12 @@ fn check_resource_report() {
     let metadata = k.state.path().join("metadata.json");
     let out = k.build(
         &def,
-        &["--progress", "plain", "--metadata-file", metadata.to_str().expect("utf-8")],
+        &[
+            "--progress",
+            "plain",
+            "--metadata-file",
+            metadata.to_str().expect("utf-8"),
+        ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stderr(&out);
@@ -429,7 +494,12 @@ fn check_resource_report() {
     let meta: Value =
         serde_json::from_slice(&std::fs::read(&metadata).expect("metadata file")).expect("json");
     let step = &meta["kiln.steps"][&digest];
-    assert!(step["name"].as_str().is_some_and(|n| n.contains("RUN") || n.contains("/bin/sh")), "{meta}");
+    assert!(
+        step["name"]
+            .as_str()
+            .is_some_and(|n| n.contains("RUN") || n.contains("/bin/sh")),
+        "{meta}"
+    );
     check_figures(step);
 
     let out = k.build(&def, &["--progress", "rawjson", "--no-cache"]);

@@ -78,8 +78,10 @@ const SUPERVISOR: &str = "kiln-supervisor";
 
 /// Whether `dir` (cgroup v2) gives its children one of the limit controllers.
 fn delegates_controllers(dir: &Path) -> bool {
-    fs::read_to_string(dir.join("cgroup.subtree_control"))
-        .is_ok_and(|s| s.split_whitespace().any(|c| [PIDS, MEMORY, CPU].contains(&c)))
+    fs::read_to_string(dir.join("cgroup.subtree_control")).is_ok_and(|s| {
+        s.split_whitespace()
+            .any(|c| [PIDS, MEMORY, CPU].contains(&c))
+    })
 }
 
 fn writable(dir: &Path) -> bool {
@@ -232,7 +234,10 @@ pub fn hierarchy_path(cgroups_path: &str) -> String {
         return cgroups_path.to_owned();
     };
     let mut path = String::new();
-    if let Some(stem) = slice.strip_suffix(".slice").filter(|s| !s.is_empty() && *s != "-") {
+    if let Some(stem) = slice
+        .strip_suffix(".slice")
+        .filter(|s| !s.is_empty() && *s != "-")
+    {
         let mut acc = String::new();
         for part in stem.split('-') {
             if !acc.is_empty() {
@@ -567,7 +572,10 @@ fn apply(leaf: &Path, controller: &str, limits: &Limits, v2: bool) -> Result<(),
         }
         (_, true) => {
             if let Some(weight) = limits.cpu_weight {
-                write(&leaf.join("cpu.weight"), &weight.clamp(1, 10_000).to_string())?;
+                write(
+                    &leaf.join("cpu.weight"),
+                    &weight.clamp(1, 10_000).to_string(),
+                )?;
             }
         }
     }
@@ -603,12 +611,7 @@ impl Placement {
     pub fn watch(&self) -> Watch {
         let mut watch = Watch::default();
         let open = |path: PathBuf| {
-            nix::fcntl::open(
-                &path,
-                OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .ok()
+            nix::fcntl::open(&path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).ok()
         };
         if self.enforced.pids {
             if let Some(leaf) = &self.pids {
@@ -653,7 +656,8 @@ impl Placement {
     /// What the step used, as far as its cgroups know (read before [`Placement::remove`]).
     pub fn usage(&self) -> CgroupUsage {
         let mut usage = CgroupUsage::default();
-        let number = |path: PathBuf| -> Option<u64> { fs::read_to_string(path).ok()?.trim().parse().ok() };
+        let number =
+            |path: PathBuf| -> Option<u64> { fs::read_to_string(path).ok()?.trim().parse().ok() };
         usage.peak_memory = match &self.memory {
             Some((leaf, false)) => number(leaf.join("memory.max_usage_in_bytes")),
             Some((leaf, true)) => number(leaf.join("memory.peak")),
@@ -855,7 +859,8 @@ fn register(dir: &Path, id: &str, leaves: &[&Path]) -> Result<Registration, Cgro
         text.push_str(&leaf.to_string_lossy());
         text.push('\n');
     }
-    lock.write_all(text.as_bytes()).map_err(registry_err(&tmp))?;
+    lock.write_all(text.as_bytes())
+        .map_err(registry_err(&tmp))?;
     fs::rename(&tmp, &path).map_err(registry_err(&path))?;
     Ok(Registration { path, _lock: lock })
 }
@@ -995,9 +1000,9 @@ pub fn availability(real_root: bool) -> Result<(), String> {
     if hierarchies.is_empty() {
         return Err("no cgroup filesystem is mounted".into());
     }
-    let writable = hierarchies.iter().any(|h| {
-        nix::unistd::access(&h.base(real_root), nix::unistd::AccessFlags::W_OK).is_ok()
-    });
+    let writable = hierarchies
+        .iter()
+        .any(|h| nix::unistd::access(&h.base(real_root), nix::unistd::AccessFlags::W_OK).is_ok());
     if writable {
         Ok(())
     } else {
@@ -1100,7 +1105,10 @@ mod tests {
                 PathBuf::from("/sys/fs/cgroup/unified/u/p/buildkit/s1"),
             ]
         );
-        assert!(rootless[4].limits.is_empty(), "v2 has no limit controller here");
+        assert!(
+            rootless[4].limits.is_empty(),
+            "v2 has no limit controller here"
+        );
     }
 
     #[test]
@@ -1111,8 +1119,12 @@ mod tests {
         let scope = mount.path().join("user.slice/app.scope");
         let supervisor = scope.join(SUPERVISOR);
         fs::create_dir_all(&supervisor).unwrap();
-        fs::write(scope.join("cgroup.subtree_control"), "cpu memory pids
-").unwrap();
+        fs::write(
+            scope.join("cgroup.subtree_control"),
+            "cpu memory pids
+",
+        )
+        .unwrap();
         fs::write(supervisor.join("cgroup.subtree_control"), "").unwrap();
         let h = Hierarchy {
             mountpoint: mount.path().to_owned(),
@@ -1150,7 +1162,10 @@ mod tests {
         // An entry whose owner died: present, unlocked.
         fs::write(dir.path().join("s2"), "/etc\n").unwrap();
         assert_eq!(clean_stale(dir.path()), 1);
-        assert!(Path::new("/etc").is_dir(), "only cgroup directories are removed");
+        assert!(
+            Path::new("/etc").is_dir(),
+            "only cgroup directories are removed"
+        );
         assert!(!dir.path().join("s2").exists());
         drop(held);
         assert!(!dir.path().join("s1").exists(), "removed with its step");

@@ -163,7 +163,10 @@ pub fn host_memory() -> Option<u64> {
 pub fn parse_size(text: &str) -> Result<Option<u64>, LimitsError> {
     let bad = || LimitsError::Size(text.to_owned());
     let t = text.trim();
-    if matches!(t.to_ascii_lowercase().as_str(), "max" | "unlimited" | "none") {
+    if matches!(
+        t.to_ascii_lowercase().as_str(),
+        "max" | "unlimited" | "none"
+    ) {
         return Ok(None);
     }
     if let Some(percent) = t.strip_suffix('%') {
@@ -275,8 +278,8 @@ pub fn parse_config(text: &str, path: &Path) -> Result<Limits, LimitsError> {
         path: path.to_owned(),
         message,
     };
-    let table: toml::Table = toml::from_str(text)
-        .map_err(|e| parse_err(e.to_string().trim_end().replace('\n', " ")))?;
+    let table: toml::Table =
+        toml::from_str(text).map_err(|e| parse_err(e.to_string().trim_end().replace('\n', " ")))?;
     let mut limits = Limits::host_defaults();
     let Some(value) = table.get("limits") else {
         return Ok(limits);
@@ -381,7 +384,10 @@ pub fn explain(limits: &Limits, enforced: Enforced, reason: &str) -> Option<Stri
     if rlimits.is_empty() {
         line.push_str("rlimits cannot stand in");
     } else {
-        line.push_str(&format!("steps get rlimits instead: {}", rlimits.join(" and ")));
+        line.push_str(&format!(
+            "steps get rlimits instead: {}",
+            rlimits.join(" and ")
+        ));
     }
     if !missing.is_empty() {
         line.push_str(&format!("; not enforced: {}", missing.join(", ")));
@@ -407,7 +413,10 @@ mod tests {
         }
         let half = parse_size("50%").unwrap().unwrap();
         let total = host_memory().unwrap();
-        assert!(half <= total / 2 + 1 && half >= total / 2 - 1024, "{half} of {total}");
+        assert!(
+            half <= total / 2 + 1 && half >= total / 2 - 1024,
+            "{half} of {total}"
+        );
     }
 
     #[test]

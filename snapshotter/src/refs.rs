@@ -1349,7 +1349,8 @@ fn choose_backend(
     }
     // A directory of this process's own: kiln processes opening one store at once would
     // otherwise remove each other's probe mid-way (and fall back to, or fail on, native).
-    let probe = backend::probe_overlay(&root.join(format!("probe-{}", std::process::id())), xattrs)?;
+    let probe =
+        backend::probe_overlay(&root.join(format!("probe-{}", std::process::id())), xattrs)?;
     if probe.overlay_works {
         tracing::info!(
             "snapshot store {}: using kernel overlayfs ({}), probe mount succeeded",

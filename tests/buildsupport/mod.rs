@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_proto::builder::{DefinitionBuilder, Exec, FileActions, Output as LlbOutput, default_copy};
+use kiln_proto::builder::{
+    DefinitionBuilder, Exec, FileActions, Output as LlbOutput, default_copy,
+};
 use kiln_proto::pb;
 
 pub const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -344,22 +344,20 @@ fn run_in_namespaces(
     let mut previous = SigSet::empty();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), Some(&mut previous))
         .map_err(sys_err("block signals"))?;
-    let signal_fd = match SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-    {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
-            return Err(sys_err("signalfd")(e));
-        }
-    };
+    let signal_fd =
+        match SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ =
+                    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
+                return Err(sys_err("signalfd")(e));
+            }
+        };
     let before = children_usage()?;
     let started = Instant::now();
-    let forked = sys::clone_into_namespaces(
-        namespace_flags(&config.spec),
-        false,
-        placement.clone_into(),
-    )
-    .map_err(sys_err("create the step's namespaces"));
+    let forked =
+        sys::clone_into_namespaces(namespace_flags(&config.spec), false, placement.clone_into())
+            .map_err(sys_err("create the step's namespaces"));
     let child = match forked {
         Ok(Forked::Child) => {
             drop(go_w);

@@ -198,7 +198,8 @@ impl CacheMounts {
             key: key.to_owned(),
             source,
         };
-        let mut mounts = StepMounts::new(store.mounts_dir, &format!("cache{n}")).map_err(mount_err)?;
+        let mut mounts =
+            StepMounts::new(store.mounts_dir, &format!("cache{n}")).map_err(mount_err)?;
         let path = mounts
             .mount("dir", &hold.mountable(), false)
             .map_err(mount_err)?;
@@ -279,7 +280,9 @@ fn find_or_create(
         match found {
             Ok(h) => return Ok(Some(h)),
             Err(kiln_snapshotter::Error::Locked(_)) => held += 1,
-            Err(e) => tracing::debug!(id = record.id, error = %e, "cache directory not usable here"),
+            Err(e) => {
+                tracing::debug!(id = record.id, error = %e, "cache directory not usable here")
+            }
         }
     }
     if sharing == CacheSharingOpt::Locked && held > 0 {
