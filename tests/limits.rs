@@ -21,10 +21,13 @@ mod common;
 
 use buildsupport::{CgroupParent, Kiln, base, finish, processes_with, sh, stderr, stdout};
 
-/// Spawns forks until the pids limit stops it (then kiln kills the step).
-const FORK_BOMB: &str = "bomb() { bomb | bomb & }; bomb; wait";
-/// Allocates (and touches) 256 MiB in one buffer.
-const MEMORY_HOG: &str = "dd if=/dev/zero of=/dev/null bs=256M count=1";
+/// A fork bomb: every shell forks two more, down eight generations (so at most 511
+/// processes even if no limit held), all sleeping; the pids limit stops it and kiln kills
+/// the step, before the first shell could say it survived.
+const FORK_BOMB: &str = "bomb() { if [ $1 -gt 0 ]; then bomb $(($1-1)) & bomb $(($1-1)) & fi; \
+                         sleep 30; }; bomb 8; echo survived";
+/// Allocates (and touches) 256 MiB in one buffer; the OOM killer stops `dd`, kiln the step.
+const MEMORY_HOG: &str = "dd if=/dev/zero of=/dev/null bs=256M count=1; sleep 30; echo survived";
 
 /// A step that keeps forking (within the limits) for a few seconds, announcing its start.
 fn normal_step(marker: &str) -> String {
@@ -86,16 +89,21 @@ fn check_run_limits() {
         let (normal, bad) = against_a_normal_step(normal, || {
             finish(limited(script).spawn().expect("run"), script)
         });
-        assert_eq!(
-            bad.status.code(),
-            Some(137),
-            "{script}: killed for its limit: {}",
+        // Killed for its limit (the bomb's shell may die of a failed fork first).
+        let code = bad.status.code();
+        assert!(
+            code == Some(137) || (script == FORK_BOMB && code.is_some_and(|c| c != 0)),
+            "{script}: {code:?}: {}",
             stderr(&bad)
         );
         assert!(
             stderr(&bad).contains(&format!("error: step exceeded its {limit}")),
             "{script}: {}",
             stderr(&bad)
+        );
+        assert!(
+            !stdout(&bad).contains("survived"),
+            "{script}: the step was not stopped"
         );
         assert!(
             normal.status.success() && stdout(&normal).contains("ok run"),
@@ -200,6 +208,17 @@ fn check_build_limits() {
                 ))
                 && last.ends_with(&format!(": step exceeded its {limit}")),
             "{script}: {last}"
+        );
+        // The step's own output lines are `#N <seconds> <text>`.
+        let said = |word: &str| {
+            text.lines().any(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.len() == 3 && w[2] == word && w[1].parse::<f64>().is_ok()
+            })
+        };
+        assert!(
+            !said("survived"),
+            "{script}: the step was not stopped: {text}"
         );
         assert!(
             normal.status.success() && rest.join("\n").contains(&format!("ok build{n}")),
@@ -394,7 +413,8 @@ fn rlimits_stand_in_without_a_delegated_cgroup() {
     );
     assert!(stderr(&out).contains("can't fork"), "{}", stderr(&out));
     // A memory hog is refused its allocation instead of being OOM-killed.
-    let out = kiln_as_test_user(&["--memory", "64m", "--", "sh", "-c", MEMORY_HOG]);
+    let hog = "dd if=/dev/zero of=/dev/null bs=256M count=1";
+    let out = kiln_as_test_user(&["--memory", "64m", "--", "sh", "-c", hog]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(!stderr(&out).contains("exceeded"), "{}", stderr(&out));
 }

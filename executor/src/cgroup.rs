@@ -12,8 +12,12 @@
 //!   RCU grace period makes a `cgroup.procs` write cost ~10 ms), and is cloned straight
 //!   into its v2 leaf (`CLONE_INTO_CGROUP`). Every later process of the step is born inside.
 //! * **Exceeding**: a fork at `pids.max` counts in `pids.events`, an OOM kill in
-//!   `memory.oom_control` (v1) or `memory.events` (v2); both wake the runner ([`Watch`]),
-//!   which kills the step so that it fails naming the limit instead of limping on.
+//!   `memory.oom_control` (v1) or `memory.events` (v2). On v2 a change of those files
+//!   wakes the runner ([`Watch`]); cgroup v1 notifies neither (its OOM eventfd would cost
+//!   more per step than all the rest), so there the runner looks every
+//!   [`V1_CHECK_INTERVAL`] of a running step. Either way it kills the step so that it fails
+//!   naming the limit instead of limping on (a fork bomb at its limit would spin until
+//!   cancelled).
 //! * **Views**: the step sees its own cgroup directories at `/sys/fs/cgroup` (bound by the
 //!   runner) when [`wanted`] says so; otherwise an empty, read-only `/sys/fs/cgroup`.
 //! * **Cleanup**: every leaf is listed in a registry file (`<run>/cgroups/<id>`) that
@@ -22,7 +26,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read as _, Seek as _, Write as _};
-use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -72,13 +76,16 @@ const PIDS: &str = "pids";
 const MEMORY: &str = "memory";
 const CPU: &str = "cpu";
 
+/// How often the runner checks a running step's v1 cgroups for an exceeded limit.
+pub const V1_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Where kiln moves itself on a delegated cgroup v2 tree (see [`prepare_delegation`]); a
 /// step's cgroups then go next to it.
 const SUPERVISOR: &str = "kiln-supervisor";
 
 /// Whether `dir` (cgroup v2) gives its children one of the limit controllers.
 fn delegates_controllers(dir: &Path) -> bool {
-    fs::read_to_string(dir.join("cgroup.subtree_control")).is_ok_and(|s| {
+    read_small(&dir.join("cgroup.subtree_control")).is_ok_and(|s| {
         s.split_whitespace()
             .any(|c| [PIDS, MEMORY, CPU].contains(&c))
     })
@@ -144,10 +151,19 @@ impl Hierarchy {
 }
 
 fn read(path: &Path) -> Result<String, CgroupError> {
-    fs::read_to_string(path).map_err(|source| CgroupError::Read {
+    read_small(path).map_err(|source| CgroupError::Read {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Reads a small procfs or cgroupfs file. These report a size of 0, so reading them
+/// into a string that grows from nothing takes a system call per doubling; one buffer
+/// of a page or two takes one or two.
+fn read_small(path: &Path) -> std::io::Result<String> {
+    let mut text = String::with_capacity(8192);
+    File::open(path)?.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
@@ -300,8 +316,8 @@ pub struct Placement {
     limits: Limits,
     /// The leaf holding the memory controller, and whether it is v2.
     memory: Option<(PathBuf, bool)>,
-    /// The leaf holding the pids controller.
-    pids: Option<PathBuf>,
+    /// The leaf holding the pids controller, and whether it is v2.
+    pids: Option<(PathBuf, bool)>,
     /// The v2 leaf has the io controller.
     io: bool,
     registration: Option<Registration>,
@@ -320,7 +336,7 @@ struct Planned {
 }
 
 fn v2_available(base: &Path) -> Vec<String> {
-    fs::read_to_string(base.join("cgroup.controllers"))
+    read_small(&base.join("cgroup.controllers"))
         .map(|s| s.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default()
 }
@@ -389,8 +405,8 @@ fn unified() -> bool {
 }
 
 /// Creates the step's cgroups and applies its limits. As real root a limit that cannot be
-/// applied fails the step; rootless it is left to the rlimit fallback (see
-/// [`Placement::enforced`]). With `registry` (a directory), the leaves are recorded there
+/// applied in a writable hierarchy fails the step; otherwise it is left to the rlimit
+/// fallback (see [`Placement::enforced`]). With `registry` (a directory), the leaves are recorded there
 /// before they exist, under `id`, for [`clean_stale`].
 pub fn create(
     req: &Request<'_>,
@@ -408,14 +424,26 @@ pub fn create(
         placement.registration = Some(register(dir, id, &leaves)?);
     }
     for p in &planned {
-        match create_one(p, &req.limits) {
+        // A hierarchy kiln may not write at all (rootless without delegation, a read-only
+        // cgroup filesystem in a container) is left to the rlimit fallback; any other
+        // failure to apply a limit as root fails the step.
+        let available = writable(&p.base);
+        let created = if available {
+            create_one(p, &req.limits)
+        } else {
+            Err(CgroupError::Create {
+                path: p.base.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            })
+        };
+        match created {
             Ok(fd) => {
                 placement.created.push(p.leaf.clone());
                 for c in &p.limits {
                     match *c {
                         PIDS => {
                             placement.enforced.pids = req.limits.pids.is_some();
-                            placement.pids = Some(p.leaf.clone());
+                            placement.pids = Some((p.leaf.clone(), p.hierarchy.is_v2()));
                         }
                         MEMORY => {
                             placement.enforced.memory = req.limits.memory.is_some();
@@ -438,7 +466,7 @@ pub fn create(
                     });
                 }
             }
-            Err(e) if req.real_root && !p.limits.is_empty() => {
+            Err(e) if req.real_root && available && !p.limits.is_empty() => {
                 placement.remove();
                 return Err(e);
             }
@@ -470,8 +498,23 @@ fn create_one(p: &Planned, limits: &Limits) -> Result<Option<OwnedFd>, CgroupErr
         let path = path.to_owned();
         move |source| CgroupError::Create { path, source }
     };
+    // The common case first: the parent levels exist (`/buildkit`), one mkdir does.
+    let direct = if v2 || cpuset {
+        None
+    } else {
+        match fs::create_dir(&p.leaf) {
+            Ok(()) => Some(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+            Err(e) => return Err(create_err(&p.leaf)(e)),
+        }
+    };
     let mut current = p.base.clone();
-    let levels: Vec<_> = relative.components().collect();
+    let levels: Vec<_> = if direct.is_some() {
+        Vec::new()
+    } else {
+        relative.components().collect()
+    };
     for (n, part) in levels.iter().enumerate() {
         if v2 && !p.enable.is_empty() {
             enable_controllers(&current, &p.enable)?;
@@ -505,9 +548,6 @@ fn create_one(p: &Planned, limits: &Limits) -> Result<Option<OwnedFd>, CgroupErr
         apply(&p.leaf, c, limits, v2)?;
     }
     if !v2 {
-        // Writable is what matters: a delegated tree may exist already.
-        nix::unistd::access(&p.leaf.join("tasks"), nix::unistd::AccessFlags::W_OK)
-            .map_err(|e| create_err(&p.leaf)(e.into()))?;
         return Ok(None);
     }
     nix::fcntl::open(
@@ -547,18 +587,30 @@ fn apply(leaf: &Path, controller: &str, limits: &Limits, v2: bool) -> Result<(),
             if let Some(memory) = limits.memory {
                 write(&leaf.join("memory.limit_in_bytes"), &memory.to_string())?;
                 // No swap on top (memsw exists only with swap accounting).
-                let memsw = leaf.join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    write(&memsw, &memory.to_string())?;
+                match fs::write(leaf.join("memory.memsw.limit_in_bytes"), memory.to_string()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(CgroupError::Write {
+                            path: leaf.join("memory.memsw.limit_in_bytes"),
+                            value: memory.to_string(),
+                            source: e,
+                        });
+                    }
+                    _ => {}
                 }
             }
         }
         (MEMORY, true) => {
             if let Some(memory) = limits.memory {
                 write(&leaf.join("memory.max"), &memory.to_string())?;
-                let swap = leaf.join("memory.swap.max");
-                if swap.exists() {
-                    write(&swap, "0")?;
+                match fs::write(leaf.join("memory.swap.max"), "0") {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(CgroupError::Write {
+                            path: leaf.join("memory.swap.max"),
+                            value: "0".into(),
+                            source: e,
+                        });
+                    }
+                    _ => {}
                 }
             }
         }
@@ -613,16 +665,15 @@ impl Placement {
         let open = |path: PathBuf| {
             nix::fcntl::open(&path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).ok()
         };
-        if self.enforced.pids {
-            if let Some(leaf) = &self.pids {
-                watch.files.extend(open(leaf.join("pids.events")));
-            }
-        }
-        if self.enforced.memory {
-            match &self.memory {
-                Some((leaf, true)) => watch.files.extend(open(leaf.join("memory.events"))),
-                Some((leaf, false)) => watch.eventfd = oom_eventfd(leaf),
-                None => {}
+        let watched = [
+            (self.enforced.pids, &self.pids, "pids.events"),
+            (self.enforced.memory, &self.memory, "memory.events"),
+        ];
+        for (enforced, leaf, events) in watched {
+            match (enforced, leaf) {
+                (true, Some((leaf, true))) => watch.files.extend(open(leaf.join(events))),
+                (true, Some((_, false))) => watch.interval = Some(V1_CHECK_INTERVAL),
+                _ => {}
             }
         }
         // A kernfs file polls ready until it has been read once.
@@ -644,7 +695,8 @@ impl Placement {
                 return Some(Exceeded::Memory { limit });
             }
         }
-        if let (true, Some(leaf), Some(limit)) = (self.enforced.pids, &self.pids, self.limits.pids)
+        if let (true, Some((leaf, _)), Some(limit)) =
+            (self.enforced.pids, &self.pids, self.limits.pids)
         {
             if counter(&leaf.join("pids.events"), "max").is_some_and(|n| n > 0) {
                 return Some(Exceeded::Pids { limit });
@@ -656,22 +708,21 @@ impl Placement {
     /// What the step used, as far as its cgroups know (read before [`Placement::remove`]).
     pub fn usage(&self) -> CgroupUsage {
         let mut usage = CgroupUsage::default();
-        let number =
-            |path: PathBuf| -> Option<u64> { fs::read_to_string(path).ok()?.trim().parse().ok() };
+        let number = |path: PathBuf| -> Option<u64> { read_small(&path).ok()?.trim().parse().ok() };
         usage.peak_memory = match &self.memory {
             Some((leaf, false)) => number(leaf.join("memory.max_usage_in_bytes")),
             Some((leaf, true)) => number(leaf.join("memory.peak")),
             None => None,
         };
         if let Some((leaf, _)) = &self.v2 {
-            if let Ok(stat) = fs::read_to_string(leaf.join("cpu.stat")) {
+            if let Ok(stat) = read_small(&leaf.join("cpu.stat")) {
                 let field = |name: &str| keyed(&stat, name);
                 if let (Some(user), Some(system)) = (field("user_usec"), field("system_usec")) {
                     usage.cpu_micros = Some((user, system));
                 }
             }
             if self.io {
-                if let Ok(stat) = fs::read_to_string(leaf.join("io.stat")) {
+                if let Ok(stat) = read_small(&leaf.join("io.stat")) {
                     usage.io_bytes = Some(io_bytes(&stat));
                 }
             }
@@ -717,7 +768,7 @@ fn keyed(text: &str, name: &str) -> Option<u64> {
 }
 
 fn counter(path: &Path, name: &str) -> Option<u64> {
-    keyed(&fs::read_to_string(path).ok()?, name)
+    keyed(&read_small(path).ok()?, name)
 }
 
 /// Sums `rbytes=`/`wbytes=` over the devices of an `io.stat`.
@@ -734,54 +785,49 @@ fn io_bytes(stat: &str) -> (u64, u64) {
     (read, written)
 }
 
-/// An eventfd the kernel signals when the v1 memory cgroup `leaf` runs out of memory
-/// (`cgroup.event_control` with `memory.oom_control`).
-fn oom_eventfd(leaf: &Path) -> Option<OwnedFd> {
-    let efd = crate::sys::eventfd().ok()?;
-    let control = File::open(leaf.join("memory.oom_control")).ok()?;
-    let line = format!("{} {}", efd.as_raw_fd(), control.as_raw_fd());
-    fs::write(leaf.join("cgroup.event_control"), line).ok()?;
-    Some(efd)
-}
-
-/// Descriptors that wake the runner when a limit may have been exceeded.
+/// What wakes the runner when a limit may have been exceeded.
 #[derive(Debug, Default)]
 pub struct Watch {
-    /// `pids.events`, `memory.events`: ready (`POLLPRI`) when they change.
+    /// `pids.events`, `memory.events` (cgroup v2): ready (`POLLPRI`) when they change.
     files: Vec<OwnedFd>,
-    /// The v1 OOM eventfd: readable after an OOM.
-    eventfd: Option<OwnedFd>,
+    /// Look this often (cgroup v1, which notifies nothing).
+    interval: Option<std::time::Duration>,
 }
 
 impl Watch {
-    /// `(fd, events)` pairs to poll.
-    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, nix::poll::PollFlags)> {
-        let mut out: Vec<_> = self
-            .files
-            .iter()
-            .map(|f| (f.as_fd(), nix::poll::PollFlags::POLLPRI))
-            .collect();
-        if let Some(efd) = &self.eventfd {
-            out.push((efd.as_fd(), nix::poll::PollFlags::POLLIN));
-        }
-        out
+    /// How long to wait for an event before looking anyway.
+    pub fn timeout(&self) -> nix::poll::PollTimeout {
+        self.interval
+            .and_then(|i| nix::poll::PollTimeout::try_from(i).ok())
+            .unwrap_or(nix::poll::PollTimeout::NONE)
     }
 
-    /// Consumes what made the descriptors ready, so the next poll waits again.
+    /// `(fd, events)` pairs to poll.
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, nix::poll::PollFlags)> {
+        self.files
+            .iter()
+            .map(|f| (f.as_fd(), nix::poll::PollFlags::POLLPRI))
+            .collect()
+    }
+
+    /// Consumes what made the descriptors ready, so the next poll waits again (kernfs
+    /// files report a change until read from the start).
     pub fn rearm(&self) {
         let mut buf = [0u8; 256];
         for f in &self.files {
             let _ = nix::unistd::lseek(f, 0, nix::unistd::Whence::SeekSet);
             while matches!(nix::unistd::read(f, &mut buf), Ok(n) if n > 0) {}
         }
-        if let Some(efd) = &self.eventfd {
-            let _ = nix::unistd::read(efd, &mut buf[..8]);
-        }
     }
 }
 
 /// Removes a leaf, and child cgroups the step made in it; kills what still runs there.
 fn remove_leaf(dir: &Path) {
+    match fs::remove_dir(dir) {
+        Ok(()) => return,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(_) => {}
+    }
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {

@@ -158,7 +158,13 @@ fn shared_cache_directories() -> anyhow::Result<()> {
     let second = other.get_mutable_shared(&id)?;
     assert_eq!(first.dir(), second.dir(), "one directory for every holder");
     assert!(
-        matches!(first.mountable(), kiln_snapshotter::Mountable::Bind { readonly: false, .. }),
+        matches!(
+            first.mountable(),
+            kiln_snapshotter::Mountable::Bind {
+                readonly: false,
+                ..
+            }
+        ),
         "mounts as a plain writable bind"
     );
     std::fs::write(second.dir().join("written"), b"w")?;

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::fcntl::OFlag;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::poll::{PollFd, PollFlags};
 use nix::sys::resource::{Usage, UsageWho};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -418,12 +418,14 @@ fn run_in_namespaces(
                 .into_iter()
                 .map(|(fd, events)| PollFd::new(fd, events)),
         );
-        if nix::poll::poll(&mut fds, PollTimeout::NONE).is_err() {
+        let Ok(ready) = nix::poll::poll(&mut fds, watch.timeout()) else {
             continue;
-        }
-        let limit_event = fds[1..]
-            .iter()
-            .any(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
+        };
+        // A limit file changed, or it is time to look (cgroup v1).
+        let limit_event = ready == 0
+            || fds[1..]
+                .iter()
+                .any(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
         drop(fds);
         if limit_event {
             watch.rearm();

@@ -136,12 +136,6 @@ pub fn exit_immediately(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// `eventfd(2)`, close-on-exec and non-blocking (cgroup v1 OOM notifications).
-pub fn eventfd() -> SysResult<OwnedFd> {
-    // SAFETY: plain syscall with integer arguments; the result is a new descriptor.
-    owned_fd(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) }.into())
-}
-
 /// `pidfd_open(2)`.
 pub fn pidfd_open(pid: Pid) -> SysResult<OwnedFd> {
     // SAFETY: plain syscall with integer arguments; the result is a new descriptor.
