@@ -118,6 +118,11 @@ fn check_run_limits() {
         );
     }
     // The limits are the step's own: visible to it through its cgroup.
+    let files = if buildsupport::unified() {
+        "cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/memory.max"
+    } else {
+        "cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/memory/memory.limit_in_bytes"
+    };
     let out = k.run(&[
         "run",
         "--rootfs",
@@ -131,7 +136,7 @@ fn check_run_limits() {
         "--",
         "sh",
         "-c",
-        "cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/memory/memory.limit_in_bytes",
+        files,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
@@ -426,12 +431,21 @@ fn check_ulimit_and_cgroup_parent() {
     let parent = CgroupParent::new("meta");
     let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
     let base = base(&mut b);
-    let mut exec = sh(
-        Some(base),
-        "{ ulimit -Sn; ulimit -Hn; grep -E ':(pids|memory|cpu):' /proc/self/cgroup; \
-           cat /sys/fs/cgroup/pids/pids.max; } > /out/report",
-    )
-    .mount(kiln_proto::builder::ExecMount::bind("/out", None));
+    // cgroup v1: one line per limit hierarchy; v2: the one unified line.
+    let (lines_wanted, script) = if buildsupport::unified() {
+        (
+            1,
+            "{ ulimit -Sn; ulimit -Hn; grep '^0::' /proc/self/cgroup; \
+               cat /sys/fs/cgroup/pids.max; } > /out/report",
+        )
+    } else {
+        (
+            3,
+            "{ ulimit -Sn; ulimit -Hn; grep -E ':(pids|memory|cpu):' /proc/self/cgroup; \
+               cat /sys/fs/cgroup/pids/pids.max; } > /out/report",
+        )
+    };
+    let mut exec = sh(Some(base), script).mount(kiln_proto::builder::ExecMount::bind("/out", None));
     exec.meta.cgroup_parent = parent.name.clone();
     exec.meta.ulimit = vec![pb::Ulimit {
         name: "nofile".into(),
@@ -450,7 +464,7 @@ fn check_ulimit_and_cgroup_parent() {
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(&lines[..2], ["1000", "1024"], "{report}");
     let cgroups = &lines[2..lines.len() - 1];
-    assert_eq!(cgroups.len(), 3, "{report}");
+    assert_eq!(cgroups.len(), lines_wanted, "{report}");
     let own = if is_root() {
         String::new()
     } else {

@@ -198,6 +198,10 @@ impl CgroupParent {
             let mountpoint = left.split(' ').nth(4).unwrap_or_default();
             let mut right = right.split(' ');
             let (fstype, options) = (right.next(), right.nth(1).unwrap_or_default());
+            if fstype == Some("cgroup2") {
+                bases.extend(v2_base(Path::new(mountpoint), &own, root));
+                continue;
+            }
             let controller = match fstype {
                 Some("cgroup") => options
                     .split(',')
@@ -256,6 +260,38 @@ impl CgroupParent {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Whether this host has only cgroup v2 (`/sys/fs/cgroup` is the unified hierarchy).
+pub fn unified() -> bool {
+    nix::sys::statfs::statfs("/sys/fs/cgroup")
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// On a cgroup v2 hierarchy with limit controllers: where steps go (the root as root;
+/// rootless, the nearest delegated cgroup above the test that gives its children
+/// controllers, as `scripts/setup-test-env` makes `/sys/fs/cgroup/kiln-test`).
+fn v2_base(mountpoint: &Path, own: &str, root: bool) -> Option<PathBuf> {
+    let limits = |file: &Path| {
+        std::fs::read_to_string(file).is_ok_and(|s| {
+            s.split_whitespace()
+                .any(|c| ["pids", "memory", "cpu"].contains(&c))
+        })
+    };
+    if !limits(&mountpoint.join("cgroup.controllers")) {
+        return None;
+    }
+    if root {
+        return Some(mountpoint.to_owned());
+    }
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let own_dir = mountpoint.join(path.trim_start_matches('/'));
+    own_dir
+        .ancestors()
+        .take_while(|d| d.starts_with(mountpoint) && *d != mountpoint)
+        .find(|d| limits(&d.join("cgroup.subtree_control")))
+        .map(Path::to_path_buf)
+        .or(Some(own_dir))
 }
 
 impl Drop for CgroupParent {
