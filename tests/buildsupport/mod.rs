@@ -176,9 +176,9 @@ pub fn processes_with(marker: &str) -> Vec<String> {
 }
 
 /// A cgroup parent (`--cgroup-parent`, `Meta.cgroupParent`) unique to one test, and the
-/// directories its steps' cgroups go in (`<base>/<parent>/buildkit`, per hierarchy with a
-/// limit controller; `<base>` is the hierarchy's root as root, the test user's delegated
-/// cgroup otherwise). Removed when dropped.
+/// directories its steps' cgroups go in (`<base>/<parent>/buildkit` in every hierarchy;
+/// `<base>` is the hierarchy's root as root, the test user's delegated cgroup otherwise).
+/// Its directories are removed when dropped.
 pub struct CgroupParent {
     pub name: String,
     bases: Vec<PathBuf>,
@@ -195,41 +195,39 @@ impl CgroupParent {
             let Some((left, right)) = line.split_once(" - ") else {
                 continue;
             };
-            let mountpoint = left.split(' ').nth(4).unwrap_or_default();
+            let mountpoint = Path::new(left.split(' ').nth(4).unwrap_or_default());
             let mut right = right.split(' ');
             let (fstype, options) = (right.next(), right.nth(1).unwrap_or_default());
-            if fstype == Some("cgroup2") {
-                bases.extend(v2_base(Path::new(mountpoint), &own, root));
-                continue;
+            match fstype {
+                Some("cgroup2") => bases.push(v2_base(mountpoint, &own, root)),
+                Some("cgroup") => {
+                    let Some(controller) = options
+                        .split(',')
+                        .find(|o| !matches!(*o, "rw" | "ro") && !o.starts_with("release_agent"))
+                    else {
+                        continue;
+                    };
+                    let own_path = own
+                        .lines()
+                        .find_map(|l| {
+                            let mut parts = l.splitn(3, ':');
+                            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+                            names.split(',').any(|n| n == controller).then_some(path)
+                        })
+                        .unwrap_or("/");
+                    bases.push(if root {
+                        mountpoint.to_owned()
+                    } else {
+                        mountpoint.join(own_path.trim_start_matches('/'))
+                    });
+                }
+                _ => {}
             }
-            let controller = match fstype {
-                Some("cgroup") => options
-                    .split(',')
-                    .find(|o| ["pids", "memory", "cpu"].contains(o)),
-                _ => None,
-            };
-            let Some(controller) = controller else {
-                continue;
-            };
-            let own_path = own
-                .lines()
-                .find_map(|l| {
-                    let mut parts = l.splitn(3, ':');
-                    let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
-                    names.split(',').any(|n| n == controller).then_some(path)
-                })
-                .unwrap_or("/");
-            let base = if root {
-                PathBuf::from(mountpoint)
-            } else {
-                Path::new(mountpoint).join(own_path.trim_start_matches('/'))
-            };
-            bases.push(base);
         }
         CgroupParent { name, bases }
     }
 
-    /// `<base>/<parent>/buildkit` of every hierarchy with a limit controller.
+    /// `<base>/<parent>/buildkit` of every hierarchy.
     pub fn dirs(&self) -> Vec<PathBuf> {
         self.bases
             .iter()
@@ -268,30 +266,30 @@ pub fn unified() -> bool {
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }
 
-/// On a cgroup v2 hierarchy with limit controllers: where steps go (the root as root;
-/// rootless, the nearest delegated cgroup above the test that gives its children
-/// controllers, as `scripts/setup-test-env` makes `/sys/fs/cgroup/kiln-test`).
-fn v2_base(mountpoint: &Path, own: &str, root: bool) -> Option<PathBuf> {
-    let limits = |file: &Path| {
-        std::fs::read_to_string(file).is_ok_and(|s| {
+/// Where steps' cgroups go on a cgroup v2 hierarchy: its root as root; rootless, the
+/// nearest delegated cgroup above the test that gives its children limit controllers (as
+/// `scripts/setup-test-env` makes `/sys/fs/cgroup/kiln-test` on a unified host), else the
+/// test's own.
+fn v2_base(mountpoint: &Path, own: &str, root: bool) -> PathBuf {
+    if root {
+        return mountpoint.to_owned();
+    }
+    let path = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("/");
+    let own_dir = mountpoint.join(path.trim_start_matches('/'));
+    let gives_limits = |dir: &Path| {
+        std::fs::read_to_string(dir.join("cgroup.subtree_control")).is_ok_and(|s| {
             s.split_whitespace()
                 .any(|c| ["pids", "memory", "cpu"].contains(&c))
         })
     };
-    if !limits(&mountpoint.join("cgroup.controllers")) {
-        return None;
-    }
-    if root {
-        return Some(mountpoint.to_owned());
-    }
-    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let own_dir = mountpoint.join(path.trim_start_matches('/'));
     own_dir
         .ancestors()
         .take_while(|d| d.starts_with(mountpoint) && *d != mountpoint)
-        .find(|d| limits(&d.join("cgroup.subtree_control")))
-        .map(Path::to_path_buf)
-        .or(Some(own_dir))
+        .find(|d| gives_limits(d))
+        .map_or(own_dir.clone(), Path::to_path_buf)
 }
 
 impl Drop for CgroupParent {
