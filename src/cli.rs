@@ -77,7 +77,8 @@ pub struct BuildArgs {
     #[arg(long, short = 'o', value_name = "SPEC")]
     pub output: Vec<String>,
     /// Write what the exports tell (`containerimage.digest`, `image.name`, …) to FILE as
-    /// JSON, as buildctl does.
+    /// JSON, as buildctl does, and under `kiln.steps` what each step that ran used (CPU,
+    /// peak memory, I/O, wall time), keyed by vertex digest.
     #[arg(long, value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
     /// Progress output: auto, plain, tty or rawjson.
@@ -161,6 +162,18 @@ pub struct StepArgs {
     /// `type=tmpfs,target=PATH[,size=BYTES]`; repeatable.
     #[arg(long, value_name = "SPEC")]
     pub mount: Vec<String>,
+    /// Most processes the step may have at once (pids.max); 0 or -1: no limit. Default:
+    /// `[limits] pids` of kiln.toml, else 4096.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub pids_limit: Option<i64>,
+    /// Memory the step may use (`512m`, `2g`, `50%` of the host's; 0: no limit). Default:
+    /// `[limits] memory` of kiln.toml, else half the host's memory.
+    #[arg(long, short = 'm', value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Parent cgroup of the step's cgroup (`/<parent>/buildkit/<id>`, as BuildKit's
+    /// `cgroupParent`; `slice:` for the systemd form).
+    #[arg(long, value_name = "PATH", default_value = "")]
+    pub cgroup_parent: String,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -228,7 +228,8 @@ fn check_outputs_and_cache(s: &Setup) {
         "result from the cache"
     );
 
-    // --no-cache runs everything again; the cache mount keeps its content.
+    // --no-cache runs everything again, and its steps get fresh cache mounts (BuildKit
+    // prunes the cache directories of steps that ignore the cache).
     let out3 = s.path("out3");
     let dest = format!("type=local,dest={}", out3.display());
     let forced = s.build(&def, &["--no-cache", "-o", &dest]);
@@ -239,11 +240,7 @@ fn check_outputs_and_cache(s: &Setup) {
             .count(),
         2
     );
-    assert_eq!(
-        read(&out3.join("runs")).trim(),
-        "2",
-        "cache mount persisted"
-    );
+    assert_eq!(read(&out3.join("runs")).trim(), "1", "a fresh cache mount");
 
     // tar to standard output.
     let tar = s.build(&def, &["-o", "type=tar,dest=-"]);

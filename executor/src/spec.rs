@@ -21,6 +21,7 @@ use oci_spec::runtime::{
 
 use crate::caps::{self, CapsError};
 use crate::hosts::{self, ExtraHost, HostsError, Resolver};
+use crate::limits::{Limits, LimitsError};
 use crate::network::Attachment;
 use crate::user::{self, UserDb, UserError};
 use kiln_seccomp as seccomp;
@@ -50,6 +51,8 @@ pub enum SpecError {
     RelativeMount(String),
     #[error("building the spec: {0}")]
     Build(String),
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
 }
 
 fn build_err(e: oci_spec::OciSpecError) -> SpecError {
@@ -140,6 +143,8 @@ pub struct Step {
     pub readonly_rootfs: bool,
     pub mounts: Vec<StepMount>,
     pub no_new_privileges: bool,
+    /// Resource limits (`linux.resources`: pids, memory, CPU weight).
+    pub limits: Limits,
 }
 
 /// Facts about where the step runs.
@@ -498,6 +503,14 @@ pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<S
         }
     }
 
+    if !step.limits.is_empty() {
+        // Rootless too (BuildKit drops resources there): kiln's runner enforces them in a
+        // delegated cgroup or with rlimits.
+        let mut resources = linux.resources().clone().unwrap_or_default();
+        step.limits.apply_to(&mut resources)?;
+        linux.set_resources(Some(resources));
+    }
+
     let root = RootBuilder::default()
         .path(step.rootfs.clone())
         .readonly(step.readonly_rootfs)
@@ -647,6 +660,7 @@ mod tests {
             readonly_rootfs: false,
             mounts: vec![],
             no_new_privileges: false,
+            limits: Limits::default(),
         };
         let mut host = Host {
             in_user_namespace: false,
@@ -735,6 +749,11 @@ mod tests {
             readonly_rootfs: false,
             mounts: vec![],
             no_new_privileges: false,
+            limits: Limits {
+                pids: Some(100),
+                memory: None,
+                cpu_weight: None,
+            },
         };
         let host = Host {
             in_user_namespace: false,
@@ -771,6 +790,7 @@ mod tests {
             Some(Path::new("/buildkit/abc"))
         );
         assert!(linux.seccomp().is_some());
+        assert_eq!(Limits::from_spec(&spec).pids, Some(100));
         // Serializes as a runc config.json.
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["ociVersion"], "1.0.2-dev");

@@ -96,18 +96,26 @@ pub fn seccomp_cache(run_root: &Path) -> PathBuf {
     run_root.join(".seccomp")
 }
 
+/// Where the steps of `run_root` record their cgroups while they run (see
+/// [`crate::cgroup::clean_stale`]): a name no step id can take.
+pub fn cgroup_registry(run_root: &Path) -> PathBuf {
+    run_root.join(".cgroups")
+}
+
 /// A step id: ASCII letters and digits only (it names directories and cgroups).
 pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 impl Executor {
-    /// `run_root` holds one private directory per running step.
+    /// `run_root` holds one private directory per running step. The cgroups of steps
+    /// whose runner died (a kiln killed with SIGKILL) are removed here.
     pub fn new(runner: RunnerCommand, run_root: &Path) -> Result<Self, ExecError> {
         std::fs::create_dir_all(run_root).map_err(|source| ExecError::Bundle {
             path: run_root.to_owned(),
             source,
         })?;
+        crate::cgroup::clean_stale(&cgroup_registry(run_root));
         Ok(Executor {
             runner,
             run_root: run_root.to_owned(),
@@ -158,6 +166,9 @@ impl Executor {
         let mut config = request.config.clone();
         if config.seccomp_cache.is_none() {
             config.seccomp_cache = Some(seccomp_cache(&self.run_root));
+        }
+        if config.cgroup_registry.is_none() {
+            config.cgroup_registry = Some(cgroup_registry(&self.run_root));
         }
         let config = serde_json::to_vec(&config)
             .map_err(|e| ExecError::Setup(format!("encoding the step config: {e}")))?;
@@ -238,6 +249,8 @@ impl Executor {
                     .to_owned(),
             )),
             None if cancelled => {
+                // The runner was killed before it could clean up after its step.
+                crate::cgroup::clean_stale(&cgroup_registry(&self.run_root));
                 result.exit = ExitInfo {
                     exit_code: 128 + libc::SIGKILL,
                     signal: Some(libc::SIGKILL),
@@ -246,7 +259,11 @@ impl Executor {
                 };
                 Ok(result)
             }
-            None => Err(ExecError::NoResult(status.to_string())),
+            None => {
+                // The runner died (killed from outside): its step's cgroups are ours to remove.
+                crate::cgroup::clean_stale(&cgroup_registry(&self.run_root));
+                Err(ExecError::NoResult(status.to_string()))
+            }
         }
     }
 }
@@ -277,9 +294,14 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
     (kept, truncated)
 }
 
-/// BuildKit's wording for a failed process: `exit code: <n>`.
+/// BuildKit's wording for a failed process: `exit code: <n>`, followed by the limit the
+/// step exceeded, as BuildKit appends a cause (`exit code: 137: step exceeded its memory
+/// limit of 512 MiB`).
 pub fn exit_error_text(exit: &ExitInfo) -> String {
-    format!("exit code: {}", exit.exit_code)
+    match exit.exceeded {
+        Some(exceeded) => format!("exit code: {}: {exceeded}", exit.exit_code),
+        None => format!("exit code: {}", exit.exit_code),
+    }
 }
 
 #[cfg(test)]

@@ -195,13 +195,13 @@ fn first_whiteout(tar: &mut std::fs::File) -> std::io::Result<Option<String>> {
 }
 
 /// A read-only view mounted on a private temporary directory, unmounted on drop.
-struct View {
-    path: PathBuf,
+pub(crate) struct View {
+    pub(crate) path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl View {
-    fn mount(root: &Path, mountable: &Mountable) -> Result<View> {
+    pub(crate) fn mount(root: &Path, mountable: &Mountable) -> Result<View> {
         let dir = tempfile::Builder::new()
             .prefix("kiln-view-")
             .tempdir_in(root)

@@ -49,6 +49,6 @@ pub use layer::{Compression, ImportOptions, LayerDescriptor};
 pub use meta::{LayerInfo, RecordState};
 pub use mount::{Mountable, OverlayMount, unmount};
 pub use refs::{
-    Error, ImmutableRef, Inconsistency, MutableRef, PruneOptions, RefOptions, Snapshotter,
-    StoreOptions, UsageInfo,
+    Error, ImmutableRef, Inconsistency, MutableRef, PruneOptions, RefOptions, SharedMutableRef,
+    Snapshotter, StoreOptions, UsageInfo,
 };

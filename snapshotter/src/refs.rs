@@ -203,6 +203,14 @@ pub struct MutableRef {
     retain: bool,
 }
 
+/// A writable snapshot several handles — in several processes — hold at once (a SHARED
+/// cache mount): a directory of its own that each holder bind-mounts. Dropping a handle
+/// lets go; the last holder of a record that is no longer retained deletes it.
+#[derive(Debug)]
+pub struct SharedMutableRef {
+    held: Option<Arc<Held>>,
+}
+
 fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep going.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -624,6 +632,129 @@ impl Snapshotter {
                 lock: Mutex::new(lock),
             })),
             retain: record.retain,
+        })
+    }
+
+    /// The mutable record `id`, held shared with other holders (see [`SharedMutableRef`]).
+    /// Only a record that mounts as a plain directory can be shared: one without parent
+    /// (or any on the native backend, whose snapshots are full trees).
+    pub fn get_mutable_shared(&self, id: &str) -> Result<SharedMutableRef> {
+        let record = self
+            .shared
+            .db()
+            .get(id)?
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        if record.state != RecordState::Mutable {
+            return Err(Error::WrongState {
+                id: id.to_owned(),
+                state: record.state,
+                wanted: "mutable",
+            });
+        }
+        let native = matches!(self.shared.backend, Backend::Native { .. });
+        if record.parent.is_some() && !native {
+            return Err(Error::WrongState {
+                id: id.to_owned(),
+                state: record.state,
+                wanted: "mutable without parent",
+            });
+        }
+        let mut lock = RecordLock::open(&self.shared.lock_path(record.n), Create::Existing)?
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        if !lock.lock(LockKind::Shared, false)? {
+            if !lock.still_linked() {
+                return Err(Error::NotFound(id.to_owned()));
+            }
+            return Err(Error::Locked(id.to_owned()));
+        }
+        let record = self
+            .shared
+            .db()
+            .get(id)?
+            .filter(|r| r.state == RecordState::Mutable)
+            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        let parent = match &record.parent {
+            Some(p) => Some(self.get(p)?),
+            None => None,
+        };
+        self.shared.db().touch(id, true)?;
+        Ok(SharedMutableRef {
+            held: Some(Arc::new(Held {
+                shared: self.shared.clone(),
+                id: id.to_owned(),
+                n: record.n,
+                parent,
+                content: None,
+                foreign: false,
+                lock: Mutex::new(lock),
+            })),
+        })
+    }
+
+    /// Takes record `id` out of `key`'s index and stops retaining it: whoever holds it
+    /// deletes it on letting go, and nobody finds it again (a cache directory a step that
+    /// ignores the cache replaces).
+    pub fn detach(&self, id: &str, key: &str) -> Result<()> {
+        let db = self.shared.db();
+        db.remove_key(id, key)?;
+        db.set_retain(id, false)?;
+        Ok(())
+    }
+
+    /// A new writable snapshot holding a copy of `parent`'s tree, without a parent of its
+    /// own: it mounts as a plain directory, so several processes can share it.
+    pub fn new_mutable_copy(
+        &self,
+        parent: &ImmutableRef,
+        options: &RefOptions,
+    ) -> Result<MutableRef> {
+        let (held, fs) = self.create(None, None, options)?;
+        let fill = || -> Result<()> {
+            let work = self.shared.work_dir(held.n);
+            std::fs::DirBuilder::new()
+                .mode(0o711)
+                .create(&work)
+                .map_err(io_err(&work))?;
+            self.shared.db().touch(parent.id(), true)?;
+            let view = crate::compose::View::mount(self.root(), &parent.mountable())?;
+            let meta = std::fs::metadata(&view.path).map_err(io_err(&view.path))?;
+            std::os::unix::fs::chown(&fs, Some(meta.uid()), Some(meta.gid()))
+                .map_err(io_err(&fs))?;
+            std::fs::set_permissions(
+                &fs,
+                std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777),
+            )
+            .map_err(io_err(&fs))?;
+            let sys_err = |op, path: &Path| {
+                let path = path.to_owned();
+                move |source| Error::Sys { op, path, source }
+            };
+            let s = fsutil::open_dir(&view.path).map_err(sys_err("open", &view.path))?;
+            let d = fsutil::open_dir(&fs).map_err(sys_err("open", &fs))?;
+            fsutil::copy_tree(s.as_fd(), d.as_fd(), &|_| false)
+                .map_err(sys_err("copying into", &fs))?;
+            drop(view);
+            if !self.shared.db().transition(
+                &held.id,
+                RecordState::Creating,
+                RecordState::Mutable,
+                None,
+            )? {
+                return Err(Error::NotFound(held.id.clone()));
+            }
+            Ok(())
+        };
+        if let Err(e) = fill() {
+            let lock = lock_mutex(&held.lock);
+            if let Err(cleanup) = self.shared.delete_locked(&held.id, held.n, &lock) {
+                tracing::warn!("removing the failed snapshot {}: {cleanup}", held.id);
+            }
+            return Err(e);
+        }
+        tracing::debug!(id = held.id, n = held.n, "new mutable snapshot (copy)");
+        Ok(MutableRef {
+            held: Some(Arc::new(held)),
+            retain: options.retain,
         })
     }
 
@@ -1216,7 +1347,10 @@ fn choose_backend(
         db.setting_or_insert("backend", "native")?;
         return Ok(native);
     }
-    let probe = backend::probe_overlay(&root.join("probe"), xattrs)?;
+    // A directory of this process's own: kiln processes opening one store at once would
+    // otherwise remove each other's probe mid-way (and fall back to, or fail on, native).
+    let probe =
+        backend::probe_overlay(&root.join(format!("probe-{}", std::process::id())), xattrs)?;
     if probe.overlay_works {
         tracing::info!(
             "snapshot store {}: using kernel overlayfs ({}), probe mount succeeded",
@@ -1478,15 +1612,90 @@ impl MutableRef {
         self.release_inner()
     }
 
+    /// Holds the snapshot shared from now on (see [`SharedMutableRef`]); it must mount as
+    /// a plain directory.
+    pub fn into_shared(mut self) -> Result<SharedMutableRef> {
+        let held = self
+            .held
+            .take()
+            .unwrap_or_else(|| unreachable!("mutable ref used after commit or release"));
+        let native = matches!(held.shared.backend, Backend::Native { .. });
+        if held.parent.is_some() && !native {
+            let id = held.id.clone();
+            // Back to this handle, which releases it as usual.
+            self.held = Some(held);
+            return Err(Error::WrongState {
+                id,
+                state: RecordState::Mutable,
+                wanted: "mutable without parent",
+            });
+        }
+        // OFD locks convert atomically: nobody can take the record in between.
+        lock_mutex(&held.lock).lock(LockKind::Shared, false)?;
+        Ok(SharedMutableRef { held: Some(held) })
+    }
+
     fn release_inner(&mut self) -> Result<()> {
         let Some(held) = self.held.take() else {
             return Ok(());
         };
-        if self.retain {
+        // Retained when opened, but maybe detached since (see [`Snapshotter::detach`]).
+        if self.retain && held.shared.db().get(&held.id)?.is_some_and(|r| r.retain) {
             return Ok(());
         }
         let lock = lock_mutex(&held.lock);
         held.shared.delete_locked(&held.id, held.n, &lock)
+    }
+}
+
+impl SharedMutableRef {
+    /// The record id.
+    pub fn id(&self) -> &str {
+        &self.held().id
+    }
+
+    fn held(&self) -> &Arc<Held> {
+        // `held` is only taken by drop.
+        self.held
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("shared mutable ref used after drop"))
+    }
+
+    /// The snapshot's directory, written by every holder.
+    pub fn dir(&self) -> PathBuf {
+        self.held().shared.fs_dir(self.held().n)
+    }
+
+    /// A writable bind of [`dir`](SharedMutableRef::dir).
+    pub fn mountable(&self) -> Mountable {
+        Mountable::Bind {
+            source: self.dir(),
+            readonly: false,
+        }
+    }
+}
+
+impl Drop for SharedMutableRef {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        let retained = held
+            .shared
+            .db()
+            .get(&held.id)
+            .map(|r| r.is_some_and(|r| r.retain));
+        if !matches!(retained, Ok(false)) {
+            return;
+        }
+        // Detached: the last holder deletes it (when two let go at once and neither sees
+        // itself last, the next kiln to open the store removes it).
+        let mut lock = lock_mutex(&held.lock);
+        if matches!(lock.lock(LockKind::Exclusive, false), Ok(true)) {
+            if let Err(e) = held.shared.delete_locked(&held.id, held.n, &lock) {
+                tracing::warn!("removing the detached snapshot {}: {e}", held.id);
+            }
+        }
     }
 }
 

@@ -133,6 +133,80 @@ fn lifecycle_rootless() {
 
 /// `remove_unretained`: temporary results (committed, not retained) go once nobody holds
 /// them and nothing is built on them; retained ones, held ones and parents stay.
+/// Cache directories as kiln's cache mounts hold them: copies of an input that mount as a
+/// plain directory, held shared by several handles (as several processes would), detached
+/// (out of the index, no longer retained) and then deleted by their last holder.
+fn shared_cache_directories() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("root");
+    let store = Snapshotter::open(&root)?;
+    let other = Snapshotter::open(&root)?;
+    let base = store.import_layer(None, &base_layer()[..], &ImportOptions::default())?;
+    let key = "cache-dir:shared:x";
+    let options = RefOptions {
+        retain: true,
+        record_type: "exec.cachemount".into(),
+        keys: vec![key.into()],
+        ..Default::default()
+    };
+    // A copy of the input's tree, without a parent: a plain directory.
+    let copy = store.new_mutable_copy(&base, &options)?;
+    let names: Vec<String> = tree(&copy.dir()).into_keys().collect();
+    assert_eq!(names, ["dir", "dir/a", "dir/b", "top"]);
+    let id = copy.id().to_owned();
+    let first = copy.into_shared()?;
+    let second = other.get_mutable_shared(&id)?;
+    assert_eq!(first.dir(), second.dir(), "one directory for every holder");
+    assert!(
+        matches!(
+            first.mountable(),
+            kiln_snapshotter::Mountable::Bind {
+                readonly: false,
+                ..
+            }
+        ),
+        "mounts as a plain writable bind"
+    );
+    std::fs::write(second.dir().join("written"), b"w")?;
+    assert!(first.dir().join("written").exists());
+    // Shared holders exclude an exclusive one, and the other way round.
+    assert!(matches!(store.get_mutable(&id), Err(Error::Locked(_))));
+    // A mutable on a parent cannot be shared (overlay refuses a second mount of its upper).
+    let layered = store.new_mutable(Some(&base), &options)?;
+    let layered_id = layered.id().to_owned();
+    let refused = layered.into_shared().expect_err("layered");
+    assert!(matches!(refused, Error::WrongState { .. }), "{refused}");
+    assert!(matches!(
+        other.get_mutable_shared(&layered_id),
+        Err(Error::WrongState { .. })
+    ));
+    // Detached while held: found no more, deleted when the last holder lets go.
+    store.detach(&id, key)?;
+    assert!(store.find(key)?.iter().all(|r| r.id != id));
+    drop(first);
+    assert!(second.dir().exists(), "still held");
+    let dir = second.dir();
+    drop(second);
+    assert!(!dir.exists(), "the last holder deleted it");
+    assert!(matches!(store.record(&id), Err(Error::NotFound(_))));
+    // A retained exclusive holder detached meanwhile deletes it on release too.
+    let held = store.get_mutable(&layered_id)?;
+    other.detach(&layered_id, key)?;
+    held.release()?;
+    assert!(matches!(store.record(&layered_id), Err(Error::NotFound(_))));
+    Ok(())
+}
+
+#[test]
+fn shared_cache_directories_rootful() {
+    rootful(shared_cache_directories);
+}
+
+#[test]
+fn shared_cache_directories_rootless() {
+    rootless(shared_cache_directories);
+}
+
 fn temporary_results() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let store = Snapshotter::open(&tmp.path().join("root"))?;

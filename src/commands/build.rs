@@ -31,7 +31,7 @@ use super::frontend::{self, DockerfileRequest};
 use super::namespaces::{enter_namespaces, runtime};
 use crate::cli::BuildArgs;
 use crate::input::read_input;
-use crate::progress::{Mode, Renderer};
+use crate::progress::{Mode, Renderer, StepUsage, usage_json};
 
 /// What a build starts from.
 enum Input {
@@ -45,6 +45,7 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
     // Everything the user got wrong fails here, before any namespace or thread exists.
     let registry_hosts = RegistryHosts::load(config)?;
     let network = kiln_executor::network::Config::load(config)?;
+    let limits = kiln_executor::limits::load_config(config)?;
     let credentials = Credentials::load_default()?;
     let outputs = flags::outputs(args)?;
     let cache_exports: Vec<CacheExportSpec> = args
@@ -87,6 +88,10 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
     let mode = Mode::parse(&args.progress);
 
     let in_user_namespace = enter_namespaces()?;
+    let (enforced, reason) = kiln_executor::cgroup::enforcement(!in_user_namespace, &limits);
+    if let Some(line) = kiln_executor::limits::explain(&limits, enforced, &reason) {
+        eprintln!("WARNING: {line}");
+    }
     let runtime = runtime()?;
     let root = root.to_owned();
     let result = runtime.block_on(async move {
@@ -98,6 +103,7 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             registry_hosts,
             credentials,
             network,
+            limits,
         )?;
         let snapshotter = worker.snapshotter().clone();
         let outcome = async {
@@ -123,18 +129,34 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             let platform = graph
                 .as_ref()
                 .map_or_else(kiln_proto::platform::host_platform, result_platform);
-            let (result, cache, empty) = match graph {
+            let (result, cache, usages, empty) = match graph {
                 Some(graph) => {
                     let sources = import_caches(&worker, &cache_imports).await?;
-                    let (result, cache) =
-                        solve(&worker, &root, Arc::new(graph), mode, sources).await?;
-                    (result, cache, false)
+                    // Steps that ignore the cache get fresh cache mounts (BuildKit's
+                    // PruneCacheMounts, before the solve).
+                    let worker_for_prune = worker.clone();
+                    let graph = Arc::new(graph);
+                    let for_prune = graph.clone();
+                    tokio::task::spawn_blocking(move || {
+                        worker_for_prune.prune_cache_mounts(&for_prune)
+                    })
+                    .await
+                    .context("cache mounts")?
+                    .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+                    let (result, cache, usages) =
+                        solve(&worker, &root, graph, mode, sources).await?;
+                    (result, cache, usages, false)
                 }
                 None => {
                     let empty = worker
                         .empty_result("scratch")
                         .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
-                    (KilnRef::ready(empty), CacheExport::default(), true)
+                    (
+                        KilnRef::ready(empty),
+                        CacheExport::default(),
+                        Vec::new(),
+                        true,
+                    )
                 }
             };
             // As BuildKit: the result's exporters first, then the cache exporters.
@@ -156,6 +178,10 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
             exports.outputs(&outputs, &mut metadata).await?;
             export_caches(&worker, &cache, &cache_exports).await?;
             if let Some(path) = &metadata_file {
+                metadata.insert(
+                    STEPS_KEY.to_owned(),
+                    Metadata::Json(steps_metadata(&usages)),
+                );
                 write_metadata(path, &metadata)?;
             }
             let (bodies, bytes) = worker.images().clients().downloaded();
@@ -196,8 +222,9 @@ fn load_graph(bytes: &[u8], options: &LoadOptions, no_cache: bool) -> anyhow::Re
     load(&def, options).context("failed to solve: failed to load LLB")
 }
 
-/// The worker: snapshots under `root`, steps through `kiln __runner`, images through the
-/// registries `kiln.toml` describes, sandbox networks through the stack it names.
+/// The worker: snapshots under `root`, steps through `kiln __runner` with `limits`,
+/// images through the registries `kiln.toml` describes, sandbox networks through the
+/// stack it names.
 fn open_worker(
     root: &Path,
     in_user_namespace: bool,
@@ -205,6 +232,7 @@ fn open_worker(
     registry_hosts: RegistryHosts,
     credentials: Credentials,
     network: kiln_executor::network::Config,
+    limits: kiln_executor::limits::Limits,
 ) -> anyhow::Result<KilnWorker> {
     Ok(KilnWorker::open(WorkerConfig {
         root: root.to_owned(),
@@ -214,7 +242,24 @@ fn open_worker(
         registry_hosts,
         credentials,
         network,
+        limits,
     })?)
+}
+
+/// The top-level key of `--metadata-file` that holds the steps' resource figures (other
+/// keys, BuildKit's exporter response, sit beside it).
+const STEPS_KEY: &str = "kiln.steps";
+
+/// Writes `--metadata-file`: `{"kiln.steps": {"<vertex digest>": {"name": …, figures…}}}`.
+/// What each step used, by vertex digest (the `kiln.steps` key of `--metadata-file`).
+fn steps_metadata(usages: &[StepUsage]) -> serde_json::Value {
+    let mut steps = serde_json::Map::new();
+    for step in usages {
+        let mut entry = usage_json(&step.usage);
+        entry["name"] = serde_json::Value::String(step.name.clone());
+        steps.insert(step.digest.as_str().to_owned(), entry);
+    }
+    serde_json::Value::Object(steps)
 }
 
 /// Reads every `--import-cache` (indexes and configs only) as a source of cache keys.
@@ -310,7 +355,7 @@ async fn solve(
     graph: Arc<Graph>,
     mode: Mode,
     sources: Vec<Arc<dyn CacheSource<KilnRef>>>,
-) -> anyhow::Result<(KilnRef, CacheExport<KilnRef>)> {
+) -> anyhow::Result<(KilnRef, CacheExport<KilnRef>, Vec<StepUsage>)> {
     let store = Arc::new(Store::open(root)?);
     let solver = Solver::new(
         Arc::new(worker.clone()),
@@ -334,8 +379,9 @@ async fn solve(
     };
     let solved = solver.solve_for_export(graph, job).await;
     drop(solver);
-    let _ = renderer.await;
-    solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))
+    let usages = renderer.await.unwrap_or_default();
+    let (result, cache) = solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+    Ok((result, cache, usages))
 }
 
 /// The platform of the op producing the result (the host's when it has none).
@@ -358,12 +404,14 @@ struct Exports<'a> {
     inline: Option<&'a CacheExport<KilnRef>>,
 }
 
-/// A `--metadata-file` value: text, or a descriptor (buildctl decodes base64 JSON).
+/// A `--metadata-file` value: text, a descriptor (buildctl decodes base64 JSON), or JSON
+/// (kiln's per-step figures).
 #[derive(Debug, serde::Serialize)]
 #[serde(untagged)]
 enum Metadata {
     Text(String),
     Descriptor(export::ImageDescriptor),
+    Json(serde_json::Value),
 }
 
 impl Exports<'_> {

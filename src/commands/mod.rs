@@ -25,7 +25,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = cli.config.clone().unwrap_or_else(|| root.join("kiln.toml"));
             run::run(&root, &config, &args)
         }
-        Command::Spec(args) => run::spec(&root, &args),
+        Command::Spec(args) => {
+            let config = cli.config.clone().unwrap_or_else(|| root.join("kiln.toml"));
+            run::spec(&root, &config, &args)
+        }
         Command::Debug(command) => {
             let config = cli.config.clone().unwrap_or_else(|| root.join("kiln.toml"));
             debug::run(&root, &config, command)

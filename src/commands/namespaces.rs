@@ -6,10 +6,24 @@ use kiln_executor::userns::{self, Entered};
 
 /// Enters kiln's namespaces (before any thread exists); true when rootless.
 pub fn enter_namespaces() -> anyhow::Result<bool> {
-    Ok(matches!(
+    let rootless = matches!(
         userns::enter().context("entering kiln's namespaces")?,
         Entered::UserNamespace(_)
-    ))
+    );
+    if rootless {
+        prepare_delegated_cgroups();
+    }
+    Ok(rootless)
+}
+
+/// Rootless on a delegated cgroup v2 tree, kiln moves itself (and the process the user
+/// started) into a leaf so that its steps' cgroups can get controllers; without one the
+/// limits fall back to rlimits, which kiln says once.
+pub fn prepare_delegated_cgroups() {
+    let parent = nix::unistd::getppid();
+    if let Err(e) = kiln_executor::cgroup::prepare_delegation(Some(parent)) {
+        tracing::debug!("delegated cgroup: {e}");
+    }
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use kiln_executor::limits::{self, Limits};
 use kiln_executor::process::{self, RunnerConfig};
 use kiln_executor::spec::{self, Host, Network, Security, Step, StepMount, StepMountKind};
 use kiln_executor::sys::LinuxSys;
@@ -59,7 +60,20 @@ fn parse_mount(spec: &str) -> anyhow::Result<StepMount> {
     })
 }
 
-fn build_step(args: &StepArgs) -> anyhow::Result<Step> {
+/// The step's limits: kiln.toml's `[limits]` (or the defaults), then the flags.
+fn step_limits(config: &Path, args: &StepArgs) -> anyhow::Result<Limits> {
+    let mut limits = limits::load_config(config)?;
+    if let Some(n) = args.pids_limit {
+        limits.pids = u64::try_from(n).ok().filter(|n| *n > 0);
+    }
+    if let Some(size) = &args.memory {
+        limits.memory = limits::parse_size(size).with_context(|| format!("--memory {size}"))?;
+    }
+    Ok(limits)
+}
+
+fn build_step(config: &Path, args: &StepArgs) -> anyhow::Result<Step> {
+    let limits = step_limits(config, args)?;
     let rootfs = args
         .rootfs
         .canonicalize()
@@ -75,7 +89,7 @@ fn build_step(args: &StepArgs) -> anyhow::Result<Step> {
         user: args.user.clone(),
         hostname: args.hostname.clone(),
         ulimits: Vec::new(),
-        cgroup_parent: String::new(),
+        cgroup_parent: args.cgroup_parent.clone(),
         extra_hosts: Vec::new(),
         network: match args.network.as_str() {
             "none" => Network::None,
@@ -95,6 +109,7 @@ fn build_step(args: &StepArgs) -> anyhow::Result<Step> {
             .map(|m| parse_mount(m))
             .collect::<anyhow::Result<_>>()?,
         no_new_privileges: false,
+        limits,
     })
 }
 
@@ -107,22 +122,33 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let step = build_step(&args.step)?;
+    let step = build_step(config, &args.step)?;
     let network_config = kiln_executor::network::Config::load(config)?;
     // Rootless: a user namespace, entered before any thread exists. As root `kiln run`
     // mounts nothing outside the step's own mount namespace, so it needs no private one.
     let in_user_namespace = if nix::unistd::Uid::effective().is_root() {
         false
     } else {
-        matches!(
+        let rootless = matches!(
             userns::enter().context("entering kiln's user namespace")?,
             Entered::UserNamespace(_)
-        )
+        );
+        if rootless {
+            super::namespaces::prepare_delegated_cgroups();
+        }
+        rootless
     };
     let id = step_id();
     let shared = root.join("run");
     let bundle = shared.join(&id);
     prepare_dir(&shared)?;
+    // Cgroups of steps a killed kiln left behind go first.
+    let registry = kiln_executor::supervisor::cgroup_registry(&shared);
+    kiln_executor::cgroup::clean_stale(&registry);
+    let (enforced, reason) = kiln_executor::cgroup::enforcement(!in_user_namespace, &step.limits);
+    if let Some(line) = limits::explain(&step.limits, enforced, &reason) {
+        eprintln!("WARNING: {line}");
+    }
     let own_hosts = !args.step.hostname.is_empty();
     if own_hosts {
         prepare_dir(&bundle)?;
@@ -157,6 +183,7 @@ pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCod
                     step.security == Security::Insecure,
                 ),
                 seccomp_cache: Some(kiln_executor::supervisor::seccomp_cache(&shared)),
+                cgroup_registry: Some(registry),
             };
             process::run(&config).map_err(anyhow::Error::from)
         });
@@ -165,7 +192,12 @@ pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCod
         let _ = std::fs::remove_dir_all(&bundle);
     }
     match outcome {
-        Ok(info) => Ok(ExitCode::from(u8::try_from(info.exit_code).unwrap_or(255))),
+        Ok(info) => {
+            if let Some(exceeded) = info.exceeded {
+                eprintln!("error: {exceeded}");
+            }
+            Ok(ExitCode::from(u8::try_from(info.exit_code).unwrap_or(255)))
+        }
         // Like a shell: the message, then 127 (not found) or 126 (not executable).
         Err(e) => match e.downcast_ref::<process::RunError>() {
             Some(process::RunError::Exec { message, code }) => {
@@ -177,8 +209,8 @@ pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCod
     }
 }
 
-pub fn spec(root: &Path, args: &SpecArgs) -> anyhow::Result<ExitCode> {
-    let step = build_step(&args.step)?;
+pub fn spec(root: &Path, config: &Path, args: &SpecArgs) -> anyhow::Result<ExitCode> {
+    let step = build_step(config, &args.step)?;
     let in_user_namespace = !nix::unistd::Uid::effective().is_root();
     let id = step_id();
     let bundle = args

@@ -232,7 +232,7 @@ fn wait_ready(ready: &OwnedFd, helper: &mut Child) -> Result<(), String> {
 fn new_netns() -> Result<OwnedFd, NetworkError> {
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(ns_err("pipe"))?;
     let (hold_r, hold_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(ns_err("pipe"))?;
-    let forked = sys::clone_into_namespaces(libc::CLONE_NEWNET as u64, false)
+    let forked = sys::clone_into_namespaces(libc::CLONE_NEWNET as u64, false, None)
         .map_err(ns_err("clone a process into a new network namespace"))?;
     let child = match forked {
         Forked::Child => {

@@ -42,7 +42,7 @@ pub(super) struct InitArgs<'a> {
     pub signals: &'a SigSet,
 }
 
-fn report(status: &OwnedFd, report: &InitReport) {
+pub(super) fn report(status: &OwnedFd, report: &InitReport) {
     if let Ok(json) = serde_json::to_string(report) {
         let _ = nix::unistd::write(status, json.as_bytes());
     }

@@ -2,17 +2,18 @@
 //!
 //! * The **runner** ([`run`]) is single-threaded: kiln re-executes itself for it when it runs
 //!   steps from its async scheduler (`kiln __runner <bundle>`), and `kiln run` calls it
-//!   directly. It records mount stubs and creates the cwd in the rootfs, places the step in
-//!   its cgroups, forks the init into new mount/pid/ipc/uts(/net) namespaces with `clone3`,
-//!   waits, cleans up and reports an [`ExitInfo`].
+//!   directly. It records mount stubs and creates the cwd in the rootfs, creates the
+//!   step's cgroups with its limits ([`cgroup`]), forks the init into new
+//!   mount/pid/ipc/uts(/net) namespaces with `clone3`, waits (killing the step when it
+//!   exceeds a limit), cleans up and reports an [`ExitInfo`] with what the step used.
 //! * The **init** ([`init`]) is pid 1 of the step's pid namespace: it builds the mount tree,
 //!   pivots, sets the hostname, brings `lo` up, forks the workload, then only reaps and
 //!   forwards signals. When it exits the kernel kills whatever the step left running.
 //! * The **workload** ([`workload`]) applies rlimits, seccomp, groups, ids and
 //!   capabilities, changes to the cwd and executes the command.
 //!
-//! The order of phases is deliberate: the parent writes cgroup placement before the init
-//! continues (so every process of the step is inside), seccomp comes last before
+//! The order of phases is deliberate: the init joins its cgroups before anything else (so
+//! every process of the step is inside), seccomp comes last before
 //! `execve` when `noNewPrivileges` is set (first otherwise, while `CAP_SYS_ADMIN` still
 //! allows installing it), and descriptors are marked close-on-exec right before `execve`
 //! (CVE-2024-21626).
@@ -26,13 +27,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags};
+use nix::sys::resource::{Usage, UsageWho};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{self, Placement};
+use crate::limits::{self, Exceeded, Limits};
 use crate::path::{self, PathError};
 use crate::rootfs::RootfsError;
 use crate::stubs::{self, Stubs};
@@ -88,12 +93,18 @@ pub struct RunnerConfig {
     pub stubs_recursive: bool,
     /// kiln runs as real root (not in a user namespace).
     pub real_root: bool,
-    /// Give the step cgroups of its own at `linux.cgroupsPath` (see [`cgroup::wanted`]).
+    /// Give the step cgroups of its own in every hierarchy, shown to it at
+    /// `/sys/fs/cgroup` (see [`cgroup::wanted`]); the cgroups of its limits
+    /// (`linux.resources`) it gets anyway.
     pub own_cgroups: bool,
     /// Where compiled seccomp programs are kept between steps (see
     /// [`kiln_seccomp::load_or_compile`]); `None` compiles for this step only.
     #[serde(default)]
     pub seccomp_cache: Option<PathBuf>,
+    /// Where the step's cgroups are recorded while it runs, so that a later kiln removes
+    /// them if this runner dies ([`cgroup::clean_stale`]); `None` records nothing.
+    #[serde(default)]
+    pub cgroup_registry: Option<PathBuf>,
 }
 
 /// How a step ended and what it cost.
@@ -110,11 +121,23 @@ pub struct ExitInfo {
     pub system_cpu_micros: u64,
     /// Peak memory from the step's memory cgroup, else the largest process's max RSS.
     pub peak_memory_bytes: u64,
+    /// `peak_memory_bytes` is the memory cgroup's (all the step's processes at once).
+    #[serde(default)]
+    pub peak_memory_from_cgroup: bool,
+    /// Bytes the step's processes read from and wrote to storage (cgroup v2 `io.stat`,
+    /// else the kernel's per-process I/O accounting of every reaped process).
+    #[serde(default)]
+    pub read_bytes: u64,
+    #[serde(default)]
+    pub written_bytes: u64,
+    /// The limit the step exceeded; kiln killed it for that.
+    #[serde(default)]
+    pub exceeded: Option<Exceeded>,
 }
 
 impl ExitInfo {
     pub fn success(&self) -> bool {
-        self.exit_code == 0 && !self.cancelled
+        self.exit_code == 0 && !self.cancelled && self.exceeded.is_none()
     }
 }
 
@@ -241,29 +264,101 @@ pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
             .map_err(|e| RunError::Setup(e.to_string()))?,
         None => Vec::new(),
     };
-    let cgroups_path = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone());
-    let placement = match cgroups_path {
-        Some(cgroups_path) if config.own_cgroups => {
-            cgroup::create(&cgroups_path.to_string_lossy(), config.real_root).unwrap_or_default()
-        }
-        _ => Placement::default(),
-    };
-    let result = run_in_namespaces(config, &host_root, netns.as_ref(), &placement, &seccomp);
-    let (peak_cgroup, oom) = cgroup::memory_stats(&placement);
-    cgroup::remove(&placement);
+    let result = run_limited(config, &host_root, netns.as_ref(), &seccomp);
     if !config.stub_paths.is_empty() {
         stubs::clean(&sys, rootfs.as_fd(), &stubs);
     }
+    result
+}
+
+/// Runs the step in cgroups of its own with its limits (rlimits standing in for what no
+/// cgroup enforces), adding what the cgroups measured to the [`ExitInfo`].
+fn run_limited(
+    config: &RunnerConfig,
+    host_root: &OwnedFd,
+    netns: Option<&OwnedFd>,
+    seccomp: &[kiln_seccomp::SockFilter],
+) -> Result<ExitInfo, RunError> {
+    let spec = &config.spec;
+    let limits = Limits::from_spec(spec);
+    let mut placement = place(config, &limits)?;
+    // The step's own ulimits stay as it asked.
+    let existing = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.rlimits().clone())
+        .unwrap_or_default();
+    let fallback = limits::fallback_rlimits(&limits, placement.enforced, &existing);
+    let with_fallback;
+    let spec = if fallback.is_empty() {
+        spec
+    } else {
+        let mut copy = spec.clone();
+        if let Some(p) = copy.process_mut() {
+            p.set_rlimits(Some(existing.into_iter().chain(fallback).collect()));
+        }
+        with_fallback = copy;
+        &with_fallback
+    };
+    let result = run_in_namespaces(config, spec, host_root, netns, &placement, seccomp);
+    let exceeded = placement.exceeded();
+    let usage = placement.usage();
+    placement.remove();
     let mut info = result?;
-    info.oom_killed = oom;
-    if let Some(peak) = peak_cgroup {
+    if info.exceeded.is_none() {
+        info.exceeded = exceeded;
+    }
+    info.oom_killed |= matches!(info.exceeded, Some(Exceeded::Memory { .. }));
+    if info.exceeded.is_some() && info.exit_code == 0 {
+        // The step failed for its limit even if its command got past the killed process
+        // (`hog || true`) before kiln stopped it.
+        info.exit_code = 128 + libc::SIGKILL;
+    }
+    if let Some(peak) = usage.peak_memory {
         info.peak_memory_bytes = peak;
+        info.peak_memory_from_cgroup = true;
+    }
+    if let Some((user, system)) = usage.cpu_micros {
+        info.user_cpu_micros = user;
+        info.system_cpu_micros = system;
+    }
+    if let Some((read, written)) = usage.io_bytes {
+        info.read_bytes = read;
+        info.written_bytes = written;
     }
     Ok(info)
 }
 
+/// Creates the step's cgroups at `linux.cgroupsPath` with its limits.
+fn place(config: &RunnerConfig, limits: &Limits) -> Result<Placement, RunError> {
+    let Some(path) = config
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().clone())
+    else {
+        return Ok(Placement::default());
+    };
+    let path = path.to_string_lossy();
+    // The registry entry is named after the step id, the path's last element.
+    let id = path
+        .rsplit(['/', ':'])
+        .next()
+        .filter(|id| crate::supervisor::valid_id(id))
+        .unwrap_or("step");
+    let request = cgroup::Request {
+        cgroups_path: &path,
+        real_root: config.real_root,
+        limits: *limits,
+        all: config.own_cgroups,
+    };
+    cgroup::create(&request, config.cgroup_registry.as_deref(), id)
+        .map_err(|e| RunError::Setup(e.to_string()))
+}
+
 fn run_in_namespaces(
     config: &RunnerConfig,
+    spec: &Spec,
     host_root: &OwnedFd,
     netns: Option<&OwnedFd>,
     placement: &Placement,
@@ -275,16 +370,37 @@ fn run_in_namespaces(
     let mut previous = SigSet::empty();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), Some(&mut previous))
         .map_err(sys_err("block signals"))?;
+    let signal_fd =
+        match SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ =
+                    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
+                return Err(sys_err("signalfd")(e));
+            }
+        };
+    let before = children_usage()?;
     let started = Instant::now();
-    let forked = sys::clone_into_namespaces(namespace_flags(&config.spec), false)
-        .map_err(sys_err("create the step's namespaces"));
+    let forked =
+        sys::clone_into_namespaces(namespace_flags(&config.spec), false, placement.clone_into())
+            .map_err(sys_err("create the step's namespaces"));
     let child = match forked {
         Ok(Forked::Child) => {
             drop(go_w);
             drop(status_r);
+            if let Err(e) = cgroup::join_self(placement) {
+                init::report(
+                    &status_w,
+                    &InitReport::Failed {
+                        message: e.to_string(),
+                        exec_code: None,
+                    },
+                );
+                sys::exit_immediately(1);
+            }
             init::run(
                 init::InitArgs {
-                    spec: &config.spec,
+                    spec,
                     seccomp,
                     host_root: host_root.as_fd(),
                     netns: netns.map(AsFd::as_fd),
@@ -303,15 +419,14 @@ fn run_in_namespaces(
     };
     drop(go_r);
     drop(status_w);
-    let entered = cgroup::enter(placement, child.as_raw());
-    if let Err(e) = &entered {
-        tracing::warn!(error = %e, "step runs outside its cgroups");
-    }
+    // Opened before the step starts, so no limit event is missed.
+    let watch = placement.watch();
     // Anything but this byte (EOF if we died) makes the init exit without starting.
     let _ = nix::unistd::write(&go_w, b"G");
     drop(go_w);
 
     let mut cancelled = false;
+    let mut exceeded = None;
     let status = loop {
         match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {}
@@ -323,33 +438,69 @@ fn run_in_namespaces(
                 return Err(sys_err("wait for the step")(e));
             }
         }
-        let Ok(info) = sys::wait_signal(&signals) else {
+        let mut fds = vec![PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN)];
+        fds.extend(
+            watch
+                .poll_fds()
+                .into_iter()
+                .map(|(fd, events)| PollFd::new(fd, events)),
+        );
+        let Ok(ready) = nix::poll::poll(&mut fds, watch.timeout()) else {
             continue;
         };
-        if info.signal != libc::SIGCHLD {
-            // Cancellation: killing pid 1 kills the whole pid namespace.
-            cancelled = true;
-            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        // A limit file changed, or it is time to look (cgroup v1).
+        let limit_event = ready == 0
+            || fds[1..]
+                .iter()
+                .any(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
+        drop(fds);
+        if limit_event {
+            watch.rearm();
+            if exceeded.is_none() {
+                // The step would fail anyway: stop it now (a fork bomb at its limit
+                // would otherwise spin until cancelled).
+                exceeded = placement.exceeded();
+                if exceeded.is_some() {
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                }
+            }
+        }
+        while let Ok(Some(info)) = signal_fd.read_signal() {
+            if info.ssi_signo != libc::SIGCHLD as u32 {
+                // Cancellation: killing pid 1 kills the whole pid namespace.
+                cancelled = true;
+                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            }
         }
     };
     let wall = started.elapsed();
+    drop(signal_fd);
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
 
     let mut report = String::new();
     let _ = std::fs::File::from(status_r).read_to_string(&mut report);
     let report: Option<InitReport> = serde_json::from_str(report.trim()).ok();
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
-        .map_err(sys_err("getrusage"))?;
+    let after = children_usage()?;
     let micros = |tv: nix::sys::time::TimeVal| {
         u64::try_from(tv.tv_sec()).unwrap_or(0) * 1_000_000
             + u64::try_from(tv.tv_usec()).unwrap_or(0)
     };
+    let spent = |f: fn(&Usage) -> nix::sys::time::TimeVal| {
+        micros(f(&after)).saturating_sub(micros(f(&before)))
+    };
+    // Block I/O in 512-byte units, from the same accounting as /proc/<pid>/io.
+    let blocks = |f: fn(&Usage) -> libc::c_long| {
+        u64::try_from(f(&after).saturating_sub(f(&before))).unwrap_or(0) * 512
+    };
     let mut info = ExitInfo {
         cancelled,
         wall_micros: u64::try_from(wall.as_micros()).unwrap_or(u64::MAX),
-        user_cpu_micros: micros(usage.user_time()),
-        system_cpu_micros: micros(usage.system_time()),
-        peak_memory_bytes: u64::try_from(usage.max_rss()).unwrap_or(0) * 1024,
+        user_cpu_micros: spent(Usage::user_time),
+        system_cpu_micros: spent(Usage::system_time),
+        peak_memory_bytes: u64::try_from(after.max_rss()).unwrap_or(0) * 1024,
+        read_bytes: blocks(Usage::block_reads),
+        written_bytes: blocks(Usage::block_writes),
+        exceeded,
         ..ExitInfo::default()
     };
     match (report, status) {
@@ -379,6 +530,11 @@ fn run_in_namespaces(
         (None, _) => info.exit_code = 255,
     }
     Ok(info)
+}
+
+/// CPU time, peak RSS and block I/O of every reaped child so far.
+fn children_usage() -> Result<Usage, RunError> {
+    nix::sys::resource::getrusage(UsageWho::RUSAGE_CHILDREN).map_err(sys_err("getrusage"))
 }
 
 /// Entry point of `kiln __runner <bundle>`: reads `<bundle>/config.json`, runs the step,

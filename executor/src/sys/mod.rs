@@ -62,17 +62,31 @@ pub fn fork() -> SysResult<Forked> {
     }
 }
 
+/// `CLONE_INTO_CGROUP` (Linux 5.7), which the libc crate does not export.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
 /// Forks into new namespaces with `clone3(2)` (fork semantics: no shared memory, the child
-/// runs on a copy of the caller's stack), returning a pidfd for the child when asked.
+/// runs on a copy of the caller's stack), returning a pidfd for the child when asked. With
+/// `cgroup` (a cgroup v2 directory) the child starts in that cgroup.
 ///
 /// # Caveats
 /// Same single-thread contract as [`fork`].
-pub fn clone_into_namespaces(namespace_flags: u64, want_pidfd: bool) -> SysResult<Forked> {
+pub fn clone_into_namespaces(
+    namespace_flags: u64,
+    want_pidfd: bool,
+    cgroup: Option<BorrowedFd<'_>>,
+) -> SysResult<Forked> {
     let mut pidfd: RawFd = -1;
+    let cgroup_fd = cgroup.map(|fd| fd.as_raw_fd());
     let mut args: libc::clone_args = libc::clone_args {
         flags: namespace_flags
             | if want_pidfd {
                 libc::CLONE_PIDFD as u64
+            } else {
+                0
+            }
+            | if cgroup_fd.is_some() {
+                CLONE_INTO_CGROUP
             } else {
                 0
             },
@@ -89,7 +103,7 @@ pub fn clone_into_namespaces(namespace_flags: u64, want_pidfd: bool) -> SysResul
         tls: 0,
         set_tid: 0,
         set_tid_size: 0,
-        cgroup: 0,
+        cgroup: cgroup_fd.and_then(|fd| u64::try_from(fd).ok()).unwrap_or(0),
     };
     // SAFETY: without CLONE_VM and with a null stack, clone3 behaves like fork: the child
     // gets a private copy of the address space and continues on its copy of this stack.

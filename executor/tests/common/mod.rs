@@ -27,6 +27,7 @@ pub fn step(rootfs: &Path, script: &str) -> Step {
         readonly_rootfs: false,
         mounts: Vec::<StepMount>::new(),
         no_new_privileges: false,
+        limits: kiln_executor::limits::Limits::default(),
     }
 }
 
@@ -96,6 +97,7 @@ pub fn run_in_network(
                 step.security == kiln_executor::spec::Security::Insecure,
             ),
             seccomp_cache: None,
+            cgroup_registry: None,
         },
     };
     runtime

@@ -12,7 +12,7 @@ use kiln_proto::{Digest, Vertex};
 use tokio_util::sync::CancellationToken;
 
 use crate::cachemap::{CacheMap, ContentSelector};
-use crate::progress::{LogStream, ProgressSender};
+use crate::progress::{LogStream, ProgressEvent, ProgressSender, ResourceUsage};
 
 /// Errors from ops and workers.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,17 @@ impl JobContext {
     /// Sends a chunk of this op's output to the progress channel.
     pub async fn log(&self, stream: LogStream, data: &[u8]) {
         self.progress.log(&self.vertex, stream, data).await;
+    }
+
+    /// Reports what this op's process used.
+    pub async fn report_usage(&self, usage: ResourceUsage) {
+        self.progress
+            .send(ProgressEvent::Usage {
+                vertex: self.vertex.clone(),
+                usage,
+                at: std::time::SystemTime::now(),
+            })
+            .await;
     }
 }
 

@@ -1,11 +1,11 @@
-//! Progress events of a solve (vertex started / cached / done / error, and log output),
-//! sent on a bounded channel for the CLI to render.
+//! Progress events of a solve (vertex started / cached / done / error, log output, and
+//! what an op's process used), sent on a bounded channel for the CLI to render.
 //!
 //! The channel is bounded on purpose: a step printing faster than the terminal renders is
 //! slowed down instead of filling memory. A receiver that went away is not an error; the
 //! events are dropped.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use kiln_proto::Digest;
 use tokio::sync::mpsc;
@@ -15,6 +15,31 @@ use tokio::sync::mpsc;
 pub enum LogStream {
     Stdout,
     Stderr,
+}
+
+/// What an op's process used, as the executor measured it (sent before the op's
+/// `Done` or `Error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResourceUsage {
+    /// From start to exit of the process.
+    pub wall: Duration,
+    pub user_cpu: Duration,
+    pub system_cpu: Duration,
+    /// Peak memory in bytes.
+    pub peak_memory: u64,
+    /// `peak_memory` is of all the op's processes at once (its memory cgroup's peak);
+    /// otherwise of its largest process.
+    pub peak_memory_total: bool,
+    /// Bytes read from and written to storage.
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+}
+
+impl ResourceUsage {
+    /// User plus system CPU time.
+    pub fn cpu(&self) -> Duration {
+        self.user_cpu + self.system_cpu
+    }
 }
 
 /// One progress event. `vertex` is the op digest, `name` its display name.
@@ -52,6 +77,12 @@ pub enum ProgressEvent {
         data: Vec<u8>,
         at: SystemTime,
     },
+    /// What the op's process used.
+    Usage {
+        vertex: Digest,
+        usage: ResourceUsage,
+        at: SystemTime,
+    },
 }
 
 impl ProgressEvent {
@@ -61,7 +92,8 @@ impl ProgressEvent {
             | ProgressEvent::Cached { vertex, .. }
             | ProgressEvent::Done { vertex, .. }
             | ProgressEvent::Error { vertex, .. }
-            | ProgressEvent::Log { vertex, .. } => vertex,
+            | ProgressEvent::Log { vertex, .. }
+            | ProgressEvent::Usage { vertex, .. } => vertex,
         }
     }
 }

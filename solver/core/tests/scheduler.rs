@@ -663,6 +663,7 @@ async fn progress_reports_start_log_and_done_in_order() {
             ProgressEvent::Done { .. } => "done",
             ProgressEvent::Cached { .. } => "cached",
             ProgressEvent::Error { .. } => "error",
+            ProgressEvent::Usage { .. } => "usage",
         })
         .collect();
     assert_eq!(kinds, ["started", "log", "done"]);

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use kiln_executor::limits::Limits;
 use kiln_executor::supervisor::RunnerCommand;
 use kiln_registry::{Credentials, RegistryHosts};
 
@@ -38,4 +39,6 @@ pub struct WorkerConfig {
     pub credentials: Credentials,
     /// The sandbox network's stack and pool (`[network]` of `kiln.toml`).
     pub network: kiln_executor::network::Config,
+    /// Every step's resource limits (`[limits]` of `kiln.toml`).
+    pub limits: Limits,
 }

@@ -3,6 +3,7 @@
 //! committed in positional order. On success outputs become results; on any failure every
 //! snapshot the step created is released and every mount removed.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::prepare::{self, Kind, Output, Planned, Source};
 use crate::state::{Inner, blocking, failed};
 use kiln_solver::cachemap;
 use kiln_solver::op::{CacheMapResponse, JobContext, Op, OpError};
-use kiln_solver::progress::LogStream;
+use kiln_solver::progress::{LogStream, ResourceUsage};
 
 pub(crate) struct ExecOp {
     inner: Arc<Inner>,
@@ -178,6 +179,8 @@ impl ExecOp {
             .root
             .as_ref()
             .ok_or_else(|| failed("mount / has no input"))?;
+        let caches = self.acquire_caches(plan, inputs, ctx_cancel)?;
+        prepared.caches.extend(caches.values().cloned());
         let all = std::iter::once(root).chain(plan.mounts.iter());
         for (n, planned) in all.enumerate() {
             let is_root = planned.dest == "/";
@@ -219,28 +222,13 @@ impl ExecOp {
                         self.bind(&mut prepared, planned, &path, &format!("{name}s"))?;
                     }
                 }
-                Kind::Cache {
-                    id,
-                    sharing,
-                    parent,
-                } => {
-                    let base = parent.map(|i| &inputs[i]);
-                    let key = cache_mounts::key(id, base);
-                    let dir = inner
-                        .cache_mounts
-                        .acquire(
-                            &inner.snapshotter,
-                            &inner.mounts_dir,
-                            &inner.locks_dir(),
-                            &key,
-                            *sharing,
-                            base,
-                            &format!("cached mount {} from exec {args}", planned.dest),
-                            ctx_cancel,
-                        )
-                        .map_err(failed)?;
-                    let path = dir.path().to_owned();
-                    prepared.caches.push(dir);
+                Kind::Cache { id, parent, .. } => {
+                    let key = cache_mounts::key(id, parent.map(|i| &inputs[i]));
+                    let path = caches
+                        .get(&key)
+                        .ok_or_else(|| failed(format!("internal error: cache mount {key:?}")))?
+                        .path()
+                        .to_owned();
                     self.bind(&mut prepared, planned, &path, &format!("{name}s"))?;
                 }
                 Kind::Tmpfs { size } => prepared.step_mounts.push(StepMount {
@@ -281,6 +269,58 @@ impl ExecOp {
             }
         }
         Ok(prepared)
+    }
+
+    /// The step's cache directories by key: each key acquired once, however many mounts
+    /// name it (BuildKit's per-op share: both targets see one directory), with the
+    /// sharing mode of its first mount, and in key order, so that no two steps can each
+    /// hold a LOCKED directory the other waits for.
+    fn acquire_caches(
+        &self,
+        plan: &prepare::Plan,
+        inputs: &[ImmutableRef],
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<BTreeMap<String, Arc<CacheDir>>, OpError> {
+        let mut wanted: BTreeMap<String, &Planned> = BTreeMap::new();
+        for planned in &plan.mounts {
+            if let Kind::Cache { id, parent, .. } = &planned.kind {
+                let key = cache_mounts::key(id, parent.map(|i| &inputs[i]));
+                let first = wanted.entry(key).or_insert(planned);
+                if planned.index < first.index {
+                    *first = planned;
+                }
+            }
+        }
+        let inner = &self.inner;
+        let locks_dir = inner.locks_dir();
+        let store = cache_mounts::Store {
+            snapshotter: &inner.snapshotter,
+            mounts_dir: &inner.mounts_dir,
+            locks_dir: &locks_dir,
+        };
+        let args = self.args_text();
+        let mut acquired = BTreeMap::new();
+        for (key, planned) in wanted {
+            let Kind::Cache {
+                sharing, parent, ..
+            } = &planned.kind
+            else {
+                continue;
+            };
+            let dir = inner
+                .cache_mounts
+                .acquire(
+                    &store,
+                    &key,
+                    *sharing,
+                    parent.map(|i| &inputs[i]),
+                    &format!("cached mount {} from exec {args}", planned.dest),
+                    cancel,
+                )
+                .map_err(failed)?;
+            acquired.insert(key, dir);
+        }
+        Ok(acquired)
     }
 
     /// A bind of `path` (or the planned selector inside it) at the planned destination.
@@ -455,6 +495,7 @@ impl Op<ImmutableRef> for ExecOp {
             readonly_rootfs: prepared.readonly_rootfs,
             mounts: prepared.step_mounts.clone(),
             no_new_privileges: false,
+            limits: self.inner.config.limits,
         };
         let mut stub_paths = vec!["/etc/resolv.conf".to_owned(), "/etc/hosts".to_owned()];
         stub_paths.extend(plan.mounts.iter().map(|m| m.dest.clone()));
@@ -470,10 +511,18 @@ impl Op<ImmutableRef> for ExecOp {
         let keep = matches!(&outcome, Ok(exit) if exit.success());
         let outputs = plan.outputs.clone();
         let results = blocking(move || prepared.finish(&outputs, &inputs, keep)).await;
+        if let Ok(exit) = &outcome {
+            ctx.report_usage(usage(exit)).await;
+        }
         match outcome {
             Err(OpError::Cancelled) => Err(OpError::Cancelled),
             Err(e) => Err(failed(format!(
                 "process {args:?} did not complete successfully: {e}"
+            ))),
+            // A step killed for a limit failed for that, whatever else it reported.
+            Ok(exit) if exit.exceeded.is_some() => Err(failed(format!(
+                "process {args:?} did not complete successfully: {}",
+                kiln_executor::supervisor::exit_error_text(&exit)
             ))),
             Ok(exit) if exit.cancelled => Err(OpError::Cancelled),
             Ok(exit) if !exit.success() => Err(failed(format!(
@@ -482,6 +531,20 @@ impl Op<ImmutableRef> for ExecOp {
             ))),
             Ok(_) => results,
         }
+    }
+}
+
+/// The executor's figures as the progress report carries them.
+fn usage(exit: &kiln_executor::process::ExitInfo) -> ResourceUsage {
+    let micros = std::time::Duration::from_micros;
+    ResourceUsage {
+        wall: micros(exit.wall_micros),
+        user_cpu: micros(exit.user_cpu_micros),
+        system_cpu: micros(exit.system_cpu_micros),
+        peak_memory: exit.peak_memory_bytes,
+        peak_memory_total: exit.peak_memory_from_cgroup,
+        read_bytes: exit.read_bytes,
+        written_bytes: exit.written_bytes,
     }
 }
 
@@ -542,6 +605,7 @@ async fn run_step(
                 step.security == Security::Insecure,
             ),
             seccomp_cache: None,
+            cgroup_registry: None,
         },
     };
     let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(64);

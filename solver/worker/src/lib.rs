@@ -77,6 +77,26 @@ impl KilnWorker {
         remote::materialize(&self.inner, r).await
     }
 
+    /// Gives the cache mounts of steps that ignore the cache fresh, empty directories
+    /// (BuildKit's `PruneCacheMounts`, run before a build): see
+    /// [`cache_mounts::CacheMounts::prune`]. Blocking.
+    pub fn prune_cache_mounts(
+        &self,
+        graph: &kiln_proto::Graph,
+    ) -> Result<(), cache_mounts::CacheMountError> {
+        let ids = cache_mounts::ignored_ids(graph);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let locks_dir = self.inner.locks_dir();
+        let store = cache_mounts::Store {
+            snapshotter: &self.inner.snapshotter,
+            mounts_dir: &self.inner.mounts_dir,
+            locks_dir: &locks_dir,
+        };
+        self.inner.cache_mounts.prune(&store, &ids)
+    }
+
     /// Mounts `r` read-only for the duration of `f` (exports, inspection).
     pub fn with_mounted<T>(
         &self,

@@ -121,12 +121,16 @@ pub fn rerun_as_test_user() -> AsTestUser {
         .to_owned();
     let exe = std::env::current_exe().expect("current test executable");
     // Enter the test user's delegated cgroups (scripts/setup-test-env) before dropping
-    // privileges, as a systemd user session would be placed.
+    // privileges, as a systemd user session would be placed (on a unified host, its leaf
+    // `tests`: the delegated cgroup itself gives controllers to the steps' cgroups).
     let output = Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "for d in /sys/fs/cgroup/*/{TEST_USER} /sys/fs/cgroup/{TEST_USER}; do \
-               [ -w \"$d/cgroup.procs\" ] && echo $$ > \"$d/cgroup.procs\"; done; exec \"$@\""
+            "for d in /sys/fs/cgroup/*/{TEST_USER}; do \
+               [ -w \"$d/cgroup.procs\" ] && echo $$ > \"$d/cgroup.procs\"; done; \
+             u=/sys/fs/cgroup/{TEST_USER}; \
+             if [ -d $u/tests ]; then echo $$ > $u/tests/cgroup.procs; \
+             elif [ -w $u/cgroup.procs ]; then echo $$ > $u/cgroup.procs; fi; exec \"$@\""
         ))
         .arg("sh")
         .args(["runuser", "-u", TEST_USER, "--", "env", "KILN_TEST_INNER=1"])
