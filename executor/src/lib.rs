@@ -5,9 +5,7 @@
 //! network stack).
 
 pub mod caps;
-pub mod cgroup;
 pub mod hosts;
-pub mod limits;
 pub mod network;
 pub mod path;
 pub mod process;
@@ -18,3 +16,6 @@ pub mod supervisor;
 pub mod sys;
 pub mod user;
 pub mod userns;
+
+/// A step's cgroups and limits live in a crate of their own; the executor places steps in them.
+pub use kiln_cgroup::{hierarchy as cgroup, limits};

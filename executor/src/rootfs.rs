@@ -11,12 +11,14 @@
 //! host's network namespace.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{Mode, SFlag};
 use oci_spec::runtime::{LinuxDeviceType, Mount, Spec};
+
+use kiln_cgroup::CgroupView;
 
 use crate::path::{self, PathError, TargetKind};
 use crate::sys::{FileKind, MountAttrs, Resolve, Sys};
@@ -53,14 +55,6 @@ fn mount_err<'a>(destination: &'a str, op: &'static str) -> impl FnOnce(Errno) -
         op,
         source,
     }
-}
-
-/// A cgroup hierarchy to show at `/sys/fs/cgroup/<name>` (`name` empty: cgroup v2, shown at
-/// `/sys/fs/cgroup` itself), bound from the step's cgroup directory on the host.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CgroupView {
-    pub name: String,
-    pub host_path: PathBuf,
 }
 
 /// What [`prepare`] needs besides the spec.

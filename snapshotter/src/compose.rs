@@ -16,11 +16,11 @@
 
 use std::collections::HashSet;
 use std::io::{Seek as _, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::backend::Backend;
 use crate::layer::{self, Compression, ImportOptions};
-use crate::mount::{Mountable, unmount};
+use crate::mount::View;
 use crate::refs::{DIFF_RECORD_TYPE, Error, ImmutableRef, RefOptions, Snapshotter};
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -192,31 +192,4 @@ fn first_whiteout(tar: &mut std::fs::File) -> std::io::Result<Option<String>> {
         }
     }
     Ok(None)
-}
-
-/// A read-only view mounted on a private temporary directory, unmounted on drop.
-pub(crate) struct View {
-    pub(crate) path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl View {
-    pub(crate) fn mount(root: &Path, mountable: &Mountable) -> Result<View> {
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-view-")
-            .tempdir_in(root)
-            .map_err(io_err(root))?;
-        let path = dir.path().join("m");
-        std::fs::create_dir(&path).map_err(io_err(&path))?;
-        mountable.mount_readonly(&path)?;
-        Ok(View { path, _dir: dir })
-    }
-}
-
-impl Drop for View {
-    fn drop(&mut self) {
-        if let Err(e) = unmount(&self.path) {
-            tracing::warn!("unmounting {}: {e}", self.path.display());
-        }
-    }
 }

@@ -34,6 +34,12 @@ pub enum MountError {
         #[source]
         source: Errno,
     },
+    #[error("making a directory for a read-only view at {path}: {source}")]
+    ViewDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("an overlay needs at least one lower layer (mount at {0})")]
     NoLowers(PathBuf),
     #[error("overlay upperdir {upper} given without a workdir")]
@@ -270,4 +276,37 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
             source,
         }
     })
+}
+
+/// A read-only view mounted on a private temporary directory, unmounted on drop.
+pub(crate) struct View {
+    pub(crate) path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl View {
+    pub(crate) fn mount(root: &Path, mountable: &Mountable) -> Result<View, MountError> {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-view-")
+            .tempdir_in(root)
+            .map_err(|source| MountError::ViewDir {
+                path: root.to_owned(),
+                source,
+            })?;
+        let path = dir.path().join("m");
+        std::fs::create_dir(&path).map_err(|source| MountError::ViewDir {
+            path: path.clone(),
+            source,
+        })?;
+        mountable.mount_readonly(&path)?;
+        Ok(View { path, _dir: dir })
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if let Err(e) = unmount(&self.path) {
+            tracing::warn!("unmounting {}: {e}", self.path.display());
+        }
+    }
 }

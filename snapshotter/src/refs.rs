@@ -716,7 +716,7 @@ impl Snapshotter {
                 .create(&work)
                 .map_err(io_err(&work))?;
             self.shared.db().touch(parent.id(), true)?;
-            let view = crate::compose::View::mount(self.root(), &parent.mountable())?;
+            let view = crate::mount::View::mount(self.root(), &parent.mountable())?;
             let meta = std::fs::metadata(&view.path).map_err(io_err(&view.path))?;
             std::os::unix::fs::chown(&fs, Some(meta.uid()), Some(meta.gid()))
                 .map_err(io_err(&fs))?;

@@ -12,8 +12,9 @@ use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use serde::{Deserialize, Serialize};
 
 use super::workload;
-use crate::rootfs::{self, CgroupView, Context};
+use crate::rootfs::{self, Context};
 use crate::sys::{self, Forked, LinuxSys, Sys as _};
+use kiln_cgroup::CgroupView;
 use kiln_seccomp::SockFilter;
 
 /// What the init reports to the runner over its status pipe.

@@ -10,7 +10,7 @@
 //! cpu_weight = 100     # 1–10000, cgroup v2 cpu.weight (cpu.shares = weight × 1024 / 100 on v1)
 //! ```
 //!
-//! Where limits are enforced is [`crate::cgroup`]'s business: a cgroup of the step's own
+//! Where limits are enforced is [`crate::hierarchy`]'s business: a cgroup of the step's own
 //! when kiln may create one (as root; rootless below a delegated cgroup), otherwise the
 //! rlimits of [`fallback_rlimits`], which bound each process rather than the step.
 

@@ -33,7 +33,14 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::stat::Mode;
 
 use crate::limits::{Enforced, Exceeded, Limits};
-use crate::rootfs::CgroupView;
+
+/// A cgroup hierarchy to show at `/sys/fs/cgroup/<name>` (`name` empty: cgroup v2, shown at
+/// `/sys/fs/cgroup` itself), bound from the step's cgroup directory on the host.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CgroupView {
+    pub name: String,
+    pub host_path: PathBuf,
+}
 
 /// Errors from cgroup handling; each names the path concerned.
 #[derive(Debug, thiserror::Error)]
