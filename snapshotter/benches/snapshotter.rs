@@ -5,10 +5,13 @@
 //!   against the raw overlay cycle (mkdir, mount, write one file, umount) with and without
 //!   `volatile`;
 //! - diff export of an upper directory (uncompressed, and gzip) against `tar -c` of the
-//!   same directory into a pipe.
+//!   same directory into a pipe, and importing that layer against `tar -x` of it.
 //!
 //! Needs root (it mounts, in a private mount namespace); prints `SKIPPED` otherwise. Set
-//! `KILN_BENCH_ITERS` to change the number of cycles.
+//! `KILN_BENCH_ITERS` to change the number of cycles, `KILN_BENCH_LAYER_FILES` and
+//! `KILN_BENCH_LAYER_MIB` the upper directory's size (default 2000 files, 64 MiB;
+//! `scripts/bench` uses 10000 and 1024). Lines `BENCH <what> <kiln ms> <peer ms> <ratio>`
+//! are for `scripts/bench`.
 
 // Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
 #![allow(clippy::unwrap_used)]
@@ -18,7 +21,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_snapshotter::{Compression, ImportOptions, RefOptions, Snapshotter, unmount};
+use kiln_snapshotter::{
+    Compression, ImportOptions, PruneOptions, RefOptions, Snapshotter, unmount,
+};
 use nix::mount::{MsFlags, mount};
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -57,6 +62,22 @@ fn raw_cycle(base: &Path, lower: &Path, i: usize, volatile: bool) -> Duration {
     std::fs::write(merged.join("file"), b"x").unwrap();
     nix::mount::umount(&merged).unwrap();
     start.elapsed()
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn machine_line(what: &str, ours: Duration, theirs: Duration) {
+    println!(
+        "BENCH {what} {:.3} {:.3} {:.3}",
+        ours.as_secs_f64() * 1e3,
+        theirs.as_secs_f64() * 1e3,
+        ours.as_secs_f64() / theirs.as_secs_f64()
+    );
 }
 
 fn bench(iters: usize) -> anyhow::Result<()> {
@@ -124,26 +145,31 @@ fn bench(iters: usize) -> anyhow::Result<()> {
         kiln.as_secs_f64() / raw.as_secs_f64(),
         kiln.as_secs_f64() / raw_volatile.as_secs_f64()
     );
+    machine_line("step_cycle", kiln, raw);
     let start = Instant::now();
     store.sync()?;
     println!("  one sync of all {iters} commits: {}", ms(start.elapsed()));
 
-    // Diff export: an upper with 2000 files, 64 MiB in all.
+    // Diff export: an upper of FILES files (100 per directory), MIB MiB in all, of
+    // incompressible data.
+    let files = env_number("KILN_BENCH_LAYER_FILES", 2000).max(1);
+    let mib = env_number("KILN_BENCH_LAYER_MIB", 64);
+    let file_size = (mib << 20) / files;
     let m = store.new_mutable(Some(&parent), &RefOptions::default())?;
     let upper = m.dir();
     let mut seed = 1u64;
-    for d in 0..20 {
-        let dir = upper.join(format!("d{d:02}"));
-        std::fs::create_dir(&dir)?;
-        for f in 0..100 {
-            let data: Vec<u8> = (0..32 * 1024)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    (seed >> 33) as u8
-                })
-                .collect();
-            std::fs::write(dir.join(format!("f{f:03}")), data)?;
+    let mut data = vec![0u8; file_size];
+    for f in 0..files {
+        let dir = upper.join(format!("d{:03}", f / 100));
+        if f % 100 == 0 {
+            std::fs::create_dir(&dir)?;
         }
+        for chunk in data.chunks_mut(8) {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let n = chunk.len();
+            chunk.copy_from_slice(&seed.to_le_bytes()[..n]);
+        }
+        std::fs::write(dir.join(format!("f{f:05}")), &data)?;
     }
     let top = m.commit()?;
     let rounds = 5;
@@ -169,14 +195,15 @@ fn bench(iters: usize) -> anyhow::Result<()> {
         child.wait()?;
         tar.push(start.elapsed());
     }
-    for _ in 0..2 {
+    // gzip costs ~30 s per GiB of incompressible data: once is enough for big layers.
+    for _ in 0..if mib > 256 { 1 } else { 2 } {
         let start = Instant::now();
         store.export_layer(&top, std::io::sink(), Compression::Gzip)?;
         ours_gzip.push(start.elapsed());
     }
     let (ours, tar, gz) = (median(ours), median(tar), median(ours_gzip));
     println!(
-        "diff export of 2000 files, {} MiB, median of {rounds}:",
+        "diff export of {files} files, {} MiB, median of {rounds}:",
         bytes >> 20
     );
     println!("  GNU tar -c to a pipe: {}", ms(tar));
@@ -186,6 +213,47 @@ fn bench(iters: usize) -> anyhow::Result<()> {
         "  ratio kiln/tar = {:.2}",
         ours.as_secs_f64() / tar.as_secs_f64()
     );
+    machine_line("export", ours, tar);
+
+    // Import: the same layer, as an uncompressed tar file, unpacked into a new snapshot
+    // against `tar -x` of the same file into a new directory.
+    let layer_file = base.join("layer.tar");
+    store.export_layer(&top, std::fs::File::create(&layer_file)?, Compression::None)?;
+    drop(top);
+    let mut ours = Vec::new();
+    let mut tar = Vec::new();
+    for round in 0..rounds {
+        let start = Instant::now();
+        let imported = store.import_layer(
+            Some(&parent),
+            std::fs::File::open(&layer_file)?,
+            &ImportOptions::default(),
+        )?;
+        ours.push(start.elapsed());
+        drop(imported);
+        store.prune(PruneOptions::default())?;
+        let dest = base.join(format!("untar{round}"));
+        std::fs::create_dir(&dest)?;
+        let start = Instant::now();
+        let status = Command::new("tar")
+            .args(["-xf"])
+            .arg(&layer_file)
+            .arg("-C")
+            .arg(&dest)
+            .status()?;
+        tar.push(start.elapsed());
+        anyhow::ensure!(status.success(), "tar -x failed: {status}");
+        std::fs::remove_dir_all(&dest)?;
+    }
+    let (ours, tar) = (median(ours), median(tar));
+    println!("layer import of the same files, median of {rounds}:");
+    println!("  GNU tar -x from a file: {}", ms(tar));
+    println!("  kiln import (both digests): {}", ms(ours));
+    println!(
+        "  ratio kiln/tar = {:.2}",
+        ours.as_secs_f64() / tar.as_secs_f64()
+    );
+    machine_line("import", ours, tar);
     Ok(())
 }
 
@@ -197,10 +265,7 @@ fn main() {
         println!("SKIPPED: the snapshotter benchmarks need root (they mount)");
         return;
     }
-    let iters = std::env::var("KILN_BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let iters = env_number("KILN_BENCH_ITERS", 300);
     let code = kiln_testsupport::run_in_private_mount_namespace(|| match bench(iters) {
         Ok(()) => 0,
         Err(e) => {

@@ -86,10 +86,12 @@ pub fn sigkill_at_random_points() -> anyhow::Result<()> {
             "killed kiln {} times, {killed_in_step} of them while the step ran",
             rounds()
         );
-        // The next build takes the same locked cache mount and finishes.
+        // The next build takes the same locked cache mount, writes to it and finishes.
+        // (What the killed builds wrote there may be gone: each ran with --no-cache, which
+        // starts the cache mount afresh, as BuildKit prunes the cache ids of such steps.)
         let out = kiln
             .build_step(
-                "cat /cache/starts > /result",
+                "echo usable > /cache/after && cat /cache/after > /result",
                 |e| {
                     e.mount(ExecMount::cache(
                         "/cache",
@@ -100,7 +102,11 @@ pub fn sigkill_at_random_points() -> anyhow::Result<()> {
                 &[],
             )?
             .ok()?;
-        ensure!(out.exported("result").is_some(), "{}", out.stderr);
+        ensure!(
+            out.exported("result").as_deref() == Some("usable\n"),
+            "{}",
+            out.stderr
+        );
         let mnt: Vec<_> = std::fs::read_dir(kiln.state().join("mnt"))
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
