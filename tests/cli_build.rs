@@ -503,9 +503,56 @@ fn check_merge_and_diff(s: &Setup) {
     }
 }
 
+/// A graph of more snapshots than the soft limit of open files kiln is started with (a
+/// build holds a lock descriptor per snapshot): kiln raises its own limit, and its step
+/// still gets the limit kiln was given.
+fn check_more_snapshots_than_open_files(s: &Setup) {
+    const SOFT: usize = 128;
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let mut chain = base(&mut b);
+    for i in 0..(SOFT * 2) {
+        chain = b.file(FileActions::on(Some(chain)).mkfile(&format!("/f{i}"), 0o644, b"x"));
+    }
+    let step = b.exec(&sh(
+        Some(chain),
+        "ulimit -n > /nofile; ls / | grep -c '^f[0-9]' > /files",
+    ));
+    let root = step.root().expect("root");
+    let def = b.finish(&root).gogo_encode();
+    let out = s.path("many");
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile={SOFT}:8192"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(s.state())
+        .args(["build", "--progress", "plain", "--local", &s.local, "-o"])
+        .arg(format!("type=local,dest={}", out.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kiln under prlimit");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), &def).expect("definition");
+    let done = child.wait_with_output().expect("wait for kiln");
+    assert!(
+        done.status.success(),
+        "{} snapshots: {}",
+        SOFT * 2,
+        stderr(&done)
+    );
+    assert_eq!(read(&out.join("files")).trim(), (SOFT * 2).to_string());
+    assert_eq!(
+        read(&out.join("nofile")).trim(),
+        SOFT.to_string(),
+        "the step keeps the limit of open files kiln was started with"
+    );
+}
+
 fn check_build() {
     let s = Setup::new();
     check_outputs_and_cache(&s);
+    check_more_snapshots_than_open_files(&s);
     check_merge_and_diff(&s);
     check_session_bound_steps_leave_nothing(&s);
     check_failure_cleans_up(&s);

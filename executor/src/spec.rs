@@ -441,9 +441,10 @@ pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<S
         .no_new_privileges(step.no_new_privileges)
         .build()
         .map_err(build_err)?;
-    if !rlimits.is_empty() {
-        process.set_rlimits(Some(rlimits));
-    }
+    // Without ulimits the step inherits kiln's limits, as BuildKit's steps inherit the
+    // daemon's (it clears the runtime default of RLIMIT_NOFILE 1024, which oci-spec's
+    // builder adds too).
+    process.set_rlimits((!rlimits.is_empty()).then_some(rlimits));
 
     let mut namespaces = vec![
         LinuxNamespaceType::Pid,
@@ -795,5 +796,15 @@ mod tests {
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["ociVersion"], "1.0.2-dev");
         assert_eq!(json["process"]["rlimits"][0]["type"], "RLIMIT_NOFILE");
+        assert_eq!(json["process"]["rlimits"][0]["hard"], 4096);
+
+        // Without ulimits the step inherits kiln's limits (BuildKit clears the runtime's
+        // default RLIMIT_NOFILE 1024).
+        let plain = Step {
+            ulimits: vec![],
+            ..step
+        };
+        let spec = generate(&plain, &host, &crate::sys::LinuxSys).unwrap();
+        assert_eq!(spec.process().as_ref().unwrap().rlimits(), &None);
     }
 }

@@ -42,6 +42,10 @@ enum Input {
 }
 
 pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<ExitCode> {
+    // A build holds a descriptor per snapshot it uses; its steps get the original limit back.
+    if let Err(e) = kiln_executor::sys::raise_open_files_limit() {
+        tracing::debug!("raising the limit of open files: {e}");
+    }
     // Everything the user got wrong fails here, before any namespace or thread exists.
     let registry_hosts = RegistryHosts::load(config)?;
     let network = kiln_executor::network::Config::load(config)?;

@@ -12,6 +12,7 @@ pub mod recording;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -152,6 +153,51 @@ pub fn die_with_parent(parent: Pid, signal: nix::sys::signal::Signal) -> SysResu
     }
 }
 
+/// The soft limit of open files this process had before [`raise_open_files_limit`]
+/// (`u64::MAX`: never raised), which the processes it spawns get back.
+static ORIGINAL_OPEN_FILES: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Raises this process's soft limit of open files to its hard limit, as Go programs such
+/// as BuildKit's daemon do: a build holds a lock descriptor for each snapshot it uses, and
+/// a 1000-vertex graph needs more than the usual soft limit of 1024. The runners and
+/// helpers started through [`spawn_dying_with_parent`] and [`spawn_tied`] get the original
+/// soft limit back, so steps keep the limit the user gave kiln.
+pub fn raise_open_files_limit() -> SysResult<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok(());
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let _ =
+        ORIGINAL_OPEN_FILES.compare_exchange(u64::MAX, soft, Ordering::SeqCst, Ordering::SeqCst);
+    Ok(())
+}
+
+/// In a forked child before exec: the soft limit of open files as it was before
+/// [`raise_open_files_limit`]. Async-signal-safe (an atomic load and setrlimit).
+fn restore_open_files_limit() -> std::io::Result<()> {
+    let soft = ORIGINAL_OPEN_FILES.load(Ordering::SeqCst);
+    if soft == u64::MAX {
+        return Ok(());
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = soft.min(limit.rlim_max);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Makes the process `command` starts get `signal` when the thread that spawns it dies,
 /// and refuse to start (`ESRCH`) when this process is already gone by then, so a runner
 /// never outlives the kiln that started it, even one killed right after the fork.
@@ -162,9 +208,12 @@ pub fn spawn_dying_with_parent(
     use std::os::unix::process::CommandExt as _;
     let parent = nix::unistd::getpid();
     // SAFETY: the hook runs in the forked child before exec and only makes the
-    // async-signal-safe calls prctl and getppid, without allocating.
+    // async-signal-safe calls getrlimit, setrlimit, prctl and getppid, without allocating.
     unsafe {
-        command.pre_exec(move || die_with_parent(parent, signal).map_err(std::io::Error::from));
+        command.pre_exec(move || {
+            restore_open_files_limit()?;
+            die_with_parent(parent, signal).map_err(std::io::Error::from)
+        });
     }
 }
 
@@ -185,7 +234,7 @@ pub fn spawn_tied(
     let parent = nix::unistd::getpid();
     let inherit = inherit.to_vec();
     // SAFETY: the hook runs in the forked child before exec and makes only the
-    // async-signal-safe calls fcntl, prctl, getppid and setpgid, without allocating (the
+    // async-signal-safe calls fcntl, getrlimit, setrlimit, prctl, getppid and setpgid, without allocating (the
     // descriptor list was copied before the fork).
     unsafe {
         command.pre_exec(move || {
@@ -194,6 +243,7 @@ pub fn spawn_tied(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            restore_open_files_limit()?;
             die_with_parent(parent, nix::sys::signal::Signal::SIGKILL)?;
             if libc::setpgid(0, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
