@@ -15,6 +15,8 @@
 //! is one transaction, and the directory work between them is redone or undone by crash
 //! recovery (see the crate docs).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -128,7 +130,16 @@ pub(crate) struct NewRecord<'a> {
 pub(crate) struct Db {
     conn: Connection,
     path: PathBuf,
+    /// Uses of records not written yet (id → last use in ms, number of uses): a cached
+    /// build uses every result it hits, and one write transaction per use was most of
+    /// its time. Reads see them; they are written together when there are many, when the
+    /// store closes, and before a record is deleted. A crash loses only these usage
+    /// figures (prune's ordering), never a state change.
+    pending_uses: RefCell<HashMap<String, (i64, i64)>>,
 }
+
+/// Pending uses written at once beyond this many records.
+const MAX_PENDING_USES: usize = 4096;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -160,6 +171,12 @@ CREATE TABLE IF NOT EXISTS record_keys (
     PRIMARY KEY (key, id)
 );
 CREATE INDEX IF NOT EXISTS record_keys_id ON record_keys(id);
+CREATE TABLE IF NOT EXISTS record_annotations (
+    id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (id, key)
+);
 ";
 
 const COLUMNS: &str = "id, n, state, parent, created_at, last_used_at, usage_count, size, \
@@ -230,7 +247,33 @@ impl Db {
         Ok(Db {
             conn,
             path: path.to_owned(),
+            pending_uses: RefCell::new(HashMap::new()),
         })
+    }
+
+    /// Writes the pending uses in one transaction.
+    pub(crate) fn flush_uses(&self) -> Result<(), MetaError> {
+        let pending = std::mem::take(&mut *self.pending_uses.borrow_mut());
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let write = || -> rusqlite::Result<()> {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            let result = (|| {
+                let mut stmt = self.conn.prepare_cached(
+                    "UPDATE records SET last_used_at = MAX(last_used_at, ?2), \
+                     usage_count = usage_count + ?3 WHERE id = ?1",
+                )?;
+                for (id, (at, uses)) in &pending {
+                    stmt.execute(params![id, at, uses])?;
+                }
+                Ok(())
+            })();
+            self.conn
+                .execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+            result
+        };
+        write().map_err(self.err())
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> MetaError + '_ {
@@ -357,18 +400,18 @@ impl Db {
             id: record.id.clone(),
             state,
         })?;
+        if let Some((at, uses)) = self.pending_uses.borrow().get(&record.id) {
+            record.last_used_at = record.last_used_at.max(from_millis(*at));
+            record.usage_count += u64::try_from(*uses).unwrap_or(0);
+        }
         Ok(record)
     }
 
     pub(crate) fn get(&self, id: &str) -> Result<Option<Record>, MetaError> {
         let row = self
             .conn
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM records WHERE id = ?1"),
-                [id],
-                Self::row,
-            )
-            .optional()
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM records WHERE id = ?1"))
+            .and_then(|mut stmt| stmt.query_row([id], Self::row).optional())
             .map_err(self.err())?;
         row.map(|r| self.finish(r)).transpose()
     }
@@ -500,8 +543,11 @@ impl Db {
             path: path.clone(),
             source,
         };
+        self.pending_uses.borrow_mut().remove(id);
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute("DELETE FROM record_keys WHERE id = ?1", [id])
+            .map_err(err)?;
+        tx.execute("DELETE FROM record_annotations WHERE id = ?1", [id])
             .map_err(err)?;
         tx.execute("DELETE FROM records WHERE id = ?1", [id])
             .map_err(err)?;
@@ -509,22 +555,38 @@ impl Db {
     }
 
     pub(crate) fn touch(&self, id: &str, count_use: bool) -> Result<(), MetaError> {
+        let full = {
+            let mut pending = self.pending_uses.borrow_mut();
+            let entry = pending.entry(id.to_owned()).or_insert((0, 0));
+            entry.0 = entry.0.max(millis(SystemTime::now()));
+            entry.1 += i64::from(count_use);
+            pending.len() >= MAX_PENDING_USES
+        };
+        if full { self.flush_uses() } else { Ok(()) }
+    }
+
+    pub(crate) fn annotation(&self, id: &str, key: &str) -> Result<Option<String>, MetaError> {
+        self.conn
+            .prepare_cached("SELECT value FROM record_annotations WHERE id = ?1 AND key = ?2")
+            .and_then(|mut stmt| stmt.query_row(params![id, key], |r| r.get(0)).optional())
+            .map_err(self.err())
+    }
+
+    pub(crate) fn set_annotation(&self, id: &str, key: &str, value: &str) -> Result<(), MetaError> {
         self.conn
             .execute(
-                "UPDATE records SET last_used_at = ?2, usage_count = usage_count + ?3 \
-                 WHERE id = ?1",
-                params![id, millis(SystemTime::now()), i64::from(count_use)],
+                "INSERT OR REPLACE INTO record_annotations (id, key, value) VALUES (?1, ?2, ?3)",
+                params![id, key, value],
             )
             .map(drop)
             .map_err(self.err())
     }
 
     pub(crate) fn set_retain(&self, id: &str, retain: bool) -> Result<(), MetaError> {
+        // Unchanged rows are not written: a cached build marks every result it uses.
         self.conn
-            .execute(
-                "UPDATE records SET retain = ?2 WHERE id = ?1",
-                params![id, retain],
-            )
+            .prepare_cached("UPDATE records SET retain = ?2 WHERE id = ?1 AND retain != ?2")
+            .and_then(|mut stmt| stmt.execute(params![id, retain]))
             .map(drop)
             .map_err(self.err())
     }
@@ -588,6 +650,14 @@ impl Db {
     }
 }
 
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_uses() {
+            tracing::warn!("recording snapshot uses: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -617,5 +687,70 @@ mod tests {
         drop(db);
         let db = Db::open(&path).unwrap();
         assert!(db.children("old").unwrap().is_empty());
+    }
+
+    fn db_with_record(path: &Path) -> Db {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        conn.execute(
+            "INSERT INTO records (id, n, state, created_at, last_used_at) \
+             VALUES ('r', 1, 'committed', 0, 0)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        Db::open(path).unwrap()
+    }
+
+    fn stored_uses(path: &Path) -> (i64, i64) {
+        Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT last_used_at, usage_count FROM records WHERE id = 'r'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn uses_are_seen_at_once_and_written_together_when_the_store_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshots.db");
+        let db = db_with_record(&path);
+        db.touch("r", true).unwrap();
+        db.touch("r", true).unwrap();
+        db.touch("r", false).unwrap();
+        let seen = db.get("r").unwrap().unwrap();
+        assert_eq!(seen.usage_count, 2);
+        assert!(seen.last_used_at > UNIX_EPOCH);
+        assert_eq!(db.all().unwrap()[0].usage_count, 2, "listings see them too");
+        assert_eq!(stored_uses(&path), (0, 0), "not written per use");
+        drop(db);
+        let (last_used, count) = stored_uses(&path);
+        assert_eq!(count, 2);
+        assert!(last_used > 0);
+    }
+
+    #[test]
+    fn annotations_persist_and_go_with_their_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshots.db");
+        let db = db_with_record(&path);
+        assert_eq!(db.annotation("r", "k").unwrap(), None);
+        db.set_annotation("r", "k", "v1").unwrap();
+        db.set_annotation("r", "k", "v2").unwrap();
+        drop(db);
+        let mut db = Db::open(&path).unwrap();
+        assert_eq!(db.annotation("r", "k").unwrap().as_deref(), Some("v2"));
+        db.touch("r", true).unwrap();
+        db.delete("r").unwrap();
+        assert_eq!(db.annotation("r", "k").unwrap(), None);
+        drop(db);
+        let rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM record_annotations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
     }
 }

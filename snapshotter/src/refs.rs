@@ -1497,6 +1497,21 @@ impl ImmutableRef {
         Ok(self.record()?.last_used_at)
     }
 
+    /// A value stored with the record under `key` (facts about its immutable content,
+    /// such as content hashes, that are costly to compute again); removed with it.
+    pub fn annotation(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.held.shared.db().annotation(self.id(), key)?)
+    }
+
+    /// Stores `value` under `key` with the record (see [`ImmutableRef::annotation`]).
+    pub fn set_annotation(&self, key: &str, value: &str) -> Result<()> {
+        Ok(self
+            .held
+            .shared
+            .db()
+            .set_annotation(self.id(), key, value)?)
+    }
+
     /// Keeps (or stops keeping) the record when unused; prune still removes it.
     pub fn set_retain(&self, retain: bool) -> Result<()> {
         Ok(self.held.shared.db().set_retain(self.id(), retain)?)

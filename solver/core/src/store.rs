@@ -197,7 +197,8 @@ impl Store {
     /// Whether `key` is known (has results or links).
     pub fn exists(&self, key: &str) -> Result<bool, StoreError> {
         self.with(|c| {
-            c.query_row("SELECT 1 FROM keys WHERE id = ?1", [key], |_| Ok(()))
+            c.prepare_cached("SELECT 1 FROM keys WHERE id = ?1")?
+                .query_row([key], |_| Ok(()))
                 .optional()
                 .map(|r| r.is_some())
         })

@@ -104,6 +104,34 @@ pub fn dep_digest(
     Ok(Digest::of(sums.join("\0").as_bytes()))
 }
 
+/// The annotation under which an immutable ref keeps its dep digest for `selectors`
+/// ([`dep_digest`] is a pure function of the ref's content and the selectors, and a
+/// committed ref's content never changes): a cached build then hashes nothing, and
+/// mounts nothing, for the COPYs it does not run. Versioned with the digest's algorithm.
+pub fn annotation_key(selectors: &[ContentSelector]) -> String {
+    let mut canonical = Vec::new();
+    for s in selectors {
+        for field in [
+            s.path.as_str(),
+            if s.follow_links { "1" } else { "0" },
+            if s.wildcard { "1" } else { "0" },
+        ] {
+            canonical.extend_from_slice(field.as_bytes());
+            canonical.push(0);
+        }
+        for patterns in [&s.include_patterns, &s.exclude_patterns] {
+            canonical.extend_from_slice(patterns.len().to_string().as_bytes());
+            for p in patterns {
+                canonical.push(0);
+                canonical.extend_from_slice(p.as_bytes());
+            }
+            canonical.push(0);
+        }
+        canonical.push(0x1e);
+    }
+    format!("contenthash.v1:{}", Digest::of(&canonical).hex())
+}
+
 /// Where a path resolved to: the root itself or a name inside a directory.
 enum Resolved {
     Root,

@@ -217,14 +217,13 @@ impl Worker for KilnWorker {
     }
 
     async fn load_result(&self, result_id: &str) -> Result<Option<KilnRef>, OpError> {
-        let inner = self.inner.clone();
-        let id = result_id.to_owned();
-        blocking(move || match inner.snapshotter.get(&id) {
+        // In place, as the other metadata calls below: a lock file and a SQLite row
+        // (see the scheduler's `store`).
+        match self.inner.snapshotter.get(result_id) {
             Ok(r) => Ok(Some(KilnRef::ready(r))),
             Err(kiln_snapshotter::Error::NotFound(_)) => Ok(None),
             Err(e) => Err(failed(e)),
-        })
-        .await
+        }
     }
 
     fn result_id(&self, r: &KilnRef) -> String {
@@ -233,7 +232,7 @@ impl Worker for KilnWorker {
 
     async fn on_cached(&self, r: &KilnRef) -> Result<(), OpError> {
         let r = self.materialize(r).await?;
-        blocking(move || r.set_retain(true).map_err(failed)).await
+        r.set_retain(true).map_err(failed)
     }
 
     /// Nothing: BuildKit unlazies an input here (its `unlazyResultFunc`) before the
@@ -254,15 +253,25 @@ impl Worker for KilnWorker {
             return contenthash::dep_digest(None, selectors).map_err(failed);
         };
         let input = self.materialize(input).await?;
+        let key = contenthash::annotation_key(selectors);
+        if let Some(known) = input.annotation(&key).map_err(failed)? {
+            if let Ok(digest) = known.parse::<Digest>() {
+                return Ok(digest);
+            }
+        }
         let worker = self.clone();
         let selectors = selectors.to_vec();
         blocking(move || {
-            worker
+            let digest = worker
                 .with_mounted(&input, |path| {
                     let root = contenthash::open_root(path).map_err(failed)?;
                     contenthash::dep_digest(Some(root.as_fd()), &selectors).map_err(failed)
                 })
-                .map_err(failed)?
+                .map_err(failed)??;
+            input
+                .set_annotation(&key, digest.as_str())
+                .map_err(failed)?;
+            Ok(digest)
         })
         .await
     }

@@ -204,3 +204,36 @@ fn deep_trees_hash_without_recursion() {
     assert_eq!(checksum(fd.as_fd(), "/", false).unwrap(), a);
     assert_ne!(checksum(fd.as_fd(), "/d", false).unwrap(), a);
 }
+
+#[test]
+fn stored_digests_are_keyed_by_every_selector_field() {
+    use kiln_worker::contenthash::annotation_key;
+    let plain = ContentSelector::path("/a", false);
+    let key = annotation_key(std::slice::from_ref(&plain));
+    assert!(key.starts_with("contenthash.v1:"), "{key}");
+    assert_eq!(key, annotation_key(&[ContentSelector::path("/a", false)]));
+    let variants = [
+        vec![],
+        vec![ContentSelector::path("/a", true)],
+        vec![ContentSelector::path("/b", false)],
+        vec![ContentSelector {
+            wildcard: true,
+            ..plain.clone()
+        }],
+        vec![ContentSelector {
+            include_patterns: vec!["x".into()],
+            ..plain.clone()
+        }],
+        vec![ContentSelector {
+            exclude_patterns: vec!["x".into()],
+            ..plain.clone()
+        }],
+        vec![plain.clone(), plain.clone()],
+    ];
+    let mut keys: Vec<String> = variants.iter().map(|v| annotation_key(v)).collect();
+    keys.push(key);
+    let count = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), count, "every selector set has its own key");
+}
