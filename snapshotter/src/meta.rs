@@ -138,6 +138,9 @@ pub(crate) struct Db {
     pending_uses: RefCell<HashMap<String, (i64, i64)>>,
 }
 
+/// The schema `SCHEMA` and the migrations make (`PRAGMA user_version`); raise it with them.
+const SCHEMA_VERSION: i64 = 2;
+
 /// Pending uses written at once beyond this many records.
 const MAX_PENDING_USES: usize = 4096;
 
@@ -236,14 +239,36 @@ impl Db {
         };
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
+        // WAL is persistent in the file: set once.
+        let journal: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .map_err(err)?;
+        if !journal.eq_ignore_ascii_case("wal") {
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(err)?;
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
-        migrate(&conn).map_err(err)?;
-        conn.execute_batch("CREATE INDEX IF NOT EXISTS records_content ON records(content);")
+        // Closing must not checkpoint (two fsyncs per kiln process): commits checkpoint
+        // the WAL when it grows past its limit, which is as crash-safe.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(err)?;
+        // Parsing the schema costs more than a cached build's lookups: only a store of an
+        // older schema (or a new one) runs it.
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(err)?;
+        if version != SCHEMA_VERSION {
+            conn.execute_batch(SCHEMA).map_err(err)?;
+            migrate(&conn).map_err(err)?;
+            conn.execute_batch("CREATE INDEX IF NOT EXISTS records_content ON records(content);")
+                .map_err(err)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(err)?;
+        }
         Ok(Db {
             conn,
             path: path.to_owned(),
@@ -289,6 +314,17 @@ impl Db {
                 r.get(0)
             })
             .optional()
+            .map_err(self.err())
+    }
+
+    /// Sets `key` to `value`.
+    pub(crate) fn set_setting(&self, key: &str, value: &str) -> Result<(), MetaError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map(drop)
             .map_err(self.err())
     }
 

@@ -1347,6 +1347,21 @@ fn choose_backend(
         db.setting_or_insert("backend", "native")?;
         return Ok(native);
     }
+    // One probe per boot: a store whose overlay worked since this boot (same xattr
+    // namespace) skips the probe mount, which cost more than a whole cached build.
+    let stamp = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|boot| format!("{}:{xattrs:?}", boot.trim()));
+    if recorded.as_deref() == Some("overlay")
+        && stamp.is_some()
+        && db.setting("overlay_probed")? == stamp
+    {
+        tracing::info!(
+            "snapshot store {}: using kernel overlayfs, probed earlier since this boot",
+            root.display()
+        );
+        return Ok(Backend::Overlay { xattrs });
+    }
     // A directory of this process's own: kiln processes opening one store at once would
     // otherwise remove each other's probe mid-way (and fall back to, or fail on, native).
     let probe =
@@ -1361,6 +1376,9 @@ fn choose_backend(
             }
         );
         db.setting_or_insert("backend", "overlay")?;
+        if let Some(stamp) = &stamp {
+            db.set_setting("overlay_probed", stamp)?;
+        }
         return Ok(Backend::Overlay { xattrs });
     }
     let reason = probe.reason.unwrap_or_default();

@@ -134,11 +134,34 @@ impl Store {
         };
         let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        // WAL first: it is persistent in the file and lets readers run beside a writer.
-        conn.pragma_update(None, "journal_mode", "WAL")
+        // WAL first: it is persistent in the file (set once) and lets readers run beside a
+        // writer.
+        let journal: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .map_err(err)?;
+        if !journal.eq_ignore_ascii_case("wal") {
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(err)?;
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
+        // Closing must not checkpoint (two fsyncs per kiln process): commits checkpoint
+        // the WAL when it grows past its limit, which is as crash-safe.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(err)?;
+        // The schema is current in all but a new or older store: no write lock then.
+        let current: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if current == SCHEMA_VERSION {
+            return Ok(Store {
+                path: path.to_owned(),
+                conn: Mutex::new(conn),
+            });
+        }
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
