@@ -452,6 +452,22 @@ impl Db {
         row.map(|r| self.finish(r)).transpose()
     }
 
+    /// The directory numbers of all records.
+    pub(crate) fn numbers(&self) -> Result<std::collections::HashSet<u64>, MetaError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT n FROM records")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, i64>(0))
+            .map_err(self.err())?;
+        let mut out = std::collections::HashSet::new();
+        for n in rows {
+            out.insert(u64::try_from(n.map_err(self.err())?).unwrap_or(0));
+        }
+        Ok(out)
+    }
+
     pub(crate) fn get_by_n(&self, n: u64) -> Result<Option<Record>, MetaError> {
         let row = self
             .conn

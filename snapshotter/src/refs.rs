@@ -1179,7 +1179,7 @@ impl Snapshotter {
 
     /// Numbers that have a directory or a lock file but no record.
     fn orphan_numbers(&self) -> Result<Vec<u64>> {
-        let mut numbers = Vec::new();
+        let mut numbers = std::collections::BTreeSet::new();
         for (dir, prefix, suffix) in [
             (&self.shared.snapshots, "", ""),
             (&self.shared.locks, "snapshot-", ".lock"),
@@ -1196,13 +1196,14 @@ impl Snapshotter {
                 else {
                     continue;
                 };
-                if self.shared.db().get_by_n(n)?.is_none() && !numbers.contains(&n) {
-                    numbers.push(n);
-                }
+                numbers.insert(n);
             }
         }
-        numbers.sort_unstable();
-        Ok(numbers)
+        // Read after the directories: a record is made before its directory and lock, so
+        // whatever was listed above and has a record is in this set (one query, not one
+        // per directory: a cached build opens a store of thousands of snapshots).
+        let known = self.shared.db().numbers()?;
+        Ok(numbers.into_iter().filter(|n| !known.contains(n)).collect())
     }
 
     /// Checks the store for inconsistencies; an empty list means it is sound. Records being

@@ -114,7 +114,8 @@ fn digest_string(hash: impl AsRef<[u8]>) -> String {
 #[derive(Debug)]
 pub(crate) struct HashWriter<W> {
     inner: W,
-    hash: Sha256,
+    /// `None`: counting only, for a stream whose digest another writer already takes.
+    hash: Option<Sha256>,
     count: u64,
 }
 
@@ -122,20 +123,36 @@ impl<W: Write> HashWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
         HashWriter {
             inner,
-            hash: Sha256::new(),
+            hash: Some(Sha256::new()),
             count: 0,
         }
     }
 
-    pub(crate) fn finish(self) -> (W, String, u64) {
-        (self.inner, digest_string(self.hash.finalize()), self.count)
+    /// Counts without hashing.
+    pub(crate) fn counting(inner: W) -> Self {
+        HashWriter {
+            inner,
+            hash: None,
+            count: 0,
+        }
+    }
+
+    /// The inner writer, the digest (`None` when only counting) and the byte count.
+    pub(crate) fn finish(self) -> (W, Option<String>, u64) {
+        (
+            self.inner,
+            self.hash.map(|h| digest_string(h.finalize())),
+            self.count,
+        )
     }
 }
 
 impl<W: Write> Write for HashWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
+        if let Some(hash) = &mut self.hash {
+            hash.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }
@@ -195,8 +212,12 @@ mod tests {
         assert_eq!(inner, b"abc");
         assert_eq!(count, 3);
         assert_eq!(
-            digest,
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            digest.as_deref(),
+            Some("sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
         );
+        let mut counting = HashWriter::counting(Vec::new());
+        counting.write_all(b"abcd").unwrap();
+        let (_, digest, count) = counting.finish();
+        assert_eq!((digest, count), (None, 4));
     }
 }

@@ -95,7 +95,12 @@ fn join(prefix: &[u8], name: &[u8]) -> Vec<u8> {
 
 impl<W: Write> TarOut<W> {
     fn new(out: W, compression: Compression) -> Result<TarOut<W>, LayerError> {
-        let compressed = HashWriter::new(out);
+        // Uncompressed, the blob is the tar: its digest is the diff id, hashed once.
+        let compressed = if compression == Compression::None {
+            HashWriter::counting(out)
+        } else {
+            HashWriter::new(out)
+        };
         let encoder = match compression {
             Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
                 compressed,
@@ -118,8 +123,10 @@ impl<W: Write> TarOut<W> {
     fn finish(self) -> Result<LayerDescriptor, LayerError> {
         let tar = self.builder.into_inner().map_err(LayerError::Write)?;
         let (encoder, diff_id, uncompressed_size) = tar.finish();
+        let diff_id = diff_id.unwrap_or_default();
         let compressed = encoder.finish().map_err(LayerError::Write)?;
         let (mut out, digest, size) = compressed.finish();
+        let digest = digest.unwrap_or_else(|| diff_id.clone());
         out.flush().map_err(LayerError::Write)?;
         Ok(LayerDescriptor {
             media_type: self.compression.media_type(),
