@@ -590,48 +590,10 @@ impl Snapshotter {
     /// The mutable record `id` (a retained one without an open handle, e.g. a cache-mount
     /// directory found with [`find`](Snapshotter::find)).
     pub fn get_mutable(&self, id: &str) -> Result<MutableRef> {
-        let record = self
-            .shared
-            .db()
-            .get(id)?
-            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        if record.state != RecordState::Mutable {
-            return Err(Error::WrongState {
-                id: id.to_owned(),
-                state: record.state,
-                wanted: "mutable",
-            });
-        }
-        let mut lock = RecordLock::open(&self.shared.lock_path(record.n), Create::Existing)?
-            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        if !lock.lock(LockKind::Exclusive, false)? {
-            if !lock.still_linked() {
-                return Err(Error::NotFound(id.to_owned()));
-            }
-            return Err(Error::Locked(id.to_owned()));
-        }
-        let record = self
-            .shared
-            .db()
-            .get(id)?
-            .filter(|r| r.state == RecordState::Mutable)
-            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        let parent = match &record.parent {
-            Some(p) => Some(self.get(p)?),
-            None => None,
-        };
-        self.shared.db().touch(id, true)?;
+        let (held, retain) = self.hold_mutable(id, LockKind::Exclusive)?;
         Ok(MutableRef {
-            held: Some(Arc::new(Held {
-                shared: self.shared.clone(),
-                id: id.to_owned(),
-                n: record.n,
-                parent,
-                content: None,
-                foreign: false,
-                lock: Mutex::new(lock),
-            })),
-            retain: record.retain,
+            held: Some(held),
+            retain,
         })
     }
 
@@ -639,6 +601,14 @@ impl Snapshotter {
     /// Only a record that mounts as a plain directory can be shared: one without parent
     /// (or any on the native backend, whose snapshots are full trees).
     pub fn get_mutable_shared(&self, id: &str) -> Result<SharedMutableRef> {
+        let (held, _) = self.hold_mutable(id, LockKind::Shared)?;
+        Ok(SharedMutableRef { held: Some(held) })
+    }
+
+    /// Locks the mutable record `id` (`Shared`: only one that mounts as a plain
+    /// directory), checks it again under the lock and opens its parent; returns the
+    /// handle and whether the record is retained.
+    fn hold_mutable(&self, id: &str, kind: LockKind) -> Result<(Arc<Held>, bool)> {
         let record = self
             .shared
             .db()
@@ -652,7 +622,7 @@ impl Snapshotter {
             });
         }
         let native = matches!(self.shared.backend, Backend::Native { .. });
-        if record.parent.is_some() && !native {
+        if kind == LockKind::Shared && record.parent.is_some() && !native {
             return Err(Error::WrongState {
                 id: id.to_owned(),
                 state: record.state,
@@ -661,7 +631,7 @@ impl Snapshotter {
         }
         let mut lock = RecordLock::open(&self.shared.lock_path(record.n), Create::Existing)?
             .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        if !lock.lock(LockKind::Shared, false)? {
+        if !lock.lock(kind, false)? {
             if !lock.still_linked() {
                 return Err(Error::NotFound(id.to_owned()));
             }
@@ -678,17 +648,16 @@ impl Snapshotter {
             None => None,
         };
         self.shared.db().touch(id, true)?;
-        Ok(SharedMutableRef {
-            held: Some(Arc::new(Held {
-                shared: self.shared.clone(),
-                id: id.to_owned(),
-                n: record.n,
-                parent,
-                content: None,
-                foreign: false,
-                lock: Mutex::new(lock),
-            })),
-        })
+        let held = Arc::new(Held {
+            shared: self.shared.clone(),
+            id: id.to_owned(),
+            n: record.n,
+            parent,
+            content: None,
+            foreign: false,
+            lock: Mutex::new(lock),
+        });
+        Ok((held, record.retain))
     }
 
     /// Takes record `id` out of `key`'s index and stops retaining it: whoever holds it
