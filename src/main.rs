@@ -8,13 +8,12 @@ mod progress;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // `kiln __runner <bundle>`: the single-threaded step runner kiln starts per step.
+    // `kiln __runner …`: the single-threaded step launcher kiln starts per build, or a
+    // runner of one step.
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == "__runner") {
-        let Some(bundle) = args.next() else {
-            return ExitCode::from(2);
-        };
-        let code = kiln_executor::process::runner_main(std::path::Path::new(&bundle));
+        let args: Vec<_> = args.collect();
+        let code = kiln_executor::launcher::runner_program_main(&args);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let cli = cli::parse();

@@ -6,6 +6,7 @@
 
 pub mod caps;
 pub mod hosts;
+pub mod launcher;
 pub mod network;
 pub mod path;
 pub mod process;

@@ -1,17 +1,20 @@
-//! The async side of a step: writes the runner's bundle, starts the runner (a fresh,
-//! single-threaded process: forking a multi-threaded tokio process would not be safe),
-//! streams the step's output with an in-memory cap, and cancels by asking the runner to
-//! kill the step's pid namespace, with SIGKILL as the fallback after a grace period.
+//! The async side of a step: writes the runner's bundle, has the launcher fork the runner
+//! (a single-threaded process: forking a multi-threaded tokio process would not be safe;
+//! see [`crate::launcher`]), streams the step's output with an in-memory cap, and cancels
+//! by asking the runner to kill the step's pid namespace, with SIGKILL as the fallback
+//! after a grace period.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::launcher::{Launched, Launcher, LauncherError, Outputs};
 use crate::process::{ExitInfo, RunnerConfig};
 
 /// Errors from running a step (a failing command is a [`StepResult`], not an error).
@@ -23,12 +26,8 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the step runner {program}: {source}")]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Launch(#[from] LauncherError),
     #[error("waiting for the step: {0}")]
     Wait(#[source] std::io::Error),
     #[error("{0}")]
@@ -83,11 +82,12 @@ pub struct StepRequest {
     pub config: RunnerConfig,
 }
 
-/// Runs steps through runner processes.
+/// Runs steps through runner processes, forked by a launcher started with the first step.
 #[derive(Clone, Debug)]
 pub struct Executor {
     runner: RunnerCommand,
     run_root: PathBuf,
+    launcher: Arc<Mutex<Option<Arc<Launcher>>>>,
 }
 
 /// Where the steps of `run_root` keep compiled seccomp programs: a name no step id can
@@ -119,6 +119,7 @@ impl Executor {
         Ok(Executor {
             runner,
             run_root: run_root.to_owned(),
+            launcher: Arc::default(),
         })
     }
 
@@ -141,6 +142,38 @@ impl Executor {
                 source,
             })?;
         Ok(path)
+    }
+
+    /// Has the launcher start a runner for `bundle`; starts the launcher first when there
+    /// is none, or a new one when it is gone (killed from outside).
+    fn launch(&self, bundle: &Path, outputs: &Outputs) -> Result<Launched, ExecError> {
+        let launcher = self.launcher()?;
+        match launcher.launch(bundle, outputs) {
+            Err(e) if e.launcher_gone() => {
+                tracing::warn!("the step launcher is gone ({e}); starting a new one");
+                {
+                    let mut slot = self.launcher.lock().unwrap_or_else(PoisonError::into_inner);
+                    if slot
+                        .as_ref()
+                        .is_some_and(|current| Arc::ptr_eq(current, &launcher))
+                    {
+                        *slot = None;
+                    }
+                }
+                Ok(self.launcher()?.launch(bundle, outputs)?)
+            }
+            result => Ok(result?),
+        }
+    }
+
+    fn launcher(&self) -> Result<Arc<Launcher>, ExecError> {
+        let mut slot = self.launcher.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(launcher) = slot.as_ref() {
+            return Ok(Arc::clone(launcher));
+        }
+        let launcher = Arc::new(Launcher::start(&self.runner)?);
+        *slot = Some(Arc::clone(&launcher));
+        Ok(launcher)
     }
 
     /// Runs a step whose bundle was prepared; removes the bundle afterwards.
@@ -177,59 +210,53 @@ impl Executor {
             path: config_path,
             source,
         })?;
-        let mut command = tokio::process::Command::new(&self.runner.program);
-        // The runner kills its step and cleans up on SIGTERM; it must get it even when
-        // kiln is killed between the fork and the runner's own start.
-        crate::sys::spawn_dying_with_parent(
-            command.as_std_mut(),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let mut child = command
-            .args(&self.runner.args)
-            .arg(bundle)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| ExecError::Spawn {
-                program: self.runner.program.clone(),
-                source,
-            })?;
-        let stdout = child
-            .stdout
-            .take()
-            .map(|s| tokio::spawn(pump(s, Stream::Stdout, output.clone())));
-        let stderr = child
-            .stderr
-            .take()
-            .map(|s| tokio::spawn(pump(s, Stream::Stderr, output)));
+        let (stdout_r, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ExecError::Setup(format!("creating the step's output pipe: {e}")))?;
+        let (stderr_r, stderr_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ExecError::Setup(format!("creating the step's output pipe: {e}")))?;
+        let outputs = Outputs {
+            stdout: stdout_w,
+            stderr: stderr_w,
+        };
+        let mut launched = self.launch(bundle, &outputs)?;
+        // Only the runner holds the write ends now: the pumps end when its step is done.
+        drop(outputs);
+        let receiver = |fd| {
+            tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+                .map_err(|e| ExecError::Setup(format!("reading the step's output: {e}")))
+        };
+        let stdout = tokio::spawn(pump(receiver(stdout_r)?, Stream::Stdout, output.clone()));
+        let stderr = tokio::spawn(pump(receiver(stderr_r)?, Stream::Stderr, output));
         let mut cancelled = false;
-        let status = tokio::select! {
-            status = child.wait() => status.map_err(ExecError::Wait)?,
-            () = cancel.cancelled() => {
-                cancelled = true;
-                if let Some(pid) = child.id() {
-                    // The runner kills the step's pid namespace and cleans up on SIGTERM.
-                    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                }
-                match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
-                    Ok(status) => status.map_err(ExecError::Wait)?,
-                    Err(_) => {
-                        let _ = child.kill().await;
-                        child.wait().await.map_err(ExecError::Wait)?
+        // Cancellation asks the runner to kill the step's pid namespace and clean up
+        // (SIGTERM); SIGKILL follows after a grace period.
+        let mut terminated = false;
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                more = launched.next() => {
+                    if !more.map_err(|e| ExecError::Wait(std::io::Error::other(e)))? {
+                        break;
                     }
                 }
+                () = cancel.cancelled(), if !cancelled => cancelled = true,
+                () = sleep_until(kill_at), if kill_at.is_some() => {
+                    launched.signal(Signal::SIGKILL);
+                    kill_at = None;
+                }
             }
-        };
+            // The pidfd may arrive after the cancellation.
+            if cancelled && !terminated && launched.signal(Signal::SIGTERM) {
+                terminated = true;
+                kill_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+        }
+        let status = launched.wait_status();
         let mut result = StepResult::default();
         for (task, buffer) in [(stdout, &mut result.stdout), (stderr, &mut result.stderr)] {
-            if let Some(task) = task {
-                let (kept, truncated) = task.await.unwrap_or_default();
-                *buffer = kept;
-                result.truncated |= truncated;
-            }
+            let (kept, truncated) = task.await.unwrap_or_default();
+            *buffer = kept;
+            result.truncated |= truncated;
         }
         let result_path = bundle.join("result.json");
         let outcome: Option<serde_json::Value> = std::fs::read(&result_path)
@@ -262,9 +289,17 @@ impl Executor {
             None => {
                 // The runner died (killed from outside): its step's cgroups are ours to remove.
                 crate::cgroup::clean_stale(&cgroup_registry(&self.run_root));
-                Err(ExecError::NoResult(status.to_string()))
+                Err(ExecError::NoResult(status))
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without it.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

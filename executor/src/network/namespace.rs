@@ -113,7 +113,7 @@ impl Namespace {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log.try_clone().map_err(spawn_err)?));
-        let mut helper = sys::spawn_tied(&mut command, &inherit).map_err(spawn_err)?;
+        let mut helper = sys::spawn_tied(&mut command, &inherit, true).map_err(spawn_err)?;
         drop(ready_w);
         drop(exit_r);
         let exit_pipe = (stack == Stack::Slirp4netns).then_some(exit_w);

@@ -220,8 +220,9 @@ pub fn spawn_dying_with_parent(
 /// Starts `command` as a helper tied to the calling thread: the descriptors in `inherit`
 /// (close-on-exec here) stay open across its exec under the same numbers, it gets SIGKILL
 /// when the calling thread ends (`PR_SET_PDEATHSIG`; it refuses to start when that
-/// thread is already gone), and it gets a process group of its own, so a terminal's ^C
-/// reaches kiln, which then stops its helpers itself.
+/// thread is already gone). With `own_group` it gets a process group of its own, so a
+/// terminal's ^C reaches only kiln, which then stops the helper itself; without, it shares
+/// kiln's group and whatever signals kiln's group.
 ///
 /// # Caveats
 /// The parent-death signal follows the *thread* that spawns: call it from a thread that
@@ -229,6 +230,7 @@ pub fn spawn_dying_with_parent(
 pub fn spawn_tied(
     command: &mut std::process::Command,
     inherit: &[RawFd],
+    own_group: bool,
 ) -> std::io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt as _;
     let parent = nix::unistd::getpid();
@@ -245,7 +247,7 @@ pub fn spawn_tied(
             }
             restore_open_files_limit()?;
             die_with_parent(parent, nix::sys::signal::Signal::SIGKILL)?;
-            if libc::setpgid(0, 0) < 0 {
+            if own_group && libc::setpgid(0, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -273,6 +275,80 @@ pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: nix::sys::signal::Signal
         )
     })
     .map(drop)
+}
+
+/// Takes ownership of descriptor `fd`, inherited across exec for this process to own (the
+/// launcher's socket): checked to be open, and marked close-on-exec.
+///
+/// # Caveats
+/// Call it once per inherited descriptor, at startup, before anything else could own it.
+pub fn take_inherited_fd(fd: RawFd) -> SysResult<OwnedFd> {
+    if fd < 3 {
+        return Err(Errno::EBADF);
+    }
+    // SAFETY: fcntl on an integer descriptor only reads and sets its flags.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) }.into())?;
+    // SAFETY: the descriptor is open (fcntl succeeded), and by this function's contract it
+    // was inherited for this process to own, with no other owner in it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `bytes` with the descriptors `fds` (`SCM_RIGHTS`) on a Unix socket; never raises
+/// SIGPIPE (a peer that is gone is `EPIPE`).
+pub fn send_with_fds(
+    socket: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> SysResult<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let control = [ControlMessage::ScmRights(&raw)];
+    let iov = [std::io::IoSlice::new(bytes)];
+    let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &control };
+    let sent = sendmsg::<()>(
+        socket.as_raw_fd(),
+        &iov,
+        control,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    if sent == bytes.len() {
+        Ok(())
+    } else {
+        Err(Errno::EMSGSIZE)
+    }
+}
+
+/// Most descriptors [`recv_with_fds`] takes with one message.
+pub const MAX_RECEIVED_FDS: usize = 4;
+
+/// Receives one message into `buf` with up to [`MAX_RECEIVED_FDS`] descriptors
+/// (close-on-exec) from a Unix socket: the byte count (0 at the end of a stream) and the
+/// descriptors, owned. More descriptors are an `EMSGSIZE` error (the kernel drops them).
+pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> SysResult<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut control = nix::cmsg_space!([RawFd; MAX_RECEIVED_FDS]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let message = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut control),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in message.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            for fd in raw {
+                // SAFETY: SCM_RIGHTS installed `fd` in this process just now, owned by
+                // nobody else.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if message.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(Errno::EMSGSIZE);
+    }
+    Ok((message.bytes, fds))
 }
 
 /// Closes every descriptor from `first` up (`close_range(2)`).

@@ -61,14 +61,33 @@ pub fn run_in_network(
         .build()
         .map_err(|e| e.to_string())?;
     let run_root = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let executor = Executor::new(
+    let executor = executor(run_root.path())?;
+    let request = request(&executor, run_root.path(), step, network)?;
+    runtime
+        .block_on(executor.run(&request, None, cancel))
+        .map_err(|e| e.to_string())
+}
+
+/// An executor running steps through the `kiln-runner` binary, with its steps' directories
+/// in `run_root`.
+pub fn executor(run_root: &Path) -> Result<Executor, String> {
+    Executor::new(
         RunnerCommand {
             program: env!("CARGO_BIN_EXE_kiln-runner").into(),
             args: Vec::new(),
         },
-        run_root.path(),
+        run_root,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())
+}
+
+/// A prepared request to run `step` with `executor` (whose run root is `run_root`).
+pub fn request(
+    executor: &Executor,
+    run_root: &Path,
+    step: &Step,
+    network: Option<kiln_executor::network::Attachment>,
+) -> Result<StepRequest, String> {
     let id = format!(
         "t{}x{}",
         std::process::id(),
@@ -77,7 +96,7 @@ pub fn run_in_network(
     let bundle = executor.prepare_bundle(&id).map_err(|e| e.to_string())?;
     let host = Host {
         in_user_namespace: in_user_namespace(),
-        shared_dir: run_root.path().to_owned(),
+        shared_dir: run_root.to_owned(),
         run_dir: bundle,
         id: id.clone(),
         network,
@@ -85,7 +104,7 @@ pub fn run_in_network(
     let spec = spec::generate(step, &host, &LinuxSys).map_err(|e| e.to_string())?;
     let mut stub_paths = vec!["/etc/resolv.conf".to_owned(), "/etc/hosts".to_owned()];
     stub_paths.extend(step.mounts.iter().map(|m| m.destination.clone()));
-    let request = StepRequest {
+    Ok(StepRequest {
         id,
         config: RunnerConfig {
             spec,
@@ -99,10 +118,7 @@ pub fn run_in_network(
             seccomp_cache: None,
             cgroup_registry: None,
         },
-    };
-    runtime
-        .block_on(executor.run(&request, None, cancel))
-        .map_err(|e| e.to_string())
+    })
 }
 
 pub type Check = fn() -> Result<(), String>;
