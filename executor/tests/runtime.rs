@@ -130,6 +130,21 @@ fn open_descriptors() -> Result<(), String> {
     expect_eq("fds", &out, "0\n1\n2\n3")
 }
 
+fn default_signal_dispositions() -> Result<(), String> {
+    let rootfs = busybox();
+    // kiln ignores SIGPIPE (as Rust programs do); the step must not inherit that, nor a
+    // blocked signal: `yes | head -n1` ends `yes` by SIGPIPE, as under runc.
+    let out = output_of(&step(
+        rootfs.path(),
+        "grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -n1",
+    ))?;
+    expect_eq(
+        "ignored and blocked signals",
+        &out,
+        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\ny",
+    )
+}
+
 fn masked_and_readonly_paths() -> Result<(), String> {
     let rootfs = busybox();
     let script = "
@@ -448,6 +463,7 @@ common::both_modes! {
     capability_sets_per_mode_and_user => capabilities;
     hostname_and_etc_hosts => hostname_and_hosts;
     only_standard_descriptors_are_open => open_descriptors;
+    signals_start_with_default_dispositions => default_signal_dispositions;
     masked_paths_and_readonly_proc_sys => masked_and_readonly_paths;
     cwd_created_and_owned_by_the_user => cwd_is_created_for_the_user;
     buildkit_user_lookups => user_lookups;

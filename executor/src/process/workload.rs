@@ -123,6 +123,7 @@ fn prepare_and_exec(spec: &Spec, filter: &[SockFilter]) -> Result<Infallible, Fa
     let process = spec.process().as_ref().ok_or("spec has no process")?;
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(|e| format!("unblocking signals: {e}"))?;
+    sys::reset_signal_dispositions();
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
 
     for limit in process.rlimits().iter().flatten() {

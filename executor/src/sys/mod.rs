@@ -351,6 +351,45 @@ pub fn recv_with_fds(socket: BorrowedFd<'_>, buf: &mut [u8]) -> SysResult<(usize
     Ok((message.bytes, fds))
 }
 
+/// Sets every signal's disposition back to the default. `execve` keeps ignored signals
+/// ignored, and kiln's processes ignore SIGPIPE (as every Rust program does): a step must
+/// start as under runc, where `yes | head -1` ends `yes` with SIGPIPE rather than with
+/// an EPIPE error (which `set -o pipefail` turns into a failed step).
+pub fn reset_signal_dispositions() {
+    /// The kernel's `struct sigaction` (x86-64 and arm64 layout), not glibc's: glibc's
+    /// `sigaction` refuses signals 32 and 33, which it keeps for itself and which a parent
+    /// may still have left ignored.
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: libc::sighandler_t,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for signo in 1..=64 {
+        if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installs SIG_DFL (no handler code runs in this process) from a valid
+        // kernel sigaction; the old action is not asked for; sigsetsize is the kernel's 8.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signo,
+                &raw const default,
+                std::ptr::null_mut::<KernelSigaction>(),
+                std::mem::size_of::<u64>(),
+            );
+        }
+    }
+}
+
 /// Closes every descriptor from `first` up (`close_range(2)`).
 pub fn close_fds_from(first: u32) -> SysResult<()> {
     // SAFETY: close_range only closes descriptors of this process; callers call it right
