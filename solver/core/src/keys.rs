@@ -12,6 +12,40 @@ use crate::store::{Link, Store, StoreError};
 pub trait Links {
     /// Targets of `link` from `source`, sorted.
     fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError>;
+
+    /// As [`Links::targets`], with the targets the local store itself links to (the rest
+    /// an imported cache knows).
+    fn targets_and_local(
+        &self,
+        source: &str,
+        link: &Link,
+    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let targets = self.targets(source, link)?;
+        Ok((targets.clone(), targets))
+    }
+}
+
+/// What a hit lookup found: the candidate keys, and which links the local store already
+/// has, so that a hit saves only the links it lacks.
+#[derive(Debug, Default)]
+pub struct Candidates {
+    pub keys: Vec<String>,
+    stored: std::collections::BTreeSet<(String, Link, String)>,
+}
+
+impl Candidates {
+    /// The links of `key` that the local store does not point at `target` yet. Exact
+    /// when `target` is one of [`Candidates::keys`]: then every link was looked up.
+    pub fn missing_links(&self, key: &CacheKey, target: &str) -> Vec<(String, Link)> {
+        key.links()
+            .into_iter()
+            .filter(|(source, link)| {
+                !self
+                    .stored
+                    .contains(&(source.clone(), link.clone(), target.to_owned()))
+            })
+            .collect()
+    }
 }
 
 impl Links for Store {
@@ -126,12 +160,20 @@ impl CacheKey {
 
     /// Lookup for cache hits (§3 `Query`): a candidate must be reached from **every**
     /// input, from any of that input's deps.
-    pub fn candidates(&self, store: &dyn Links) -> Result<Vec<String>, StoreError> {
+    pub fn candidates(&self, store: &dyn Links) -> Result<Candidates, StoreError> {
         let mut matches: Option<std::collections::BTreeSet<String>> = None;
+        let mut stored = std::collections::BTreeSet::new();
         for (i, deps) in self.deps.iter().enumerate() {
             let mut found = std::collections::BTreeSet::new();
             for dep in deps {
-                found.extend(store.targets(&dep.key, &self.link(i, &dep.selector))?);
+                let link = self.link(i, &dep.selector);
+                let (targets, local) = store.targets_and_local(&dep.key, &link)?;
+                found.extend(targets);
+                stored.extend(
+                    local
+                        .into_iter()
+                        .map(|target| (dep.key.clone(), link.clone(), target)),
+                );
             }
             matches = Some(match matches {
                 None => found,
@@ -144,13 +186,84 @@ impl CacheKey {
                 break;
             }
         }
-        Ok(matches.unwrap_or_default().into_iter().collect())
+        Ok(Candidates {
+            keys: matches.unwrap_or_default().into_iter().collect(),
+            stored,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Links as a map `(source, link) -> (targets, the ones stored locally)`.
+    struct FakeLinks(std::collections::HashMap<(String, Link), (Vec<String>, Vec<String>)>);
+
+    impl Links for FakeLinks {
+        fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError> {
+            Ok(self.targets_and_local(source, link)?.0)
+        }
+
+        fn targets_and_local(
+            &self,
+            source: &str,
+            link: &Link,
+        ) -> Result<(Vec<String>, Vec<String>), StoreError> {
+            Ok(self
+                .0
+                .get(&(source.to_owned(), link.clone()))
+                .cloned()
+                .unwrap_or_default())
+        }
+    }
+
+    #[test]
+    fn a_hit_lacks_only_the_links_the_local_store_does_not_have() {
+        let key = CacheKey {
+            digest: CacheDigest::new("sha256:aa"),
+            output: 0,
+            deps: vec![
+                vec![KeyDep {
+                    key: "a".into(),
+                    selector: String::new(),
+                }],
+                vec![
+                    KeyDep {
+                        key: "b1".into(),
+                        selector: "s".into(),
+                    },
+                    KeyDep {
+                        key: "b2".into(),
+                        selector: "s".into(),
+                    },
+                ],
+            ],
+        };
+        let [(a, la), (b1, lb1), (b2, lb2)] = <[(String, Link); 3]>::try_from(key.links())
+            .unwrap_or_else(|links| panic!("three links expected: {links:?}"));
+        let hit = "k".to_owned();
+        let local = |targets: &[&str]| -> (Vec<String>, Vec<String>) {
+            let t: Vec<String> = targets.iter().map(|s| (*s).to_owned()).collect();
+            (t.clone(), t)
+        };
+        let mut links = std::collections::HashMap::new();
+        // Input 0 links locally; b1 only through an imported cache; b2 to another key.
+        links.insert((a.clone(), la.clone()), local(&["k"]));
+        links.insert((b1.clone(), lb1.clone()), (vec![hit.clone()], Vec::new()));
+        links.insert((b2.clone(), lb2.clone()), local(&["other"]));
+        let found = key.candidates(&FakeLinks(links.clone())).expect("lookup");
+        assert_eq!(found.keys, vec![hit.clone()]);
+        assert_eq!(
+            found.missing_links(&key, &hit),
+            vec![(b1.clone(), lb1.clone()), (b2.clone(), lb2.clone())]
+        );
+        // Every link stored locally: nothing to write.
+        links.insert((b1, lb1), local(&["k"]));
+        links.insert((b2, lb2), local(&["k", "other"]));
+        let found = key.candidates(&FakeLinks(links)).expect("lookup");
+        assert_eq!(found.missing_links(&key, &hit), Vec::new());
+    }
 
     #[test]
     fn root_keys_follow_the_spec() {

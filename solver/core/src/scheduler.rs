@@ -570,7 +570,7 @@ impl<W: Worker> Job<W> {
         };
         let record_digest = root_key(&map.digest, edge.index);
         let deps = key.deps.clone();
-        let found = self.lookup(id, move |v| key.candidates(v)).await?;
+        let found = self.lookup(id, move |v| key.candidates(v)).await?.keys;
         for k in &found {
             self.record_key(k, &record_digest, &deps);
         }
@@ -805,16 +805,18 @@ impl<W: Worker> Job<W> {
             result,
             key: hit,
             origin,
-        }) = self.try_load(id, &candidates).await?
+        }) = self.try_load(id, &candidates.keys).await?
         else {
             return Ok(None);
         };
         self.record_key(&hit, &root_key(&key.digest, key.output), &key.deps);
-        // A local key learns links from the dep keys that did not point at it yet; an
+        // A local key learns links from the dep keys that did not point at it yet (no
+        // write at all when every link is there, as in a build that is fully cached); an
         // imported one is copied into the store only when something is saved below it.
-        if origin == Origin::Local {
-            let (links, target) = (key.links(), hit.clone());
-            self.store(id, move |s| s.save(&target, &links, None))
+        let missing = candidates.missing_links(key, &hit);
+        if origin == Origin::Local && !missing.is_empty() {
+            let target = hit.clone();
+            self.store(id, move |s| s.save(&target, &missing, None))
                 .await?;
         }
         Ok(Some(EdgeOutcome {

@@ -42,11 +42,20 @@ pub(crate) struct View<'a, R> {
 
 impl<R: 'static> Links for View<'_, R> {
     fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError> {
-        let mut all: BTreeSet<String> = self.store.targets(source, link)?.into_iter().collect();
+        Ok(self.targets_and_local(source, link)?.0)
+    }
+
+    fn targets_and_local(
+        &self,
+        source: &str,
+        link: &Link,
+    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let local = self.store.targets(source, link)?;
+        let mut all: BTreeSet<String> = local.iter().cloned().collect();
         for s in self.sources {
             all.extend(s.targets(source, link));
         }
-        Ok(all.into_iter().collect())
+        Ok((all.into_iter().collect(), local))
     }
 }
 
