@@ -107,6 +107,9 @@ pub struct Renderer {
     usages: Vec<StepUsage>,
     /// Vertex names as events bring them (every mode).
     names: HashMap<Digest, String>,
+    /// Plain and rawjson output not written yet: written once the events at hand are
+    /// handled (one write for many lines, not one per piece of a line).
+    out: Vec<u8>,
 }
 
 const TAIL: usize = 6;
@@ -126,6 +129,7 @@ impl Renderer {
             pending_usage: HashMap::new(),
             usages: Vec::new(),
             names: HashMap::new(),
+            out: Vec::new(),
         }
     }
 
@@ -166,7 +170,14 @@ impl Renderer {
         loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(event) => self.handle(event),
+                    Some(event) => {
+                        self.handle(event);
+                        // Whatever else is already queued goes out with it.
+                        while let Ok(event) = events.try_recv() {
+                            self.handle(event);
+                        }
+                        self.flush();
+                    }
                     None => break,
                 },
                 _ = tick.tick(), if self.mode == Mode::Tty => self.draw(false),
@@ -174,6 +185,13 @@ impl Renderer {
         }
         self.finish();
         self.usages
+    }
+
+    fn flush(&mut self) {
+        if !self.out.is_empty() {
+            let _ = std::io::stderr().lock().write_all(&self.out);
+            self.out.clear();
+        }
     }
 
     fn handle(&mut self, event: ProgressEvent) {
@@ -251,12 +269,17 @@ impl Renderer {
                           "timestamp": rfc3339(*at)}]
             }),
         };
-        let _ = writeln!(std::io::stderr().lock(), "{line}");
+        let _ = writeln!(self.out, "{line}");
     }
 
     fn plain(&mut self, event: ProgressEvent) {
+        let mut out = std::mem::take(&mut self.out);
+        self.plain_into(&mut out, event);
+        self.out = out;
+    }
+
+    fn plain_into(&mut self, err: &mut Vec<u8>, event: ProgressEvent) {
         let elapsed = self.start.elapsed();
-        let mut err = std::io::stderr().lock();
         match event {
             ProgressEvent::Started { vertex, name, .. } => {
                 let v = self.view(&vertex, Some(&name));
@@ -284,7 +307,7 @@ impl Renderer {
             }
             ProgressEvent::Done { vertex, name, .. } => {
                 let v = self.view(&vertex, Some(&name));
-                flush_partial(&mut err, v, elapsed);
+                flush_partial(err, v, elapsed);
                 let took = v.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
                 match &v.usage {
                     Some(usage) => {
@@ -306,7 +329,7 @@ impl Renderer {
                 ..
             } => {
                 let v = self.view(&vertex, Some(&name));
-                flush_partial(&mut err, v, elapsed);
+                flush_partial(err, v, elapsed);
                 let _ = writeln!(err, "#{} ERROR: {}", v.number, error);
             }
         }
@@ -411,6 +434,7 @@ impl Renderer {
     }
 
     fn finish(&mut self) {
+        self.flush();
         if self.mode == Mode::Tty {
             self.draw(true);
         }
