@@ -275,6 +275,10 @@ pub fn serve(socket: OwnedFd) -> i32 {
     else {
         return 1;
     };
+    // Once here rather than in every runner: what the runners fork from it inherit.
+    if let Err(e) = crate::cgroup::preload() {
+        tracing::debug!(error = %e, "cgroup hierarchies not preloaded");
+    }
     let launcher = nix::unistd::getpid();
     // Each runner's status socket, until the runner is reaped.
     let mut running: HashMap<Pid, OwnedFd> = HashMap::new();

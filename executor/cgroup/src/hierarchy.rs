@@ -181,7 +181,27 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
+/// The hierarchies [`preload`] read, which the processes forked afterwards share.
+static PRELOADED: std::sync::OnceLock<Vec<Hierarchy>> = std::sync::OnceLock::new();
+
+/// Reads the mounted hierarchies and this process's cgroups once, for every process this
+/// one forks afterwards (the step launcher: its runners then skip parsing
+/// `/proc/self/mountinfo` per step). Only for a process that stays in its cgroups and
+/// whose cgroup mounts do not change.
+pub fn preload() -> Result<(), CgroupError> {
+    let found = read_hierarchies()?;
+    let _ = PRELOADED.set(found);
+    Ok(())
+}
+
 fn hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
+    match PRELOADED.get() {
+        Some(found) => Ok(found.clone()),
+        None => read_hierarchies(),
+    }
+}
+
+fn read_hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
     let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
     let own = read(Path::new("/proc/self/cgroup"))?;
     Ok(parse_hierarchies(&mountinfo, &own))
