@@ -162,6 +162,17 @@ pub fn write_files(
     let hosts_dir = if hostname == kiln_proto::DEFAULT_HOSTNAME && extra.is_empty() {
         shared_dir
     } else {
+        // The step's private directory exists only when something goes in it.
+        use std::os::unix::fs::DirBuilderExt as _;
+        match std::fs::DirBuilder::new().mode(0o711).create(step_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(HostsError::Write {
+                    path: step_dir.to_owned(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
         step_dir
     };
     let hosts = hosts_dir.join("hosts");

@@ -3,14 +3,22 @@
 //! already running, instead of a fork of kiln (many threads, a large address space) and an
 //! `exec` of the kiln binary (≈1.5 ms per step on the machines here).
 //!
-//! kiln and its launcher talk over a `SOCK_SEQPACKET` pair:
-//! * kiln sends one message per step: the bundle path, with three descriptors (`SCM_RIGHTS`):
-//!   the step's stdout and stderr (write ends) and the launcher's end of a per-step
-//!   status socket.
-//! * On the status socket the launcher sends a pidfd of the runner (one byte `p` with
-//!   the descriptor) right after the fork, then, once it reaped the runner, its wait status
-//!   as text, and closes it. kiln signals a runner only through its pidfd, so a recycled
-//!   pid is never hit, and end of stream means the runner was reaped.
+//! kiln and its launcher talk over a `SOCK_SEQPACKET` pair. kiln sends one message per
+//! step: the length of the bundle path (`u32`, little-endian), the path and the runner's
+//! config (JSON; empty when it is in `<bundle>/config.json`, for configs too large for one
+//! message), with three descriptors (`SCM_RIGHTS`): the step's stdout and stderr (write
+//! ends) and the launcher's end of a per-step status socket. On that stream socket arrive
+//! frames, each a tag byte:
+//! * `p` from the launcher right after the fork, with a pidfd of the runner: kiln signals
+//!   the runner only through it, so a recycled pid is never hit;
+//! * `r` from the runner once its step is over (its output closed first), then a `u32`
+//!   length and the outcome ([`crate::process::outcome_json`]): kiln goes on without
+//!   waiting for the runner to exit;
+//! * `s` from the launcher once it reaped the runner, with a length and the wait status as
+//!   text (`exit status: 1`, `signal: 9 (SIGKILL)`): what kiln reports when no `r` came.
+//!
+//! Nothing per step touches the disk: no config or result file, no bundle directory
+//! unless the step needs a hosts file of its own.
 //!
 //! The launcher ends when kiln closes its end and every runner was reaped. It dies with
 //! the kiln thread that started it (SIGKILL) and its runners get SIGTERM when it dies, which
@@ -40,8 +48,12 @@ use crate::sys::{self, Forked};
 /// --launcher <fd>` (a bundle path is always absolute, so it cannot be taken for it).
 pub const LAUNCHER_ARG: &str = "--launcher";
 
-/// Longest bundle path a request may carry.
-const MAX_REQUEST: usize = 4096;
+/// Largest request the launcher takes: a bundle path and a config up to [`MAX_INLINE`].
+const MAX_REQUEST: usize = MAX_INLINE + 8192;
+
+/// Largest config sent in the request itself; a larger one goes through the bundle's
+/// `config.json`.
+const MAX_INLINE: usize = 128 << 10;
 
 /// Errors of the launcher's kiln side.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +72,12 @@ pub enum LauncherError {
     },
     #[error("step bundle path too long for the launcher: {0}")]
     PathTooLong(PathBuf),
+    #[error("writing the step config into {bundle}: {source}")]
+    Config {
+        bundle: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading the step runner's status: {0}")]
     Status(#[source] std::io::Error),
 }
@@ -139,12 +157,19 @@ impl Launcher {
         Ok(Launcher { socket: ours })
     }
 
-    /// Has the launcher fork a runner for `bundle` writing to `outputs`.
-    pub fn launch(&self, bundle: &Path, outputs: &Outputs) -> Result<Launched, LauncherError> {
+    /// Has the launcher fork a runner for `bundle` with `config` (the runner's config as
+    /// JSON) writing to `outputs`.
+    pub fn launch(
+        &self,
+        bundle: &Path,
+        config: &[u8],
+        outputs: &Outputs,
+    ) -> Result<Launched, LauncherError> {
         let path = bundle.as_os_str().as_bytes();
-        if path.is_empty() || path.len() > MAX_REQUEST {
-            return Err(LauncherError::PathTooLong(bundle.to_owned()));
-        }
+        let path_len = u32::try_from(path.len())
+            .ok()
+            .filter(|n| *n > 0 && (*n as usize) < MAX_REQUEST - MAX_INLINE)
+            .ok_or_else(|| LauncherError::PathTooLong(bundle.to_owned()))?;
         let send_err = |source| LauncherError::Send {
             bundle: bundle.to_owned(),
             source,
@@ -153,43 +178,85 @@ impl Launcher {
             AddressFamily::Unix,
             SockType::Stream,
             None,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            SockFlag::SOCK_CLOEXEC,
         )
         .map_err(send_err)?;
-        sys::send_with_fds(
-            self.socket.as_fd(),
-            path,
-            &[
-                outputs.stdout.as_fd(),
-                outputs.stderr.as_fd(),
-                theirs.as_fd(),
-            ],
-        )
-        .map_err(send_err)?;
+        let fds = [
+            outputs.stdout.as_fd(),
+            outputs.stderr.as_fd(),
+            theirs.as_fd(),
+        ];
+        let mut request = Vec::with_capacity(4 + path.len() + config.len());
+        request.extend_from_slice(&path_len.to_le_bytes());
+        request.extend_from_slice(path);
+        let inline = config.len() <= MAX_INLINE;
+        if inline {
+            request.extend_from_slice(config);
+        } else {
+            write_config(bundle, config).map_err(|e| LauncherError::Config {
+                bundle: bundle.to_owned(),
+                source: e,
+            })?;
+        }
+        match sys::send_with_fds(self.socket.as_fd(), &request, &fds) {
+            // The socket's buffer is smaller than this request: the file takes the config.
+            Err(Errno::EMSGSIZE | Errno::ENOBUFS) if inline => {
+                write_config(bundle, config).map_err(|e| LauncherError::Config {
+                    bundle: bundle.to_owned(),
+                    source: e,
+                })?;
+                request.truncate(4 + path.len());
+                sys::send_with_fds(self.socket.as_fd(), &request, &fds).map_err(send_err)?;
+            }
+            sent => sent.map_err(send_err)?,
+        }
         drop(theirs);
-        let status = tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(status))
+        let status = std::os::unix::net::UnixStream::from(status);
+        status
+            .set_nonblocking(true)
             .map_err(LauncherError::Status)?;
+        let status = tokio::net::UnixStream::from_std(status).map_err(LauncherError::Status)?;
         Ok(Launched {
             status,
             pidfd: None,
-            text: Vec::new(),
+            received: Vec::new(),
+            result: None,
+            wait_status: None,
         })
     }
 }
 
-/// A runner the launcher started: its pidfd once it arrived, and its wait status.
+/// Writes `<bundle>/config.json` (creating the bundle directory), for a config too large
+/// to send.
+fn write_config(bundle: &Path, config: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::DirBuilder::new().mode(0o711).create(bundle) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    std::fs::write(bundle.join("config.json"), config)
+}
+
+/// A runner the launcher started: its pidfd once it arrived, and what it reported.
 #[derive(Debug)]
 pub struct Launched {
     status: tokio::net::UnixStream,
     pidfd: Option<OwnedFd>,
-    text: Vec<u8>,
+    /// Bytes of frames not complete yet.
+    received: Vec<u8>,
+    result: Option<Vec<u8>>,
+    wait_status: Option<String>,
 }
 
 impl Launched {
-    /// Reads what the launcher sends; `Ok(false)` when the runner was reaped (the
-    /// status socket closed). Cancel-safe: a read either happened or did not.
+    /// Reads what arrives; `Ok(false)` once the runner's outcome is in or the status
+    /// socket closed (the runner was reaped without one). Cancel-safe: a read either
+    /// happened or did not.
     pub async fn next(&mut self) -> Result<bool, LauncherError> {
-        let mut buf = [0u8; 256];
+        if self.result.is_some() {
+            return Ok(false);
+        }
+        let mut buf = [0u8; 4096];
         loop {
             self.status
                 .readable()
@@ -201,18 +268,54 @@ impl Launched {
             match read {
                 Ok((0, _)) => return Ok(false),
                 Ok((n, fds)) => {
-                    let mut bytes = &buf[..n];
                     if let Some(pidfd) = fds.into_iter().next() {
                         self.pidfd = Some(pidfd);
-                        bytes = bytes.strip_prefix(b"p").unwrap_or(bytes);
                     }
-                    self.text.extend_from_slice(bytes);
-                    return Ok(true);
+                    self.received.extend_from_slice(&buf[..n]);
+                    self.parse_frames()?;
+                    return Ok(self.result.is_none());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(LauncherError::Status(e)),
             }
         }
+    }
+
+    fn parse_frames(&mut self) -> Result<(), LauncherError> {
+        loop {
+            match self.received.first() {
+                None => return Ok(()),
+                Some(b'p') => {
+                    self.received.drain(..1);
+                }
+                Some(&tag @ (b'r' | b's')) => {
+                    let Some(header) = self.received.get(1..5) else {
+                        return Ok(());
+                    };
+                    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+                    let end = 5 + len as usize;
+                    if self.received.len() < end {
+                        return Ok(());
+                    }
+                    let body: Vec<u8> = self.received.drain(..end).skip(5).collect();
+                    if tag == b'r' {
+                        self.result = Some(body);
+                    } else {
+                        self.wait_status = Some(String::from_utf8_lossy(&body).into_owned());
+                    }
+                }
+                Some(other) => {
+                    return Err(LauncherError::Status(std::io::Error::other(format!(
+                        "unexpected frame {other:#x} from the launcher"
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// The runner's outcome ([`crate::process::outcome_json`]), once it arrived.
+    pub fn result(&self) -> Option<&[u8]> {
+        self.result.as_deref()
     }
 
     /// Signals the runner; `false` while its pidfd has not arrived yet (or it is gone).
@@ -222,16 +325,23 @@ impl Launched {
             .is_some_and(|pidfd| sys::pidfd_send_signal(pidfd.as_fd(), signal).is_ok())
     }
 
-    /// The runner's wait status as the launcher described it (`exit status: 1`,
-    /// `signal: 9 (SIGKILL)`), once [`Launched::next`] returned `false`.
+    /// How the runner ended as the launcher saw it, once [`Launched::next`] returned
+    /// `false` without a result.
     pub fn wait_status(&self) -> String {
-        let text = String::from_utf8_lossy(&self.text).trim().to_owned();
-        if text.is_empty() {
-            "the launcher ended before the runner".to_owned()
-        } else {
-            text
-        }
+        self.wait_status
+            .clone()
+            .unwrap_or_else(|| "the launcher ended before the runner".to_owned())
     }
+}
+
+/// A frame of the status socket: `tag`, a little-endian `u32` length, `body`.
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(tag);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&body[..len as usize]);
+    out
 }
 
 /// The entry point of a runner program (`kiln __runner ARG…`, `kiln-runner ARG…`) with
@@ -283,6 +393,7 @@ pub fn serve(socket: OwnedFd) -> i32 {
     // Each runner's status socket, until the runner is reaped.
     let mut running: HashMap<Pid, OwnedFd> = HashMap::new();
     let mut open = true;
+    let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         reap(&mut running);
         if !open && running.is_empty() {
@@ -305,20 +416,27 @@ pub fn serve(socket: OwnedFd) -> i32 {
         if !request {
             continue;
         }
-        let mut buf = vec![0u8; MAX_REQUEST];
         match sys::recv_with_fds(socket.as_fd(), &mut buf) {
             Ok((0, _)) => open = false,
             Ok((n, fds)) => {
-                let Ok([stdout, stderr, status]) = <[OwnedFd; 3]>::try_from(fds) else {
+                let (Ok([stdout, stderr, status]), Some((bundle, config))) =
+                    (<[OwnedFd; 3]>::try_from(fds), parse_request(&buf[..n]))
+                else {
                     // Not a request kiln sends: ignore it (its descriptors close).
                     continue;
                 };
-                buf.truncate(n);
-                let bundle = PathBuf::from(OsString::from_vec(buf));
                 match sys::fork() {
-                    Ok(Forked::Child) => {
-                        become_runner(&bundle, launcher, &previous, &stdout, &stderr)
-                    }
+                    Ok(Forked::Child) => become_runner(
+                        &Runner {
+                            bundle: &bundle,
+                            config,
+                            launcher,
+                            mask: &previous,
+                        },
+                        &stdout,
+                        &stderr,
+                        status,
+                    ),
                     Ok(Forked::Parent { child, .. }) => {
                         if let Ok(pidfd) = sys::pidfd_open(child) {
                             let _ = sys::send_with_fds(status.as_fd(), b"p", &[pidfd.as_fd()]);
@@ -326,7 +444,8 @@ pub fn serve(socket: OwnedFd) -> i32 {
                         running.insert(child, status);
                     }
                     Err(e) => {
-                        let _ = nix::unistd::write(&status, format!("fork: {e}").as_bytes());
+                        let text = frame(b's', format!("fork: {e}").as_bytes());
+                        let _ = sys::send_with_fds(status.as_fd(), &text, &[]);
                     }
                 }
             }
@@ -334,6 +453,15 @@ pub fn serve(socket: OwnedFd) -> i32 {
             Err(_) => open = false,
         }
     }
+}
+
+/// A request's bundle path and inline config (`None`: in `<bundle>/config.json`).
+fn parse_request(request: &[u8]) -> Option<(PathBuf, Option<&[u8]>)> {
+    let len = u32::from_le_bytes(request.get(..4)?.try_into().ok()?) as usize;
+    let path = request.get(4..4usize.checked_add(len)?)?;
+    let config = &request[4 + len..];
+    let bundle = PathBuf::from(OsString::from_vec(path.to_vec()));
+    Some((bundle, (!config.is_empty()).then_some(config)))
 }
 
 /// Reaps every runner that ended and tells kiln how it ended.
@@ -349,21 +477,24 @@ fn reap(running: &mut HashMap<Pid, OwnedFd>) {
             Ok(_) => continue,
         };
         if let Some(status) = running.remove(&pid) {
-            let _ = nix::unistd::write(&status, text.as_bytes());
+            // kiln may have stopped listening (the runner's outcome came first).
+            let _ = sys::send_with_fds(status.as_fd(), &frame(b's', text.as_bytes()), &[]);
         }
     }
 }
 
-/// The forked child: the step's runner, with the step's output as its stdout and stderr
-/// and no other descriptor of the launcher's.
-fn become_runner(
-    bundle: &Path,
+/// What a forked runner is to run.
+struct Runner<'a> {
+    bundle: &'a Path,
+    config: Option<&'a [u8]>,
     launcher: Pid,
-    mask: &SigSet,
-    stdout: &OwnedFd,
-    stderr: &OwnedFd,
-) -> ! {
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(mask), None);
+    mask: &'a SigSet,
+}
+
+/// The forked child: the step's runner, with the step's output as its stdout and stderr,
+/// its status socket, and no other descriptor of the launcher's.
+fn become_runner(runner: &Runner<'_>, stdout: &OwnedFd, stderr: &OwnedFd, status: OwnedFd) -> ! {
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(runner.mask), None);
     // dup2 onto 1 and 2 leaves them open across the step's exec (no close-on-exec flag).
     if nix::unistd::dup2_stdout(stdout).is_err() || nix::unistd::dup2_stderr(stderr).is_err() {
         sys::exit_immediately(1);
@@ -371,13 +502,24 @@ fn become_runner(
     // Other steps' status sockets must not stay open here (kiln waits for them to close),
     // nor the launcher's socket. The Rust owners of these descriptors in the launcher's
     // frames are never dropped: this process exits from here.
-    if sys::close_fds_from(3).is_err() {
+    if sys::close_fds_except(3, status.as_raw_fd()).is_err() {
         sys::exit_immediately(1);
     }
     // If the launcher dies, the step must not outlive it.
-    if sys::die_with_parent(launcher, Signal::SIGTERM).is_err() {
+    if sys::die_with_parent(runner.launcher, Signal::SIGTERM).is_err() {
         sys::exit_immediately(1);
     }
-    let code = crate::process::runner_main(bundle);
-    std::process::exit(code)
+    let outcome = crate::process::run_config(runner.config, runner.bundle);
+    // The step's output ends here, so kiln's readers see its end without waiting for this
+    // process to exit; then the outcome.
+    if let Ok(devnull) = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        let _ = nix::unistd::dup2_stdout(&devnull);
+        let _ = nix::unistd::dup2_stderr(&devnull);
+    }
+    let reported = sys::send_with_fds(status.as_fd(), &frame(b'r', outcome.as_bytes()), &[]);
+    std::process::exit(i32::from(reported.is_err()))
 }

@@ -1,8 +1,8 @@
-//! The async side of a step: writes the runner's bundle, has the launcher fork the runner
-//! (a single-threaded process: forking a multi-threaded tokio process would not be safe;
-//! see [`crate::launcher`]), streams the step's output with an in-memory cap, and cancels
-//! by asking the runner to kill the step's pid namespace, with SIGKILL as the fallback
-//! after a grace period.
+//! The async side of a step: has the launcher fork the step's runner with its config (a
+//! single-threaded process: forking a multi-threaded tokio process would not be safe; see
+//! [`crate::launcher`]), streams the step's output with an in-memory cap, takes the
+//! runner's outcome, and cancels by asking the runner to kill the step's pid namespace,
+//! with SIGKILL as the fallback after a grace period.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -123,10 +123,9 @@ impl Executor {
         })
     }
 
-    /// Creates the private directory of step `id` (mode 0711); spec generation writes the
-    /// step's hosts and resolv.conf there.
+    /// The private directory of step `id`, for what spec generation writes there (a hosts
+    /// file of the step's own), created only then (mode 0711); removed after the run.
     pub fn prepare_bundle(&self, id: &str) -> Result<PathBuf, ExecError> {
-        use std::os::unix::fs::DirBuilderExt as _;
         let path = self.run_root.join(id);
         if !valid_id(id) {
             return Err(ExecError::Bundle {
@@ -134,21 +133,19 @@ impl Executor {
                 source: std::io::Error::other("step ids are ASCII letters and digits"),
             });
         }
-        std::fs::DirBuilder::new()
-            .mode(0o711)
-            .create(&path)
-            .map_err(|source| ExecError::Bundle {
-                path: path.clone(),
-                source,
-            })?;
         Ok(path)
     }
 
     /// Has the launcher start a runner for `bundle`; starts the launcher first when there
     /// is none, or a new one when it is gone (killed from outside).
-    fn launch(&self, bundle: &Path, outputs: &Outputs) -> Result<Launched, ExecError> {
+    fn launch(
+        &self,
+        bundle: &Path,
+        config: &[u8],
+        outputs: &Outputs,
+    ) -> Result<Launched, ExecError> {
         let launcher = self.launcher()?;
-        match launcher.launch(bundle, outputs) {
+        match launcher.launch(bundle, config, outputs) {
             Err(e) if e.launcher_gone() => {
                 tracing::warn!("the step launcher is gone ({e}); starting a new one");
                 {
@@ -160,7 +157,7 @@ impl Executor {
                         *slot = None;
                     }
                 }
-                Ok(self.launcher()?.launch(bundle, outputs)?)
+                Ok(self.launcher()?.launch(bundle, config, outputs)?)
             }
             result => Ok(result?),
         }
@@ -205,11 +202,6 @@ impl Executor {
         }
         let config = serde_json::to_vec(&config)
             .map_err(|e| ExecError::Setup(format!("encoding the step config: {e}")))?;
-        let config_path = bundle.join("config.json");
-        std::fs::write(&config_path, config).map_err(|source| ExecError::Bundle {
-            path: config_path,
-            source,
-        })?;
         let (stdout_r, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| ExecError::Setup(format!("creating the step's output pipe: {e}")))?;
         let (stderr_r, stderr_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -218,7 +210,7 @@ impl Executor {
             stdout: stdout_w,
             stderr: stderr_w,
         };
-        let mut launched = self.launch(bundle, &outputs)?;
+        let mut launched = self.launch(bundle, &config, &outputs)?;
         // Only the runner holds the write ends now: the pumps end when its step is done.
         drop(outputs);
         let receiver = |fd| {
@@ -258,10 +250,9 @@ impl Executor {
             *buffer = kept;
             result.truncated |= truncated;
         }
-        let result_path = bundle.join("result.json");
-        let outcome: Option<serde_json::Value> = std::fs::read(&result_path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let outcome: Option<serde_json::Value> = launched
+            .result()
+            .and_then(|bytes| serde_json::from_slice(bytes).ok());
         match outcome {
             Some(value) if value.get("ok").is_some() => {
                 result.exit = serde_json::from_value(value["ok"].clone())

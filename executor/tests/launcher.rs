@@ -204,6 +204,71 @@ fn a_killed_launcher_is_replaced() -> Result<(), String> {
     }
 }
 
+fn a_config_too_large_for_one_message_goes_through_a_file() -> Result<(), String> {
+    let harness = Harness::new()?;
+    let rootfs = busybox();
+    let mut s = step(rootfs.path(), "echo $((${#BIG1} + ${#BIG2} + ${#BIG3}))");
+    s.network = kiln_executor::spec::Network::None;
+    // Far beyond what one request may carry inline (each below exec's limit of 128 KiB
+    // per string).
+    for i in 1..=3 {
+        s.env.push(format!("BIG{i}={}", "x".repeat(100_000)));
+    }
+    let request = common::request(&harness.executor, harness.run_root.path(), &s, None)?;
+    let result = harness
+        .runtime
+        .block_on(
+            harness
+                .executor
+                .run(&request, None, CancellationToken::new()),
+        )
+        .map_err(|e| e.to_string())?;
+    common::expect_eq("length of BIG", &common::stdout(&result), "300000")?;
+    step_directories_left(&harness)
+}
+
+fn steps_leave_no_directory_behind() -> Result<(), String> {
+    let harness = Harness::new()?;
+    let rootfs = busybox();
+    // One step sharing the default hosts file, one with a hosts file of its own.
+    harness
+        .run(rootfs.path(), "true")
+        .map_err(|e| e.to_string())?;
+    let mut s = step(rootfs.path(), "cat /etc/hosts");
+    s.network = kiln_executor::spec::Network::None;
+    s.hostname = "own".into();
+    let request = common::request(&harness.executor, harness.run_root.path(), &s, None)?;
+    let result = harness
+        .runtime
+        .block_on(
+            harness
+                .executor
+                .run(&request, None, CancellationToken::new()),
+        )
+        .map_err(|e| e.to_string())?;
+    if !common::stdout(&result).contains("localhost own") {
+        return Err(format!("hosts of the step: {:?}", common::stdout(&result)));
+    }
+    step_directories_left(&harness)
+}
+
+/// Fails when a step's directory (named by its id: letters and digits) is left in the
+/// run root.
+fn step_directories_left(harness: &Harness) -> Result<(), String> {
+    let left: Vec<String> = std::fs::read_dir(harness.run_root.path())
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| kiln_executor::supervisor::valid_id(name))
+        .collect();
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("step directories left: {left:?}"))
+    }
+}
+
 /// Processes (anywhere) whose command line contains `marker`.
 fn common_processes_with(marker: &str) -> usize {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -222,4 +287,6 @@ common::both_modes! {
     one_launcher_per_executor => steps_share_one_launcher_and_keep_their_output;
     killed_runner_fails_the_step => a_killed_runner_fails_its_step_with_the_signal;
     killed_launcher_is_replaced => a_killed_launcher_is_replaced;
+    large_config_through_a_file => a_config_too_large_for_one_message_goes_through_a_file;
+    no_step_directory_left => steps_leave_no_directory_behind;
 }

@@ -538,22 +538,37 @@ fn children_usage() -> Result<Usage, RunError> {
 }
 
 /// Entry point of `kiln __runner <bundle>`: reads `<bundle>/config.json`, runs the step,
-/// writes `<bundle>/result.json` (`{"ok": ExitInfo}` or `{"error": "…"}`). Exit status 0
-/// when a result was written.
+/// writes `<bundle>/result.json` (see [`outcome_json`]). Exit status 0 when a result was
+/// written.
 pub fn runner_main(bundle: &Path) -> i32 {
     // If kiln dies, the step must not outlive it: SIGTERM takes the cancellation path.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM);
-    let outcome = read_config(bundle).and_then(|config| run(&config));
-    let result = match &outcome {
-        Ok(info) => serde_json::json!({ "ok": info }),
-        Err(e) => serde_json::json!({ "error": e.to_string() }),
-    };
+    let result = outcome_json(read_config(bundle).and_then(|config| run(&config)));
     let path = bundle.join("result.json");
-    match std::fs::File::create(&path).and_then(|mut f| f.write_all(result.to_string().as_bytes()))
-    {
+    match std::fs::File::create(&path).and_then(|mut f| f.write_all(result.as_bytes())) {
         Ok(()) => 0,
         Err(_) => 1,
     }
+}
+
+/// Runs the step whose config is `config` (JSON), or when it is `None`
+/// `<bundle>/config.json`, and returns [`outcome_json`] of it.
+pub fn run_config(config: Option<&[u8]>, bundle: &Path) -> String {
+    let config = match config {
+        Some(bytes) => parse_config(bytes, &bundle.join("config.json")),
+        None => read_config(bundle),
+    };
+    outcome_json(config.and_then(|config| run(&config)))
+}
+
+/// How a runner reports: `{"ok": ExitInfo}`, or `{"error": "…"}` when the step could not
+/// run.
+pub fn outcome_json(outcome: Result<ExitInfo, RunError>) -> String {
+    match outcome {
+        Ok(info) => serde_json::json!({ "ok": info }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    }
+    .to_string()
 }
 
 fn read_config(bundle: &Path) -> Result<RunnerConfig, RunError> {
@@ -562,8 +577,12 @@ fn read_config(bundle: &Path) -> Result<RunnerConfig, RunError> {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| RunError::Bundle {
-        path,
+    parse_config(&bytes, &path)
+}
+
+fn parse_config(bytes: &[u8], path: &Path) -> Result<RunnerConfig, RunError> {
+    serde_json::from_slice(bytes).map_err(|e| RunError::Bundle {
+        path: path.to_owned(),
         reason: e.to_string(),
     })
 }
