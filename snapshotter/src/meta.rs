@@ -499,6 +499,21 @@ impl Db {
         self.query(&format!("SELECT {COLUMNS} FROM records ORDER BY n"), None)
     }
 
+    /// The records a store opening must look at (what [`all`](Db::all) would give,
+    /// filtered in SQL): half made or half removed, mutable and not retained, or committed
+    /// during a boot other than `boot_id` and never synced. Usually none, whatever the
+    /// store's size.
+    pub(crate) fn needing_recovery(&self, boot_id: &str) -> Result<Vec<Record>, MetaError> {
+        self.query(
+            &format!(
+                "SELECT {COLUMNS} FROM records WHERE state IN ('creating', 'removing') \
+                 OR (state = 'mutable' AND retain = 0) \
+                 OR (unsynced_boot IS NOT NULL AND unsynced_boot != ?1) ORDER BY n"
+            ),
+            Some(boot_id),
+        )
+    }
+
     /// The records that depend on `id`: built on it (its children) or reusing its
     /// directory; while there are any, `id` must stay.
     pub(crate) fn children(&self, id: &str) -> Result<Vec<Record>, MetaError> {
@@ -739,6 +754,39 @@ mod tests {
         drop(db);
         let db = Db::open(&path).unwrap();
         assert!(db.children("old").unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_opening_store_looks_only_at_records_that_need_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshots.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        for (n, id, state, retain, unsynced) in [
+            (1, "done", "committed", 0, None),
+            (2, "creating", "creating", 0, None),
+            (3, "removing", "removing", 1, None),
+            (4, "scratch", "mutable", 0, None),
+            (5, "kept", "mutable", 1, None),
+            (6, "this-boot", "committed", 0, Some("boot-a")),
+            (7, "lost-boot", "committed", 0, Some("boot-b")),
+        ] {
+            conn.execute(
+                "INSERT INTO records (id, n, state, created_at, last_used_at, retain, \
+                 unsynced_boot) VALUES (?1, ?2, ?3, 0, 0, ?4, ?5)",
+                rusqlite::params![id, n, state, retain, unsynced],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        let db = Db::open(&path).unwrap();
+        let ids: Vec<String> = db
+            .needing_recovery("boot-a")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["creating", "removing", "scratch", "lost-boot"]);
     }
 
     fn db_with_record(path: &Path) -> Db {

@@ -1037,8 +1037,7 @@ impl Snapshotter {
 
     /// Removes what a crash left behind (see the crate docs); run on open.
     fn recover(&self) -> Result<()> {
-        let records = self.shared.db().all()?;
-        let mut by_n: HashMap<u64, Record> = HashMap::new();
+        let records = self.shared.db().needing_recovery(&self.shared.boot_id)?;
         let mut lost_boot: Vec<String> = Vec::new();
         for r in records {
             let abandoned = match r.state {
@@ -1054,8 +1053,6 @@ impl Snapshotter {
             }
             if abandoned {
                 self.recover_one(&r)?;
-            } else {
-                by_n.insert(r.n, r);
             }
         }
         // Committed before a reboot and never synced: the data may be incomplete, and so
