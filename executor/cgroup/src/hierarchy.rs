@@ -948,6 +948,12 @@ pub fn clean_stale(dir: &Path) -> usize {
     let mut cleared = 0;
     for entry in entries.flatten() {
         let path = entry.path();
+        if entry.file_name().as_encoded_bytes().starts_with(b".") && !left_behind(&entry) {
+            // A registry entry being written (`.<id>.new`, locked only after it was
+            // created): another kiln's, not a dead step's. Its cgroups are made only once
+            // it has its name.
+            continue;
+        }
         let Ok(file) = fs::OpenOptions::new().read(true).open(&path) else {
             continue;
         };
@@ -968,6 +974,17 @@ pub fn clean_stale(dir: &Path) -> usize {
         }
     }
     cleared
+}
+
+/// How long a registry entry may stay unnamed (`.<id>.new`) before it counts as left
+/// behind by a kiln that died while writing it.
+const UNNAMED_ENTRY_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn left_behind(entry: &fs::DirEntry) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .is_ok_and(|modified| modified.elapsed().is_ok_and(|age| age > UNNAMED_ENTRY_AGE))
 }
 
 /// Only paths on a cgroup filesystem are ever removed from a registry entry.
@@ -1220,6 +1237,22 @@ mod tests {
         let io = "8:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n\
                   259:0 rbytes=10 wbytes=20 rios=1 wios=1 dbytes=0 dios=0\n";
         assert_eq!(io_bytes(io), (4106, 8212));
+    }
+
+    #[test]
+    fn registry_entries_being_written_stay_until_clearly_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        // Another kiln between creating its entry and locking it.
+        let fresh = dir.path().join(".s3.new");
+        fs::write(&fresh, "").unwrap();
+        assert_eq!(clean_stale(dir.path()), 0);
+        assert!(fresh.exists(), "an entry being written stays");
+        // One a kiln died writing, long ago.
+        let old = fs::File::options().write(true).open(&fresh).unwrap();
+        old.set_modified(std::time::SystemTime::now() - 2 * UNNAMED_ENTRY_AGE)
+            .unwrap();
+        assert_eq!(clean_stale(dir.path()), 1);
+        assert!(!fresh.exists());
     }
 
     #[test]
