@@ -36,10 +36,17 @@ pub fn cve_2019_5736_proc_self_exe() -> anyhow::Result<()> {
 /// dumpable: its descriptors, environment and root are out of reach.
 pub fn cve_2016_9962_init_not_inspectable() -> anyhow::Result<()> {
     with_host(|kiln, _| {
-        let script = "for f in fd environ root/ cwd/ mem; do \
-               ls /proc/1/$f >/dev/null 2>&1 && echo reachable-$f; done; \
-             head -c1 /proc/1/mem >/dev/null 2>&1 && echo mem; \
-             echo checked > /tmp/result";
+        // Reading, not listing: the names under /proc/1 are visible, what they lead to
+        // must not be (environment, memory, root, cwd, the targets of its descriptors, one
+        // of which is the host's root).
+        let script = "cat /proc/1/environ >/dev/null 2>&1 && echo environ >> /tmp/result; \
+             head -c1 /proc/1/mem >/dev/null 2>&1 && echo mem >> /tmp/result; \
+             for d in root cwd; do ls /proc/1/$d/ >/dev/null 2>&1 && echo $d >> /tmp/result; done; \
+             for fd in /proc/1/fd/*; do \
+               readlink $fd >/dev/null 2>&1 && echo link-$fd >> /tmp/result; \
+               ls $fd/ >/dev/null 2>&1 && echo dir-$fd >> /tmp/result; \
+             done; \
+             echo checked >> /tmp/result";
         for user in ["", "1000:1000"] {
             let out = kiln
                 .build_step(
@@ -50,7 +57,8 @@ pub fn cve_2016_9962_init_not_inspectable() -> anyhow::Result<()> {
                 .ok()?;
             ensure!(
                 out.exported("tmp/result").as_deref() == Some("checked\n"),
-                "init inspectable (user {user:?}): {}",
+                "init inspectable (user {user:?}): {:?} {}",
+                out.exported("tmp/result"),
                 out.stderr
             );
         }
