@@ -82,13 +82,22 @@ impl Harness {
     }
 
     fn run(&self, rootfs: &std::path::Path, script: &str) -> Result<StepResult, ExecError> {
-        let mut s = step(rootfs, script);
-        s.network = kiln_executor::spec::Network::None;
-        let request = common::request(&self.executor, self.run_root.path(), &s, None)
+        self.run_step(&offline_step(rootfs, script))
+    }
+
+    fn run_step(&self, s: &kiln_executor::spec::Step) -> Result<StepResult, ExecError> {
+        let request = common::request(&self.executor, self.run_root.path(), s, None)
             .map_err(ExecError::Setup)?;
         self.runtime
             .block_on(self.executor.run(&request, None, CancellationToken::new()))
     }
+}
+
+/// A step running `script` without a network (no sandbox network pool in these tests).
+fn offline_step(rootfs: &std::path::Path, script: &str) -> kiln_executor::spec::Step {
+    let mut s = step(rootfs, script);
+    s.network = kiln_executor::spec::Network::None;
+    s
 }
 
 fn steps_share_one_launcher_and_keep_their_output() -> Result<(), String> {
@@ -96,11 +105,10 @@ fn steps_share_one_launcher_and_keep_their_output() -> Result<(), String> {
     let rootfs = busybox();
     let mut requests = Vec::new();
     for i in 0..8 {
-        let mut s = step(
+        let s = offline_step(
             rootfs.path(),
             &format!("sleep 0.{i}; echo out{i}; echo err{i} >&2"),
         );
-        s.network = kiln_executor::spec::Network::None;
         requests.push(common::request(
             &harness.executor,
             harness.run_root.path(),
@@ -207,22 +215,13 @@ fn a_killed_launcher_is_replaced() -> Result<(), String> {
 fn a_config_too_large_for_one_message_goes_through_a_file() -> Result<(), String> {
     let harness = Harness::new()?;
     let rootfs = busybox();
-    let mut s = step(rootfs.path(), "echo $((${#BIG1} + ${#BIG2} + ${#BIG3}))");
-    s.network = kiln_executor::spec::Network::None;
+    let mut s = offline_step(rootfs.path(), "echo $((${#BIG1} + ${#BIG2} + ${#BIG3}))");
     // Far beyond what one request may carry inline (each below exec's limit of 128 KiB
     // per string).
     for i in 1..=3 {
         s.env.push(format!("BIG{i}={}", "x".repeat(100_000)));
     }
-    let request = common::request(&harness.executor, harness.run_root.path(), &s, None)?;
-    let result = harness
-        .runtime
-        .block_on(
-            harness
-                .executor
-                .run(&request, None, CancellationToken::new()),
-        )
-        .map_err(|e| e.to_string())?;
+    let result = harness.run_step(&s).map_err(|e| e.to_string())?;
     common::expect_eq("length of BIG", &common::stdout(&result), "300000")?;
     step_directories_left(&harness)
 }
@@ -234,18 +233,9 @@ fn steps_leave_no_directory_behind() -> Result<(), String> {
     harness
         .run(rootfs.path(), "true")
         .map_err(|e| e.to_string())?;
-    let mut s = step(rootfs.path(), "cat /etc/hosts");
-    s.network = kiln_executor::spec::Network::None;
+    let mut s = offline_step(rootfs.path(), "cat /etc/hosts");
     s.hostname = "own".into();
-    let request = common::request(&harness.executor, harness.run_root.path(), &s, None)?;
-    let result = harness
-        .runtime
-        .block_on(
-            harness
-                .executor
-                .run(&request, None, CancellationToken::new()),
-        )
-        .map_err(|e| e.to_string())?;
+    let result = harness.run_step(&s).map_err(|e| e.to_string())?;
     if !common::stdout(&result).contains("localhost own") {
         return Err(format!("hosts of the step: {:?}", common::stdout(&result)));
     }

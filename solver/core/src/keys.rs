@@ -10,18 +10,17 @@ use crate::store::{Link, Store, StoreError};
 /// Where stored links are looked up: the local store, or it together with imported
 /// caches ([`crate::source`]).
 pub trait Links {
-    /// Targets of `link` from `source`, sorted.
-    fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError>;
-
-    /// As [`Links::targets`], with the targets the local store itself links to (the rest
-    /// an imported cache knows).
+    /// Targets of `link` from `source`, sorted, with the ones the local store itself links
+    /// to (the rest an imported cache knows).
     fn targets_and_local(
         &self,
         source: &str,
         link: &Link,
-    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
-        let targets = self.targets(source, link)?;
-        Ok((targets.clone(), targets))
+    ) -> Result<(Vec<String>, Vec<String>), StoreError>;
+
+    /// Targets of `link` from `source`, sorted.
+    fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError> {
+        Ok(self.targets_and_local(source, link)?.0)
     }
 }
 
@@ -49,8 +48,13 @@ impl Candidates {
 }
 
 impl Links for Store {
-    fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError> {
-        Store::targets(self, source, link)
+    fn targets_and_local(
+        &self,
+        source: &str,
+        link: &Link,
+    ) -> Result<(Vec<String>, Vec<String>), StoreError> {
+        let targets = Store::targets(self, source, link)?;
+        Ok((targets.clone(), targets))
     }
 }
 
@@ -201,10 +205,6 @@ mod tests {
     struct FakeLinks(std::collections::HashMap<(String, Link), (Vec<String>, Vec<String>)>);
 
     impl Links for FakeLinks {
-        fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError> {
-            Ok(self.targets_and_local(source, link)?.0)
-        }
-
         fn targets_and_local(
             &self,
             source: &str,

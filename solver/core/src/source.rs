@@ -41,10 +41,6 @@ pub(crate) struct View<'a, R> {
 }
 
 impl<R: 'static> Links for View<'_, R> {
-    fn targets(&self, source: &str, link: &Link) -> Result<Vec<String>, StoreError> {
-        Ok(self.targets_and_local(source, link)?.0)
-    }
-
     fn targets_and_local(
         &self,
         source: &str,
