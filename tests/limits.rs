@@ -280,6 +280,7 @@ fn check_killed_kiln_leaves_no_cgroup() {
         .spawn()
         .expect("kiln run");
     let leaves = parent.wait_for_leaf();
+    assert_registry_held_by_runner_only(&k, &marker);
     buildsupport::kill_group(&child);
     let _ = finish(child, "killed kiln run");
     assert!(leaves.iter().all(|l| l.exists()), "nobody removed them yet");
@@ -295,6 +296,7 @@ fn check_killed_kiln_leaves_no_cgroup() {
     let (def, _) = one_step(&sleep, &parent.name);
     let child = k.spawn_build(&def, &[]);
     let leaves = parent.wait_for_leaf();
+    assert_registry_held_by_runner_only(&k, &marker);
     buildsupport::kill_group(&child);
     let _ = finish(child, "killed kiln build");
     assert!(leaves.iter().all(|l| l.exists()), "nobody removed them yet");
@@ -311,6 +313,41 @@ fn check_killed_kiln_leaves_no_cgroup() {
         Vec::<String>::new(),
         "step processes left"
     );
+}
+
+/// Once the step runs, its cgroup registry entry is open in one process, the runner: were
+/// the step's init to hold it too, the init (which exits last when everything is killed,
+/// after its namespace's processes) would keep the lock past kiln's death and the next
+/// kiln would take the dead step for a live one.
+fn assert_registry_held_by_runner_only(k: &Kiln, marker: &str) {
+    let deadline = std::time::Instant::now() + buildsupport::HANG;
+    while processes_with(marker).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let registry = k.state.path().join("run").join(".cgroups");
+    let entries: Vec<_> = std::fs::read_dir(&registry)
+        .expect("cgroup registry")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(entries.len(), 1, "one registry entry: {entries:?}");
+    let mut holders = Vec::new();
+    for process in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == entries[0]))
+        {
+            holders.push(process.file_name().to_string_lossy().into_owned());
+        }
+    }
+    assert_eq!(holders.len(), 1, "holders of {:?}: {holders:?}", entries[0]);
 }
 
 #[test]

@@ -26,7 +26,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read as _, Seek as _, Write as _};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd as _, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -681,6 +681,17 @@ impl Placement {
         self.v2.as_ref().map(|(_, fd)| fd.as_fd())
     }
 
+    /// In the step's init, forked from the runner (which keeps the entry): closes the
+    /// init's copy of the registry lock. The init outlives the runner while its namespace's
+    /// processes are killed, and a lock it still held would make the next kiln's
+    /// [`clean_stale`] take a dead step for a live one. Only for a forked copy that is
+    /// never dropped (the init exits or execs).
+    pub fn close_registry_in_fork(&self) {
+        if let Some(registration) = &self.registration {
+            let _ = nix::unistd::close(registration.lock.as_raw_fd());
+        }
+    }
+
     /// Whether the step has any cgroup of its own.
     pub fn is_empty(&self) -> bool {
         self.created.is_empty()
@@ -896,7 +907,7 @@ fn kill_members(dir: &Path) {
 #[derive(Debug)]
 struct Registration {
     path: PathBuf,
-    _lock: Flock<File>,
+    lock: Flock<File>,
 }
 
 impl Drop for Registration {
@@ -935,7 +946,7 @@ fn register(dir: &Path, id: &str, leaves: &[&Path]) -> Result<Registration, Cgro
     lock.write_all(text.as_bytes())
         .map_err(registry_err(&tmp))?;
     fs::rename(&tmp, &path).map_err(registry_err(&path))?;
-    Ok(Registration { path, _lock: lock })
+    Ok(Registration { path, lock })
 }
 
 /// Removes the cgroups of steps whose runner died (registry files nobody holds under

@@ -388,6 +388,7 @@ fn run_in_namespaces(
         Ok(Forked::Child) => {
             drop(go_w);
             drop(status_r);
+            placement.close_registry_in_fork();
             if let Err(e) = cgroup::join_self(placement) {
                 init::report(
                     &status_w,
