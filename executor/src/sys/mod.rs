@@ -160,7 +160,7 @@ static ORIGINAL_OPEN_FILES: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Raises this process's soft limit of open files to its hard limit, as Go programs such
 /// as BuildKit's daemon do: a build holds a lock descriptor for each snapshot it uses, and
 /// a 1000-vertex graph needs more than the usual soft limit of 1024. The runners and
-/// helpers started through [`spawn_dying_with_parent`] and [`spawn_tied`] get the original
+/// helpers started through [`spawn_tied`] (the launcher, network stacks) get the original
 /// soft limit back, so steps keep the limit the user gave kiln.
 pub fn raise_open_files_limit() -> SysResult<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -196,25 +196,6 @@ fn restore_open_files_limit() -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Makes the process `command` starts get `signal` when the thread that spawns it dies,
-/// and refuse to start (`ESRCH`) when this process is already gone by then, so a runner
-/// never outlives the kiln that started it, even one killed right after the fork.
-pub fn spawn_dying_with_parent(
-    command: &mut std::process::Command,
-    signal: nix::sys::signal::Signal,
-) {
-    use std::os::unix::process::CommandExt as _;
-    let parent = nix::unistd::getpid();
-    // SAFETY: the hook runs in the forked child before exec and only makes the
-    // async-signal-safe calls getrlimit, setrlimit, prctl and getppid, without allocating.
-    unsafe {
-        command.pre_exec(move || {
-            restore_open_files_limit()?;
-            die_with_parent(parent, signal).map_err(std::io::Error::from)
-        });
-    }
 }
 
 /// Starts `command` as a helper tied to the calling thread: the descriptors in `inherit`
