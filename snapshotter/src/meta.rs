@@ -317,6 +317,14 @@ impl Db {
             .map_err(self.err())
     }
 
+    /// The directory number the next record will get.
+    pub(crate) fn next_number(&self) -> Result<u64, MetaError> {
+        Ok(self
+            .setting("next_n")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1))
+    }
+
     /// Sets `key` to `value`.
     pub(crate) fn set_setting(&self, key: &str, value: &str) -> Result<(), MetaError> {
         self.conn
@@ -497,6 +505,17 @@ impl Db {
 
     pub(crate) fn all(&self) -> Result<Vec<Record>, MetaError> {
         self.query(&format!("SELECT {COLUMNS} FROM records ORDER BY n"), None)
+    }
+
+    /// Committed records nobody asked to keep (temporary results), filtered in SQL: what a
+    /// build's end looks at, whatever the store's size.
+    pub(crate) fn unretained(&self) -> Result<Vec<Record>, MetaError> {
+        self.query(
+            &format!(
+                "SELECT {COLUMNS} FROM records WHERE state = 'committed' AND retain = 0 ORDER BY n"
+            ),
+            None,
+        )
     }
 
     /// The records a store opening must look at (what [`all`](Db::all) would give,

@@ -259,14 +259,14 @@ impl Shared {
     }
 
     /// Deletes a record whose exclusive lock `lock` holds: marks it, removes its directory,
-    /// deletes its row, unlinks its lock file (in that order, so a kill at any point leaves
-    /// a `removing` record or an orphan lock file for recovery).
+    /// unlinks its lock file, deletes its row (in that order, so a kill at any point leaves
+    /// a `removing` record for recovery, never a directory or lock without a record).
     fn delete_locked(&self, id: &str, n: u64, lock: &RecordLock) -> Result<()> {
         self.db().mark_removing(id)?;
         let dir = self.dir(n);
         fsutil::remove_tree(&dir).map_err(io_err(&dir))?;
-        self.db().delete(id)?;
         lock.unlink()?;
+        self.db().delete(id)?;
         tracing::debug!(id, n, "removed snapshot");
         Ok(())
     }
@@ -995,11 +995,8 @@ impl Snapshotter {
         loop {
             let mut progress = false;
             // Collected first: the store's lock must not be held while removing.
-            let records = self.shared.db().all()?;
+            let records = self.shared.db().unretained()?;
             for r in records {
-                if r.state != RecordState::Committed || r.retain {
-                    continue;
-                }
                 if self.try_remove(&r.id)? {
                     removed.push(r.id);
                     progress = true;
@@ -1117,10 +1114,26 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Directories and lock files without a record (a creation killed before its
-    /// transaction committed, a deletion killed before it unlinked the lock file).
+    /// Directories and lock files without a record. Only a creation killed before its
+    /// transaction committed leaves them now, at the number the next creation takes (the
+    /// rolled-back `next_n`), so one look there suffices and a store's opening costs the
+    /// same whatever its size. Stores older than that rule (where a killed deletion could
+    /// leave a lock file anywhere) are listed in full once.
     fn remove_orphans(&self) -> Result<()> {
-        for n in self.orphan_numbers()? {
+        let tracked =
+            self.shared.db().setting(ORPHANS_SETTING)?.as_deref() == Some(ORPHANS_AT_NEXT);
+        let numbers = if tracked {
+            let n = self.shared.db().next_number()?;
+            let exists = |p: &Path| p.symlink_metadata().is_ok();
+            if exists(&self.shared.dir(n)) || exists(&self.shared.lock_path(n)) {
+                vec![n]
+            } else {
+                Vec::new()
+            }
+        } else {
+            self.orphan_numbers()?
+        };
+        for n in numbers {
             let lock_path = self.shared.lock_path(n);
             let mut lock = match RecordLock::open(&lock_path, Create::Existing)? {
                 Some(lock) => lock,
@@ -1139,6 +1152,11 @@ impl Snapshotter {
             let dir = self.shared.dir(n);
             fsutil::remove_tree(&dir).map_err(io_err(&dir))?;
             lock.unlink()?;
+        }
+        if !tracked {
+            self.shared
+                .db()
+                .set_setting(ORPHANS_SETTING, ORPHANS_AT_NEXT)?;
         }
         Ok(())
     }
@@ -1276,6 +1294,11 @@ impl Snapshotter {
         Ok(problems)
     }
 }
+
+/// The setting that says where records-less directories and locks can be: `at-next` once
+/// a full listing ran under the rule that only a killed creation leaves them.
+const ORPHANS_SETTING: &str = "orphans";
+const ORPHANS_AT_NEXT: &str = "at-next";
 
 fn choose_backend(
     root: &Path,
@@ -1717,6 +1740,97 @@ mod tests {
         shareable::<Snapshotter>();
         shareable::<ImmutableRef>();
         shareable::<MutableRef>();
+    }
+
+    fn native_store(root: &Path) -> Snapshotter {
+        Snapshotter::open_with(
+            root,
+            StoreOptions {
+                backend: BackendChoice::Native,
+            },
+        )
+        .unwrap()
+    }
+
+    fn exists(path: &Path) -> bool {
+        path.symlink_metadata().is_ok()
+    }
+
+    #[test]
+    fn a_creation_killed_before_its_commit_leaves_nothing_after_reopening() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = native_store(tmp.path());
+        let kept = store
+            .new_mutable(None, &RefOptions::default())
+            .unwrap()
+            .commit()
+            .unwrap();
+        let n = store.shared.db().next_number().unwrap();
+        let (dir, lock) = (store.shared.dir(n), store.shared.lock_path(n));
+        drop(kept);
+        drop(store);
+        // What a creation killed inside its transaction leaves: a directory and a lock at
+        // the number its rolled-back transaction had taken, and no row.
+        std::fs::create_dir_all(dir.join("fs")).unwrap();
+        std::fs::write(&lock, "").unwrap();
+        let store = native_store(tmp.path());
+        assert!(!exists(&dir) && !exists(&lock), "the orphan at {n} stays");
+        assert!(store.verify().unwrap().is_empty());
+        assert_eq!(store.du().unwrap().len(), 1, "the committed record stays");
+    }
+
+    #[test]
+    fn a_deletion_killed_after_unlinking_the_lock_is_finished_by_recovery() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = native_store(tmp.path());
+        let committed = store
+            .new_mutable(None, &RefOptions::default())
+            .unwrap()
+            .commit()
+            .unwrap();
+        let id = committed.id().to_owned();
+        drop(committed);
+        let n = store.shared.db().get(&id).unwrap().unwrap().n;
+        // The steps of a deletion up to the kill: marked, directory gone, lock unlinked.
+        store.shared.db().mark_removing(&id).unwrap();
+        fsutil::remove_tree(&store.shared.dir(n)).unwrap();
+        std::fs::remove_file(store.shared.lock_path(n)).unwrap();
+        drop(store);
+        let store = native_store(tmp.path());
+        assert!(store.shared.db().get(&id).unwrap().is_none());
+        assert!(!exists(&store.shared.lock_path(n)));
+        assert!(store.verify().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_store_from_before_orphans_were_tracked_is_listed_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = native_store(tmp.path());
+        let released = store.new_mutable(None, &RefOptions::default()).unwrap();
+        let n = store.shared.db().get(released.id()).unwrap().unwrap().n;
+        released.release().unwrap();
+        // An older kiln, killed between deleting a row and unlinking its lock, left the lock
+        // of a number below the next one; it did not record the setting.
+        let lock = store.shared.lock_path(n);
+        std::fs::write(&lock, "").unwrap();
+        assert!(n < store.shared.db().next_number().unwrap());
+        drop(store);
+        rusqlite::Connection::open(tmp.path().join("snapshots.db"))
+            .unwrap()
+            .execute("DELETE FROM settings WHERE key = ?1", [ORPHANS_SETTING])
+            .unwrap();
+        let store = native_store(tmp.path());
+        assert!(!exists(&lock), "the old orphan stays");
+        assert!(store.verify().unwrap().is_empty());
+        assert_eq!(
+            store
+                .shared
+                .db()
+                .setting(ORPHANS_SETTING)
+                .unwrap()
+                .as_deref(),
+            Some(ORPHANS_AT_NEXT)
+        );
     }
 
     #[test]
