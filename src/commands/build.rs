@@ -33,6 +33,10 @@ use crate::cli::BuildArgs;
 use crate::input::read_input;
 use crate::progress::{Mode, Renderer, StepUsage, usage_json};
 
+/// Descriptor table slots a build reserves before its threads start: enough for the locks
+/// of a few thousand snapshots.
+const DESCRIPTOR_SLOTS: u64 = 4096;
+
 /// What a build starts from.
 enum Input {
     /// A Definition, loaded.
@@ -95,6 +99,11 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
     let (enforced, reason) = kiln_executor::cgroup::enforcement(!in_user_namespace, &limits);
     if let Some(line) = kiln_executor::limits::explain(&limits, enforced, &reason) {
         eprintln!("WARNING: {line}");
+    }
+    // Here, not before: rootless, the process that goes on is a fork, whose table is sized
+    // to its open descriptors.
+    if let Err(e) = kiln_executor::sys::reserve_descriptor_slots(DESCRIPTOR_SLOTS) {
+        tracing::debug!("growing the descriptor table: {e}");
     }
     let runtime = runtime()?;
     let root = root.to_owned();
