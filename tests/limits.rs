@@ -280,9 +280,10 @@ fn check_killed_kiln_leaves_no_cgroup() {
         .spawn()
         .expect("kiln run");
     let leaves = parent.wait_for_leaf();
-    assert_registry_held_by_runner_only(&k, &marker);
+    let (entry, holders) = registry_holders(&k, &marker);
     buildsupport::kill_group(&child);
     let _ = finish(child, "killed kiln run");
+    assert_eq!(holders.len(), 1, "holders of {entry:?}: {holders:?}");
     assert!(leaves.iter().all(|l| l.exists()), "nobody removed them yet");
     let out = k.run(&["run", "--rootfs", &rootfs, "--", "true"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -296,9 +297,10 @@ fn check_killed_kiln_leaves_no_cgroup() {
     let (def, _) = one_step(&sleep, &parent.name);
     let child = k.spawn_build(&def, &[]);
     let leaves = parent.wait_for_leaf();
-    assert_registry_held_by_runner_only(&k, &marker);
+    let (entry, holders) = registry_holders(&k, &marker);
     buildsupport::kill_group(&child);
     let _ = finish(child, "killed kiln build");
+    assert_eq!(holders.len(), 1, "holders of {entry:?}: {holders:?}");
     assert!(leaves.iter().all(|l| l.exists()), "nobody removed them yet");
     let (quick, _) = one_step("true", "");
     let out = k.build(&quick, &[]);
@@ -315,11 +317,12 @@ fn check_killed_kiln_leaves_no_cgroup() {
     );
 }
 
-/// Once the step runs, its cgroup registry entry is open in one process, the runner: were
-/// the step's init to hold it too, the init (which exits last when everything is killed,
-/// after its namespace's processes) would keep the lock past kiln's death and the next
-/// kiln would take the dead step for a live one.
-fn assert_registry_held_by_runner_only(k: &Kiln, marker: &str) {
+/// Once the step runs: its cgroup registry entry and the processes that have it open.
+/// Only the runner may: were the step's init to hold it too, the init (which exits last
+/// when everything is killed, after its namespace's processes) would keep the lock past
+/// kiln's death and the next kiln would take the dead step for a live one. (Checked by
+/// the caller once it killed kiln, so a failure leaves nothing running.)
+fn registry_holders(k: &Kiln, marker: &str) -> (std::path::PathBuf, Vec<String>) {
     let deadline = std::time::Instant::now() + buildsupport::HANG;
     while processes_with(marker).is_empty() {
         assert!(
@@ -347,7 +350,7 @@ fn assert_registry_held_by_runner_only(k: &Kiln, marker: &str) {
             holders.push(process.file_name().to_string_lossy().into_owned());
         }
     }
-    assert_eq!(holders.len(), 1, "holders of {:?}: {holders:?}", entries[0]);
+    (entries[0].clone(), holders)
 }
 
 #[test]
