@@ -1756,15 +1756,19 @@ mod tests {
         path.symlink_metadata().is_ok()
     }
 
+    fn committed(store: &Snapshotter) -> ImmutableRef {
+        store
+            .new_mutable(None, &RefOptions::default())
+            .unwrap()
+            .commit()
+            .unwrap()
+    }
+
     #[test]
     fn a_creation_killed_before_its_commit_leaves_nothing_after_reopening() {
         let tmp = tempfile::tempdir().unwrap();
         let store = native_store(tmp.path());
-        let kept = store
-            .new_mutable(None, &RefOptions::default())
-            .unwrap()
-            .commit()
-            .unwrap();
+        let kept = committed(&store);
         let n = store.shared.db().next_number().unwrap();
         let (dir, lock) = (store.shared.dir(n), store.shared.lock_path(n));
         drop(kept);
@@ -1783,13 +1787,7 @@ mod tests {
     fn a_deletion_killed_after_unlinking_the_lock_is_finished_by_recovery() {
         let tmp = tempfile::tempdir().unwrap();
         let store = native_store(tmp.path());
-        let committed = store
-            .new_mutable(None, &RefOptions::default())
-            .unwrap()
-            .commit()
-            .unwrap();
-        let id = committed.id().to_owned();
-        drop(committed);
+        let id = committed(&store).id().to_owned();
         let n = store.shared.db().get(&id).unwrap().unwrap().n;
         // The steps of a deletion up to the kill: marked, directory gone, lock unlinked.
         store.shared.db().mark_removing(&id).unwrap();
