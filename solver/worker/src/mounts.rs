@@ -1,6 +1,7 @@
 //! Where the worker mounts snapshots for a step, and how those mounts go away.
 //!
-//! Each kiln process owns `<root>/mnt/<pid>/` while it holds `<root>/mnt/<pid>.lock`; its
+//! Each kiln process owns `<root>/mnt/<pid>/` while it holds `<root>/mnt/<pid>.lock`, with a
+//! tmpfs of its own on it for the mount points; its
 //! mounts live in its own mount namespace, so they vanish if it dies, and the next kiln
 //! process removes the empty directories of dead owners (never a directory whose owner
 //! still holds its lock: its mounts are invisible from here, and deleting the mount points
@@ -57,6 +58,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MountsError + '_ {
 #[derive(Debug)]
 pub struct MountsDir {
     dir: PathBuf,
+    /// Whether `dir` has a tmpfs of this process mounted on it.
+    on_tmpfs: bool,
     _lock: Flock<File>,
 }
 
@@ -87,7 +90,27 @@ impl MountsDir {
         let dir = base.join(pid.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).map_err(io(&dir))?;
-        Ok(MountsDir { dir, _lock: lock })
+        // Every step makes and removes its mount points here: on the state's filesystem
+        // that is an inode and a block each, and on ext4 mounted `discard` every removal
+        // waits for a discard (≈0.2 ms a step measured). A tmpfs in kiln's own mount
+        // namespace takes them instead and vanishes with it.
+        let on_tmpfs = nix::mount::mount(
+            Some("tmpfs"),
+            &dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
+            Some("mode=0755"),
+        );
+        if let Err(e) = &on_tmpfs {
+            tracing::debug!(path = %dir.display(), error = %e, "mount points stay on the state's filesystem");
+        }
+        Ok(MountsDir {
+            dir,
+            on_tmpfs: on_tmpfs.is_ok(),
+            _lock: lock,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -101,6 +124,11 @@ impl Drop for MountsDir {
     /// file goes while the lock is still held, so no other process can mistake it for a
     /// dead owner's.
     fn drop(&mut self) {
+        if self.on_tmpfs {
+            // Steps' mount points still there (a step's mounts not released) stay with the
+            // detached tmpfs until their last user is gone.
+            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        }
         if std::fs::remove_dir(&self.dir).is_ok() {
             let mut lock = self.dir.clone().into_os_string();
             lock.push(".lock");
@@ -300,5 +328,43 @@ impl StepMounts {
 impl Drop for StepMounts {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mount points of a process's steps are on a tmpfs of its own, and nothing of it
+    /// stays under `mnt/` once it is done.
+    fn mount_points_on_a_tmpfs() -> anyhow::Result<()> {
+        let root = tempfile::tempdir()?;
+        let dir = MountsDir::open(root.path())?;
+        let fs = nix::sys::statfs::statfs(dir.path())?;
+        anyhow::ensure!(
+            fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC,
+            "{} is not a tmpfs",
+            dir.path().display()
+        );
+        let mut step = StepMounts::new(&dir, "s1")?;
+        let target = step.tmpfs("m0", "size=4k")?;
+        anyhow::ensure!(target.starts_with(dir.path()));
+        step.release();
+        drop(dir);
+        let left: Vec<_> = std::fs::read_dir(root.path().join("mnt"))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(left.is_empty(), "left under mnt/: {left:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn mount_points_on_a_tmpfs_rootful() {
+        kiln_testsupport::rootful(mount_points_on_a_tmpfs);
+    }
+
+    #[test]
+    fn mount_points_on_a_tmpfs_rootless() {
+        kiln_testsupport::rootless(mount_points_on_a_tmpfs);
     }
 }
