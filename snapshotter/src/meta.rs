@@ -741,8 +741,26 @@ impl Drop for Db {
         if let Err(e) = self.flush_uses() {
             tracing::warn!("recording snapshot uses: {e}");
         }
+        // The next process to open the store reads the whole WAL (SQLite rebuilds its
+        // index when no other connection has the database open): 3.2 MB after one df11
+        // build, 15% of a cached build's time. A large one is folded into the database.
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        if std::fs::metadata(&wal).is_ok_and(|m| m.len() > FOLD_WAL_BYTES) {
+            // Not at any price: another process's transaction makes it wait briefly, then
+            // the next close tries again.
+            let _ = self.conn.busy_timeout(FOLD_WAIT);
+            let _ = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
     }
 }
+
+/// A WAL larger than this is checkpointed (and truncated) when the store closes.
+const FOLD_WAL_BYTES: u64 = 256 << 10;
+/// How long that checkpoint waits for other processes' transactions.
+const FOLD_WAIT: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
@@ -830,6 +848,26 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap()
+    }
+
+    #[test]
+    fn a_large_wal_is_folded_into_the_database_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshots.db");
+        let wal = dir.path().join("snapshots.db-wal");
+        let db = db_with_record(&path);
+        for i in 0..8 {
+            db.set_annotation("r", &format!("k{i}"), &"x".repeat(64 << 10))
+                .unwrap();
+        }
+        assert!(std::fs::metadata(&wal).unwrap().len() > FOLD_WAL_BYTES);
+        drop(db);
+        assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
+        let db = Db::open(&path).unwrap();
+        assert_eq!(
+            db.annotation("r", "k7").unwrap().map(|v| v.len()),
+            Some(64 << 10)
+        );
     }
 
     #[test]

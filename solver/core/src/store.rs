@@ -100,6 +100,25 @@ impl CacheResult {
     }
 }
 
+impl Drop for Store {
+    /// Folds a large WAL into the database: the next kiln to open the store would read it
+    /// whole (see the snapshot store's `Db`, which does the same).
+    fn drop(&mut self) {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        if std::fs::metadata(&wal).is_ok_and(|m| m.len() > FOLD_WAL_BYTES) {
+            if let Ok(conn) = self.conn.get_mut() {
+                // Briefly: a busy store is folded by a later close.
+                let _ = conn.busy_timeout(Duration::from_millis(100));
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            }
+        }
+    }
+}
+
+/// A WAL larger than this is checkpointed (and truncated) when the store closes.
+const FOLD_WAL_BYTES: u64 = 256 << 10;
+
 /// Counts from [`Store::check`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct StoreStats {
@@ -493,6 +512,33 @@ mod tests {
         assert!(!store.exists("b").unwrap());
         assert!(!store.exists("a").unwrap());
         assert_eq!(store.check().unwrap(), StoreStats::default());
+    }
+
+    #[test]
+    fn a_large_wal_is_folded_into_the_database_at_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join(format!("{STORE_FILE}-wal"));
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .save("small", &[], Some(&CacheResult::now("r")))
+            .unwrap();
+        drop(store);
+        let small = std::fs::metadata(&wal).unwrap().len();
+        assert!(
+            small > 0 && small <= FOLD_WAL_BYTES,
+            "a small WAL stays: {small}"
+        );
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..400 {
+            let key = format!("{i:0>200}");
+            store.save(&key, &[], Some(&CacheResult::now("r"))).unwrap();
+        }
+        assert!(std::fs::metadata(&wal).unwrap().len() > FOLD_WAL_BYTES);
+        drop(store);
+        assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.results("small").unwrap().len(), 1);
+        assert_eq!(store.check().unwrap().results, 401);
     }
 
     #[test]
