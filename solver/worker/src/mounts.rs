@@ -94,15 +94,7 @@ impl MountsDir {
         // that is an inode and a block each, and on ext4 mounted `discard` every removal
         // waits for a discard (≈0.2 ms a step measured). A tmpfs in kiln's own mount
         // namespace takes them instead and vanishes with it.
-        let on_tmpfs = nix::mount::mount(
-            Some("tmpfs"),
-            &dir,
-            Some("tmpfs"),
-            nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOEXEC,
-            Some("mode=0755"),
-        );
+        let on_tmpfs = mount_tmpfs(&dir, "mode=0755");
         if let Err(e) = &on_tmpfs {
             tracing::debug!(path = %dir.display(), error = %e, "mount points stay on the state's filesystem");
         }
@@ -135,6 +127,19 @@ impl Drop for MountsDir {
             let _ = std::fs::remove_file(lock);
         }
     }
+}
+
+/// Mounts a fresh tmpfs (nosuid, nodev, noexec) with `options` at `target`.
+fn mount_tmpfs(target: &Path, options: &str) -> nix::Result<()> {
+    nix::mount::mount(
+        Some("tmpfs"),
+        target,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some(options),
+    )
 }
 
 /// Removes the mount directories of kiln processes that no longer hold their lock.
@@ -222,16 +227,7 @@ impl StepMounts {
     /// Mounts a fresh tmpfs at `<dir>/<name>` with `options` (for secrets).
     pub fn tmpfs(&mut self, name: &str, options: &str) -> Result<PathBuf, MountsError> {
         let target = self.target(name, FileKind::Directory)?;
-        nix::mount::mount(
-            Some("tmpfs"),
-            &target,
-            Some("tmpfs"),
-            nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NOEXEC,
-            Some(options),
-        )
-        .map_err(|source| MountsError::Sys {
+        mount_tmpfs(&target, options).map_err(|source| MountsError::Sys {
             op: "mount tmpfs",
             path: target.clone(),
             source,
