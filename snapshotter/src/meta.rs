@@ -237,25 +237,7 @@ impl Db {
             path: path.to_owned(),
             source,
         };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
-        // WAL is persistent in the file: set once.
-        let journal: String = conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .map_err(err)?;
-        if !journal.eq_ignore_ascii_case("wal") {
-            conn.pragma_update(None, "journal_mode", "WAL")
-                .map_err(err)?;
-        }
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(err)?;
-        // Closing must not checkpoint (two fsyncs per kiln process): commits checkpoint
-        // the WAL when it grows past its limit, which is as crash-safe.
-        conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        )
-        .map_err(err)?;
+        let conn = kiln_sqlite::open(path).map_err(err)?;
         // Parsing the schema costs more than a cached build's lookups: only a store of an
         // older schema (or a new one) runs it.
         let version: i64 = conn
@@ -741,26 +723,9 @@ impl Drop for Db {
         if let Err(e) = self.flush_uses() {
             tracing::warn!("recording snapshot uses: {e}");
         }
-        // The next process to open the store reads the whole WAL (SQLite rebuilds its
-        // index when no other connection has the database open): 3.2 MB after one df11
-        // build, 15% of a cached build's time. A large one is folded into the database.
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        if std::fs::metadata(&wal).is_ok_and(|m| m.len() > FOLD_WAL_BYTES) {
-            // Not at any price: another process's transaction makes it wait briefly, then
-            // the next close tries again.
-            let _ = self.conn.busy_timeout(FOLD_WAIT);
-            let _ = self
-                .conn
-                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-        }
+        kiln_sqlite::fold_large_wal(&self.conn, &self.path);
     }
 }
-
-/// A WAL larger than this is checkpointed (and truncated) when the store closes.
-const FOLD_WAL_BYTES: u64 = 256 << 10;
-/// How long that checkpoint waits for other processes' transactions.
-const FOLD_WAIT: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod tests {
@@ -860,7 +825,7 @@ mod tests {
             db.set_annotation("r", &format!("k{i}"), &"x".repeat(64 << 10))
                 .unwrap();
         }
-        assert!(std::fs::metadata(&wal).unwrap().len() > FOLD_WAL_BYTES);
+        assert!(std::fs::metadata(&wal).unwrap().len() > kiln_sqlite::FOLD_WAL_BYTES);
         drop(db);
         assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
         let db = Db::open(&path).unwrap();

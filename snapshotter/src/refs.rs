@@ -1295,7 +1295,7 @@ impl Snapshotter {
     }
 }
 
-/// The setting that says where records-less directories and locks can be: `at-next` once
+/// The setting that says where directories and locks without a record can be: `at-next` once
 /// a full listing ran under the rule that only a killed creation leaves them.
 const ORPHANS_SETTING: &str = "orphans";
 const ORPHANS_AT_NEXT: &str = "at-next";

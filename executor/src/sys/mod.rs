@@ -199,8 +199,8 @@ pub fn reserve_descriptor_slots(slots: u64) -> SysResult<()> {
 
 /// Caps the heaps glibc's malloc keeps at `arenas` (it makes up to eight per core, one per
 /// thread that allocates while another holds the lock). kiln's threads mostly wait; their
-/// separate heaps only added fragmentation: a 999-vertex cached build peaked at 29.1 MB
-/// with the default and 26.7 MB with two arenas, in the same time. Call before threads
+/// separate heaps only added fragmentation: a 999-vertex cached build peaked at 30.3 MB
+/// with the default and 28.2 MB with two arenas, in the same time. Call before threads
 /// start; a failure leaves glibc's default.
 pub fn limit_malloc_arenas(arenas: i32) {
     // SAFETY: mallopt only sets a parameter of this process's allocator; it is called

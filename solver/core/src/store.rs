@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -50,8 +50,6 @@ impl Link {
 /// File name of the store under `--root`.
 pub const STORE_FILE: &str = "cache.db";
 const SCHEMA_VERSION: i64 = 1;
-/// How long a writer waits for another process's transaction.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors from the cache store.
 #[derive(Debug, thiserror::Error)]
@@ -101,23 +99,13 @@ impl CacheResult {
 }
 
 impl Drop for Store {
-    /// Folds a large WAL into the database: the next kiln to open the store would read it
-    /// whole (see the snapshot store's `Db`, which does the same).
+    /// Folds a large WAL into the database ([`kiln_sqlite::fold_large_wal`]).
     fn drop(&mut self) {
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        if std::fs::metadata(&wal).is_ok_and(|m| m.len() > FOLD_WAL_BYTES) {
-            if let Ok(conn) = self.conn.get_mut() {
-                // Briefly: a busy store is folded by a later close.
-                let _ = conn.busy_timeout(Duration::from_millis(100));
-                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-            }
+        if let Ok(conn) = self.conn.get_mut() {
+            kiln_sqlite::fold_large_wal(conn, &self.path);
         }
     }
 }
-
-/// A WAL larger than this is checkpointed (and truncated) when the store closes.
-const FOLD_WAL_BYTES: u64 = 256 << 10;
 
 /// Counts from [`Store::check`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -151,26 +139,7 @@ impl Store {
             path: path.to_owned(),
             source,
         };
-        let mut conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        // WAL first: it is persistent in the file (set once) and lets readers run beside a
-        // writer.
-        let journal: String = conn
-            .pragma_query_value(None, "journal_mode", |r| r.get(0))
-            .map_err(err)?;
-        if !journal.eq_ignore_ascii_case("wal") {
-            conn.pragma_update(None, "journal_mode", "WAL")
-                .map_err(err)?;
-        }
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(err)?;
-        // Closing must not checkpoint (two fsyncs per kiln process): commits checkpoint
-        // the WAL when it grows past its limit, which is as crash-safe.
-        conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        )
-        .map_err(err)?;
+        let mut conn = kiln_sqlite::open(path).map_err(err)?;
         // The schema is current in all but a new or older store: no write lock then.
         let current: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -525,7 +494,7 @@ mod tests {
         drop(store);
         let small = std::fs::metadata(&wal).unwrap().len();
         assert!(
-            small > 0 && small <= FOLD_WAL_BYTES,
+            small > 0 && small <= kiln_sqlite::FOLD_WAL_BYTES,
             "a small WAL stays: {small}"
         );
         let store = Store::open(dir.path()).unwrap();
@@ -533,7 +502,7 @@ mod tests {
             let key = format!("{i:0>200}");
             store.save(&key, &[], Some(&CacheResult::now("r"))).unwrap();
         }
-        assert!(std::fs::metadata(&wal).unwrap().len() > FOLD_WAL_BYTES);
+        assert!(std::fs::metadata(&wal).unwrap().len() > kiln_sqlite::FOLD_WAL_BYTES);
         drop(store);
         assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0), 0);
         let store = Store::open(dir.path()).unwrap();
