@@ -329,6 +329,23 @@ impl Db {
         Ok(self.setting(key)?.unwrap_or_else(|| value.to_owned()))
     }
 
+    /// Runs `f` holding the database's write lock (an IMMEDIATE transaction), so no
+    /// [`Db::insert_creating`] of any process runs meanwhile: a lock file or directory
+    /// without a record is then a dead creation's, never one still being made (probing
+    /// its lock would make that creation fail).
+    pub(crate) fn excluding_creations<T, E: From<MetaError>>(
+        &self,
+        f: impl FnOnce(&Db) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(self.err())?;
+        let result = f(self);
+        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        self.conn.execute_batch(end).map_err(self.err())?;
+        result
+    }
+
     /// Inserts a `creating` record with a fresh directory number inside one write
     /// transaction, calling `prepare(n)` before the transaction commits: `prepare` takes
     /// the record's lock and makes its directory, so no other process can see the row

@@ -1120,49 +1120,58 @@ impl Snapshotter {
     /// same whatever its size. Stores older than that rule (where a killed deletion could
     /// leave a lock file anywhere) are listed in full once.
     fn remove_orphans(&self) -> Result<()> {
-        let tracked =
-            self.shared.db().setting(ORPHANS_SETTING)?.as_deref() == Some(ORPHANS_AT_NEXT);
-        let numbers = if tracked {
-            let n = self.shared.db().next_number()?;
-            let exists = |p: &Path| p.symlink_metadata().is_ok();
-            if exists(&self.shared.dir(n)) || exists(&self.shared.lock_path(n)) {
-                vec![n]
-            } else {
-                Vec::new()
-            }
-        } else {
-            self.orphan_numbers()?
-        };
-        for n in numbers {
-            let lock_path = self.shared.lock_path(n);
-            let mut lock = match RecordLock::open(&lock_path, Create::Existing)? {
-                Some(lock) => lock,
-                None => match RecordLock::open(&lock_path, Create::New) {
-                    Ok(Some(lock)) => lock,
-                    // Someone else is at it.
-                    _ => continue,
+        let db = self.shared.db();
+        let tracked = db.setting(ORPHANS_SETTING)?.as_deref() == Some(ORPHANS_AT_NEXT);
+        let exists = |p: &Path| p.symlink_metadata().is_ok();
+        let at_next = |db: &Db| -> Result<Vec<u64>> {
+            let n = db.next_number()?;
+            Ok(
+                if exists(&self.shared.dir(n)) || exists(&self.shared.lock_path(n)) {
+                    vec![n]
+                } else {
+                    Vec::new()
                 },
+            )
+        };
+        // Nothing at the next number (the common case) needs no write lock. Something
+        // there may be a creation in progress in another process: looked at again under
+        // the write lock, which waits for that creation to commit.
+        if tracked && at_next(&db)?.is_empty() {
+            return Ok(());
+        }
+        db.excluding_creations(|db| {
+            let numbers = if tracked {
+                at_next(db)?
+            } else {
+                self.orphan_numbers(db)?
             };
-            if !lock.lock(LockKind::Exclusive, false)? {
-                continue;
+            for n in numbers {
+                let lock_path = self.shared.lock_path(n);
+                let mut lock = match RecordLock::open(&lock_path, Create::Existing)? {
+                    Some(lock) => lock,
+                    None => match RecordLock::open(&lock_path, Create::New) {
+                        Ok(Some(lock)) => lock,
+                        // Someone else is at it.
+                        _ => continue,
+                    },
+                };
+                if !lock.lock(LockKind::Exclusive, false)? || db.get_by_n(n)?.is_some() {
+                    continue;
+                }
+                let dir = self.shared.dir(n);
+                fsutil::remove_tree(&dir).map_err(io_err(&dir))?;
+                lock.unlink()?;
             }
-            if self.shared.db().get_by_n(n)?.is_some() {
-                continue;
+            if !tracked {
+                db.set_setting(ORPHANS_SETTING, ORPHANS_AT_NEXT)?;
             }
-            let dir = self.shared.dir(n);
-            fsutil::remove_tree(&dir).map_err(io_err(&dir))?;
-            lock.unlink()?;
-        }
-        if !tracked {
-            self.shared
-                .db()
-                .set_setting(ORPHANS_SETTING, ORPHANS_AT_NEXT)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
-    /// Numbers that have a directory or a lock file but no record.
-    fn orphan_numbers(&self) -> Result<Vec<u64>> {
+    /// Numbers that have a directory or a lock file but no record; `db` must be held
+    /// with [`Db::excluding_creations`], or a creation in progress would be listed.
+    fn orphan_numbers(&self, db: &Db) -> Result<Vec<u64>> {
         let mut numbers = std::collections::BTreeSet::new();
         for (dir, prefix, suffix) in [
             (&self.shared.snapshots, "", ""),
@@ -1183,10 +1192,8 @@ impl Snapshotter {
                 numbers.insert(n);
             }
         }
-        // Read after the directories: a record is made before its directory and lock, so
-        // whatever was listed above and has a record is in this set (one query, not one
-        // per directory: a cached build opens a store of thousands of snapshots).
-        let known = self.shared.db().numbers()?;
+        // One query, not one per directory: a store can hold thousands of snapshots.
+        let known = db.numbers()?;
         Ok(numbers.into_iter().filter(|n| !known.contains(n)).collect())
     }
 
@@ -1279,17 +1286,24 @@ impl Snapshotter {
                 }
             }
         }
-        for n in self.orphan_numbers()? {
-            let busy = match RecordLock::open(&self.shared.lock_path(n), Create::Existing)? {
-                Some(mut lock) => !lock.lock(LockKind::Exclusive, false)?,
-                None => false,
-            };
-            if !busy {
-                report(
-                    None,
-                    format!("snapshot directory or lock {n} has no record"),
-                );
+        let orphans = self.shared.db().excluding_creations(|db| {
+            let mut orphans = Vec::new();
+            for n in self.orphan_numbers(db)? {
+                let busy = match RecordLock::open(&self.shared.lock_path(n), Create::Existing)? {
+                    Some(mut lock) => !lock.lock(LockKind::Exclusive, false)?,
+                    None => false,
+                };
+                if !busy {
+                    orphans.push(n);
+                }
             }
+            Ok::<_, Error>(orphans)
+        })?;
+        for n in orphans {
+            report(
+                None,
+                format!("snapshot directory or lock {n} has no record"),
+            );
         }
         Ok(problems)
     }
@@ -1781,6 +1795,58 @@ mod tests {
         assert!(!exists(&dir) && !exists(&lock), "the orphan at {n} stays");
         assert!(store.verify().unwrap().is_empty());
         assert_eq!(store.du().unwrap().len(), 1, "the committed record stays");
+    }
+
+    #[test]
+    fn an_opening_leaves_a_creation_in_progress_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = native_store(tmp.path());
+        // Another process's store, opened before the creation began: what it does at
+        // opening, looking for orphans, it does while the creation runs.
+        let other = native_store(tmp.path());
+        let id = new_id();
+        let new = NewRecord {
+            id: &id,
+            parent: None,
+            content: None,
+            retain: false,
+            description: "",
+            record_type: "regular",
+        };
+        let (n, (lock, looked_after)) = store
+            .shared
+            .db()
+            .insert_creating(&new, |n| -> Result<_> {
+                // Where another process's opening used to probe the lock (it found a lock
+                // file at the next number and no row): made, not locked yet.
+                let mut lock = RecordLock::open(&store.shared.lock_path(n), Create::New)?
+                    .expect("a fresh lock file");
+                let start = std::time::Instant::now();
+                let opener = std::thread::spawn(move || {
+                    other.remove_orphans().unwrap();
+                    start.elapsed()
+                });
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                assert!(
+                    lock.lock(LockKind::Exclusive, false)?,
+                    "the opening took the lock of a record being made"
+                );
+                std::fs::create_dir(store.shared.dir(n)).unwrap();
+                Ok((lock, opener))
+            })
+            .unwrap();
+        let looked_after = looked_after.join().unwrap();
+        assert!(
+            looked_after >= std::time::Duration::from_millis(300),
+            "the look for orphans did not wait for the creation ({looked_after:?})"
+        );
+        assert!(
+            exists(&store.shared.lock_path(n)),
+            "the opening unlinked the new lock"
+        );
+        assert!(exists(&store.shared.dir(n)));
+        assert!(store.verify().unwrap().is_empty());
+        drop(lock);
     }
 
     #[test]
