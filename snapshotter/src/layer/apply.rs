@@ -122,10 +122,10 @@ pub(crate) fn apply(
         }
         // The digest covers the whole stream, including the end-of-archive padding.
         io::copy(&mut plain, &mut io::sink()).map_err(LayerError::Read)?;
-        (plain.finish().0, kind)
+        (plain.finish().map_err(LayerError::Read)?.0, kind)
     };
     io::copy(&mut compressed, &mut io::sink()).map_err(LayerError::Read)?;
-    let (blob_digest, blob_size) = compressed.finish();
+    let (blob_digest, blob_size) = compressed.finish().map_err(LayerError::Read)?;
     Ok(Applied {
         diff_id,
         blob_digest: (kind != Decompress::Plain).then_some(blob_digest),

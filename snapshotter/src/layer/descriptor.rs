@@ -5,6 +5,8 @@ use std::io::{self, Read, Write};
 
 use sha2::{Digest, Sha256};
 
+use super::hasher::StreamHasher;
+
 /// Errors from importing and exporting layers.
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
@@ -106,7 +108,7 @@ pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
     }
 }
 
-fn digest_string(hash: impl AsRef<[u8]>) -> String {
+pub(crate) fn digest_string(hash: impl AsRef<[u8]>) -> String {
     format!("sha256:{}", hex::encode(hash))
 }
 
@@ -115,7 +117,7 @@ fn digest_string(hash: impl AsRef<[u8]>) -> String {
 pub(crate) struct HashWriter<W> {
     inner: W,
     /// `None`: counting only, for a stream whose digest another writer already takes.
-    hash: Option<Sha256>,
+    hash: Option<StreamHasher>,
     count: u64,
 }
 
@@ -123,7 +125,7 @@ impl<W: Write> HashWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
         HashWriter {
             inner,
-            hash: Some(Sha256::new()),
+            hash: Some(StreamHasher::new()),
             count: 0,
         }
     }
@@ -138,12 +140,9 @@ impl<W: Write> HashWriter<W> {
     }
 
     /// The inner writer, the digest (`None` when only counting) and the byte count.
-    pub(crate) fn finish(self) -> (W, Option<String>, u64) {
-        (
-            self.inner,
-            self.hash.map(|h| digest_string(h.finalize())),
-            self.count,
-        )
+    pub(crate) fn finish(self) -> io::Result<(W, Option<String>, u64)> {
+        let digest = self.hash.map(StreamHasher::finish).transpose()?;
+        Ok((self.inner, digest, self.count))
     }
 }
 
@@ -166,7 +165,7 @@ impl<W: Write> Write for HashWriter<W> {
 #[derive(Debug)]
 pub(crate) struct HashReader<R> {
     inner: R,
-    hash: Sha256,
+    hash: StreamHasher,
     count: u64,
 }
 
@@ -174,13 +173,13 @@ impl<R: Read> HashReader<R> {
     pub(crate) fn new(inner: R) -> Self {
         HashReader {
             inner,
-            hash: Sha256::new(),
+            hash: StreamHasher::new(),
             count: 0,
         }
     }
 
-    pub(crate) fn finish(self) -> (String, u64) {
-        (digest_string(self.hash.finalize()), self.count)
+    pub(crate) fn finish(self) -> io::Result<(String, u64)> {
+        Ok((self.hash.finish()?, self.count))
     }
 }
 
@@ -208,7 +207,7 @@ mod tests {
     fn hash_writer_counts_and_hashes() {
         let mut w = HashWriter::new(Vec::new());
         w.write_all(b"abc").unwrap();
-        let (inner, digest, count) = w.finish();
+        let (inner, digest, count) = w.finish().unwrap();
         assert_eq!(inner, b"abc");
         assert_eq!(count, 3);
         assert_eq!(
@@ -217,7 +216,7 @@ mod tests {
         );
         let mut counting = HashWriter::counting(Vec::new());
         counting.write_all(b"abcd").unwrap();
-        let (_, digest, count) = counting.finish();
+        let (_, digest, count) = counting.finish().unwrap();
         assert_eq!((digest, count), (None, 4));
     }
 }

@@ -122,10 +122,10 @@ impl<W: Write> TarOut<W> {
 
     fn finish(self) -> Result<LayerDescriptor, LayerError> {
         let tar = self.builder.into_inner().map_err(LayerError::Write)?;
-        let (encoder, diff_id, uncompressed_size) = tar.finish();
+        let (encoder, diff_id, uncompressed_size) = tar.finish().map_err(LayerError::Write)?;
         let diff_id = diff_id.unwrap_or_default();
         let compressed = encoder.finish().map_err(LayerError::Write)?;
-        let (mut out, digest, size) = compressed.finish();
+        let (mut out, digest, size) = compressed.finish().map_err(LayerError::Write)?;
         let digest = digest.unwrap_or_else(|| diff_id.clone());
         out.flush().map_err(LayerError::Write)?;
         Ok(LayerDescriptor {

@@ -11,6 +11,7 @@
 mod apply;
 mod descriptor;
 mod export;
+mod hasher;
 #[cfg(test)]
 mod hostile_tests;
 
