@@ -26,24 +26,33 @@ pub(crate) struct StreamHasher {
 
 #[derive(Debug)]
 enum State {
-    /// Nothing handed off yet: `pending` is hashed at `finish` if the stream ends first.
-    Fresh,
-    /// No helper could be started (a process limit): hashed in this thread.
-    InPlace(Sha256),
-    Helper {
-        chunks: SyncSender<Vec<u8>>,
-        /// Chunks the helper has hashed, back for reuse.
-        spare: Receiver<Vec<u8>>,
-        allocated: usize,
-        helper: JoinHandle<Sha256>,
+    /// Hashed in this thread: until the first full chunk (`may_start`), or for good when
+    /// no helper could be started (a process limit).
+    InPlace {
+        hash: Sha256,
+        may_start: bool,
     },
+    Helper(Helper),
+}
+
+/// The helper thread and the chunks going to it and coming back.
+#[derive(Debug)]
+struct Helper {
+    chunks: SyncSender<Vec<u8>>,
+    /// Chunks the helper has hashed, back for reuse.
+    spare: Receiver<Vec<u8>>,
+    allocated: usize,
+    thread: JoinHandle<Sha256>,
 }
 
 impl StreamHasher {
     pub(crate) fn new() -> Self {
         StreamHasher {
             pending: Vec::new(),
-            state: State::Fresh,
+            state: State::InPlace {
+                hash: Sha256::new(),
+                may_start: true,
+            },
         }
     }
 
@@ -61,99 +70,96 @@ impl StreamHasher {
         }
     }
 
-    /// Passes the full `pending` chunk to the helper (started on the first one).
+    /// Hashes the full `pending` chunk: on the helper (started on the first chunk).
     fn hand_off(&mut self) {
-        if matches!(self.state, State::Fresh) {
-            self.state = start_helper();
+        if let State::InPlace {
+            may_start: may_start @ true,
+            ..
+        } = &mut self.state
+        {
+            match Helper::start() {
+                Ok(helper) => self.state = State::Helper(helper),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no thread for hashing the layer: hashed in place");
+                    *may_start = false;
+                }
+            }
         }
         match &mut self.state {
-            State::InPlace(hash) => {
+            State::InPlace { hash, .. } => {
                 hash.update(&self.pending);
                 self.pending.clear();
             }
-            // `start_helper` never leaves it fresh; hashed in place all the same.
-            State::Fresh => {
-                self.state = State::InPlace(Sha256::new_with_prefix(&self.pending));
-                self.pending.clear();
-            }
-            State::Helper {
-                chunks,
-                spare,
-                allocated,
-                ..
-            } => {
-                let next = match spare.try_recv() {
-                    Ok(buffer) => buffer,
-                    Err(TryRecvError::Empty) if *allocated <= IN_FLIGHT => {
-                        *allocated += 1;
-                        Vec::with_capacity(CHUNK)
-                    }
-                    // Wait for the helper to give one back.
-                    Err(_) => spare.recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK)),
-                };
-                let full = std::mem::replace(&mut self.pending, next);
-                // A helper that is gone (it panicked) is reported by `finish`.
-                let _ = chunks.send(full);
-            }
+            State::Helper(helper) => helper.send(&mut self.pending),
         }
     }
 
     /// The digest, `sha256:<hex>`.
     pub(crate) fn finish(self) -> std::io::Result<String> {
         let hash = match self.state {
-            State::Fresh => Sha256::new_with_prefix(&self.pending),
-            State::InPlace(mut hash) => {
+            State::InPlace { mut hash, .. } => {
                 hash.update(&self.pending);
                 hash
             }
-            State::Helper {
-                chunks,
-                helper,
-                spare,
-                ..
-            } => {
-                if !self.pending.is_empty() {
-                    // A failed send shows as the helper's panic below.
-                    let _ = chunks.send(self.pending);
-                }
-                drop(chunks);
-                drop(spare);
-                helper
-                    .join()
-                    .map_err(|_| std::io::Error::other("the layer's hashing thread panicked"))?
-            }
+            State::Helper(helper) => helper.finish(self.pending)?,
         };
         Ok(super::descriptor::digest_string(hash.finalize()))
     }
 }
 
-/// The helper thread, or [`State::InPlace`] when none can be started.
-fn start_helper() -> State {
-    let (chunks, incoming) = sync_channel::<Vec<u8>>(IN_FLIGHT);
-    let (returned, spare) = sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
-    let started = std::thread::Builder::new()
-        .name("kiln-sha256".into())
-        .spawn(move || {
-            let mut hash = Sha256::new();
-            for mut chunk in incoming {
-                hash.update(&chunk);
-                chunk.clear();
-                // The writer may be gone (an export that failed): nothing to give back to.
-                let _ = returned.try_send(chunk);
-            }
-            hash
-        });
-    match started {
-        Ok(helper) => State::Helper {
+impl Helper {
+    fn start() -> std::io::Result<Helper> {
+        let (chunks, incoming) = sync_channel::<Vec<u8>>(IN_FLIGHT);
+        let (returned, spare) = sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
+        let thread = std::thread::Builder::new()
+            .name("kiln-sha256".into())
+            .spawn(move || {
+                let mut hash = Sha256::new();
+                for mut chunk in incoming {
+                    hash.update(&chunk);
+                    chunk.clear();
+                    // The writer may be gone (an export that failed): nothing to give back to.
+                    let _ = returned.try_send(chunk);
+                }
+                hash
+            })?;
+        Ok(Helper {
             chunks,
             spare,
             allocated: 1,
-            helper,
-        },
-        Err(e) => {
-            tracing::debug!(error = %e, "no thread for hashing the layer: hashed in place");
-            State::InPlace(Sha256::new())
+            thread,
+        })
+    }
+
+    /// Sends `full` to the helper, leaving an empty buffer in its place.
+    fn send(&mut self, full: &mut Vec<u8>) {
+        let next = match self.spare.try_recv() {
+            Ok(buffer) => buffer,
+            Err(TryRecvError::Empty) if self.allocated <= IN_FLIGHT => {
+                self.allocated += 1;
+                Vec::with_capacity(CHUNK)
+            }
+            // Wait for the helper to give one back.
+            Err(_) => self
+                .spare
+                .recv()
+                .unwrap_or_else(|_| Vec::with_capacity(CHUNK)),
+        };
+        // A helper that is gone (it panicked) is reported by `finish`.
+        let _ = self.chunks.send(std::mem::replace(full, next));
+    }
+
+    /// The hash of everything sent and of `last`.
+    fn finish(self, last: Vec<u8>) -> std::io::Result<Sha256> {
+        if !last.is_empty() {
+            // A failed send shows as the helper's panic below.
+            let _ = self.chunks.send(last);
         }
+        drop(self.chunks);
+        drop(self.spare);
+        self.thread
+            .join()
+            .map_err(|_| std::io::Error::other("the layer's hashing thread panicked"))
     }
 }
 
