@@ -337,13 +337,13 @@ impl Db {
         &self,
         f: impl FnOnce(&Db) -> Result<T, E>,
     ) -> Result<T, E> {
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
+        // Unchecked: `f` reads through `self` while the transaction is open; it rolls back
+        // when dropped without a commit (an error, a panic).
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)
             .map_err(self.err())?;
-        let result = f(self);
-        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-        self.conn.execute_batch(end).map_err(self.err())?;
-        result
+        let result = f(self)?;
+        tx.commit().map_err(self.err())?;
+        Ok(result)
     }
 
     /// Inserts a `creating` record with a fresh directory number inside one write
