@@ -146,8 +146,56 @@ fn local_round_trip_body() -> anyhow::Result<()> {
             "{name} mode={mode}: steps ran again: {ran:?}"
         );
         check_files(name, &out)?;
+        if mode == "max" {
+            // The same build, now fully cached, exported again: a cache hit spares loading
+            // intermediate results, but a mode=max export still carries every one.
+            let again = dir.path().join("again");
+            kiln(
+                &dir.path().join("a"),
+                &def(name),
+                &[
+                    "--export-cache".into(),
+                    format!("type=local,dest={},mode=max", again.display()),
+                ],
+            )?;
+            let (cold, cached) = (records_with_results(&cache)?, records_with_results(&again)?);
+            ensure!(
+                cached == cold && cold > 1,
+                "{name}: the cached build exported {cached} records with results, the cold one {cold}"
+            );
+        }
     }
     Ok(())
+}
+
+/// How many records of the cache exported to the local directory `cache` carry a result.
+fn records_with_results(cache: &Path) -> anyhow::Result<usize> {
+    let blob = |digest: &Value| -> anyhow::Result<Value> {
+        let digest = digest.as_str().context("digest")?;
+        let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
+        Ok(serde_json::from_slice(&std::fs::read(
+            cache.join("blobs/sha256").join(hex),
+        )?)?)
+    };
+    let index: Value = serde_json::from_slice(&std::fs::read(cache.join("index.json"))?)?;
+    // BuildKit's layout: an index of the layers whose last entry is the cache config.
+    let manifest = blob(&index["manifests"][0]["digest"])?;
+    let config = manifest["manifests"]
+        .as_array()
+        .and_then(|m| {
+            m.iter()
+                .find(|d| d["mediaType"] == "application/vnd.buildkit.cacheconfig.v0")
+        })
+        .context("no cache config in the cache's index")?;
+    let config = blob(&config["digest"])?;
+    let records = config["records"].as_array().context("records")?;
+    Ok(records
+        .iter()
+        .filter(|r| {
+            let has = |field: &str| r[field].as_array().is_some_and(|a| !a.is_empty());
+            has("layers") || has("chains")
+        })
+        .count())
 }
 
 #[test]

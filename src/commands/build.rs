@@ -61,6 +61,13 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
         .iter()
         .map(|s| flags::parse_export_cache(s))
         .collect::<anyhow::Result<_>>()?;
+    // A `mode=max` export carries every vertex's result, so that solve loads them all.
+    let load_every_result = cache_exports.iter().any(|spec| {
+        matches!(
+            spec,
+            CacheExportSpec::Local { max: true, .. } | CacheExportSpec::Registry { max: true, .. }
+        )
+    });
     let cache_imports: Vec<CacheImportSpec> = args
         .import_cache
         .iter()
@@ -157,7 +164,7 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
                     .context("cache mounts")?
                     .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
                     let (result, cache, usages) =
-                        solve(&worker, &root, graph, mode, sources).await?;
+                        solve(&worker, &root, graph, mode, sources, load_every_result).await?;
                     (result, cache, usages, false)
                 }
                 None => {
@@ -368,6 +375,7 @@ async fn solve(
     graph: Arc<Graph>,
     mode: Mode,
     sources: Vec<Arc<dyn CacheSource<KilnRef>>>,
+    load_every_result: bool,
 ) -> anyhow::Result<(KilnRef, CacheExport<KilnRef>, Vec<StepUsage>)> {
     let store = Arc::new(Store::open(root)?);
     let solver = Solver::new(
@@ -389,6 +397,7 @@ async fn solve(
         progress,
         cancel,
         session: Arc::new(Session::default()),
+        load_every_result,
     };
     let solved = solver.solve_for_export(graph, job).await;
     drop(solver);

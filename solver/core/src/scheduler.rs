@@ -86,6 +86,10 @@ pub struct JobOptions {
     /// Cancel to stop the solve (Ctrl-C).
     pub cancel: CancellationToken,
     pub session: Arc<Session>,
+    /// Load the result of every vertex, as a `mode=max` cache export needs; otherwise a
+    /// vertex found in the cache through its inputs' keys spares loading (or running)
+    /// those inputs.
+    pub load_every_result: bool,
 }
 
 impl Default for JobOptions {
@@ -94,6 +98,7 @@ impl Default for JobOptions {
             progress: ProgressSender::discard(),
             cancel: CancellationToken::new(),
             session: Arc::new(Session::default()),
+            load_every_result: false,
         }
     }
 }
@@ -235,6 +240,7 @@ impl<W: Worker> Solver<W> {
             first_error: OnceLock::new(),
             tasks: TaskTracker::new(),
             export: Mutex::new(CacheExport::default()),
+            load_every_result: job.load_every_result,
         });
         let outcome = state.clone().resolve_edge(graph.target()).await;
         // Nothing of this job may keep running once it returns: stop what is left and wait
@@ -314,6 +320,8 @@ struct Job<W: Worker> {
     tasks: TaskTracker,
     /// Keys and results met, for a cache export.
     export: Mutex<CacheExport<W::Ref>>,
+    /// [`JobOptions::load_every_result`]: no fast path, every edge is resolved.
+    load_every_result: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -514,7 +522,8 @@ impl<W: Worker> Job<W> {
         })
     }
 
-    /// Keys of an edge known without executing anything (empty when none).
+    /// Keys of an edge known without executing it (empty when none): from its inputs'
+    /// keys, found by looking up links; an input with none is resolved first.
     fn fast_keys(self: Arc<Self>, edge: Edge) -> BoxFuture<Result<Vec<String>, SolveError>> {
         Box::pin(async move {
             let slot = cell(&self.state(edge.vertex).fast_keys, edge.index);
@@ -547,12 +556,34 @@ impl<W: Worker> Job<W> {
         let Some(map) = self.cache_map(id, 0).await? else {
             return Ok(Vec::new());
         };
-        let mut deps = Vec::with_capacity(vertex.inputs.len());
+        let mut input_keys = Vec::with_capacity(vertex.inputs.len());
+        for input in &vertex.inputs {
+            input_keys.push(self.clone().fast_keys(*input).await?);
+        }
+        // An input without such keys (a session-bound source upstream, e.g. a local
+        // context) is resolved — in parallel, as the slow path would resolve it anyway —
+        // and the keys of its result stand in. Otherwise every vertex downstream of a
+        // context would take the slow path and load its result (and content-hash its
+        // inputs) even when only the final result is needed.
+        let mut tasks = Vec::new();
         for (i, input) in vertex.inputs.iter().enumerate() {
-            let keys = self.clone().fast_keys(*input).await?;
-            if keys.is_empty() {
+            if input_keys[i].is_empty() {
+                tasks.push((i, self.tasks.spawn(self.clone().resolve_edge(*input))));
+            }
+        }
+        for (i, task) in tasks {
+            let outcome = task
+                .await
+                .map_err(|e| SolveError::Internal(format!("input task: {e}")))??;
+            // A forced input makes this edge run; a session-bound one has no keys that
+            // another solve could have linked from.
+            if outcome.forced || outcome.session_bound {
                 return Ok(Vec::new());
             }
+            input_keys[i] = outcome.keys.clone();
+        }
+        let mut deps = Vec::with_capacity(vertex.inputs.len());
+        for (i, keys) in input_keys.into_iter().enumerate() {
             let selector = dep_selector(&map, i);
             deps.push(
                 keys.into_iter()
@@ -664,8 +695,9 @@ impl<W: Worker> Job<W> {
             return Err(self.fail(id, message).await);
         }
 
-        // Fast path: keys of the inputs without running them.
-        if !ignore {
+        // Fast path: keys from the inputs' keys, without loading the inputs that have
+        // keys of their own.
+        if !ignore && !self.load_every_result {
             let key_ids = self.clone().fast_keys(edge).await?;
             if let Some(Loaded { result, .. }) = self.try_load(id, &key_ids).await? {
                 return Ok(EdgeOutcome {

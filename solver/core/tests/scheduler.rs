@@ -35,6 +35,8 @@ struct World {
     refs: Mutex<HashMap<String, String>>,
     retained: Mutex<HashSet<String>>,
     execs: Mutex<Vec<String>>,
+    /// Every result id a solve loaded from the cache, in order.
+    loads: Mutex<Vec<String>>,
     next_id: AtomicUsize,
     barrier: Option<Barrier>,
     started: Notify,
@@ -157,6 +159,7 @@ impl Worker for FakeWorker {
     }
 
     async fn load_result(&self, result_id: &str) -> Result<Option<FakeRef>, OpError> {
+        self.world.loads.lock().unwrap().push(result_id.to_owned());
         Ok(self
             .world
             .refs
@@ -551,6 +554,63 @@ async fn a_content_key_after_a_session_source_hits_without_growing_the_store() {
         "no dead links from session keys"
     );
     assert_eq!(after.results, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_chain_after_a_session_source_loads_only_what_it_needs() {
+    // local://ctx → a step keyed by the context's content → three steps on its output.
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let attrs = [("content".to_owned(), "ctx".to_owned())]
+        .into_iter()
+        .collect();
+    let local = b.source("local://ctx", attrs);
+    let mut e = Exec::new(None, &["build"]).mount(ExecMount::bind("/out", None));
+    e.mounts[0] = ExecMount::bind("/", Some(local)).readonly();
+    let mut last = b.exec(&e).output("/out").unwrap();
+    for step in ["x1", "x2", "x3"] {
+        last = run(&mut b, Some(last), &[step]);
+    }
+    let def = b.finish(&last);
+
+    let root = tempfile::tempdir().unwrap();
+    let world = Arc::new(World::default());
+    let first = bounded(solver(&world, root.path(), 4).solve(graph(&def), JobOptions::default()))
+        .await
+        .unwrap();
+    world.loads.lock().unwrap().clear();
+    let second = bounded(solver(&world, root.path(), 4).solve(graph(&def), JobOptions::default()))
+        .await
+        .unwrap();
+    assert_eq!(second, first);
+    assert_eq!(
+        world.execs().len(),
+        5 + 1,
+        "only the session's source ran again"
+    );
+    // The step on the context is resolved (its key needs the context's content); the
+    // steps after it are found through their keys, so only the final result is loaded.
+    let loads = world.loads.lock().unwrap().clone();
+    assert_eq!(loads.len(), 2, "loaded {loads:?}");
+    assert_eq!(loads.last(), Some(&first.id));
+
+    // A solve for a `mode=max` cache export loads (and reports) every step's result.
+    world.loads.lock().unwrap().clear();
+    let job = JobOptions {
+        load_every_result: true,
+        ..JobOptions::default()
+    };
+    let (third, export) =
+        bounded(solver(&world, root.path(), 4).solve_for_export(graph(&def), job))
+            .await
+            .unwrap();
+    assert_eq!(third, first);
+    assert_eq!(world.execs().len(), 5 + 2, "nothing but the source ran");
+    assert_eq!(world.loads.lock().unwrap().len(), 4);
+    assert_eq!(
+        export.results.len(),
+        4,
+        "every step's result is in the export"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
