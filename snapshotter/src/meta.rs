@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kiln_sqlite::Cached;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 /// Errors from the metadata database.
@@ -292,7 +293,7 @@ impl Db {
 
     pub(crate) fn setting(&self, key: &str) -> Result<Option<String>, MetaError> {
         self.conn
-            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+            .query_row_cached("SELECT value FROM settings WHERE key = ?1", [key], |r| {
                 r.get(0)
             })
             .optional()
@@ -310,7 +311,7 @@ impl Db {
     /// Sets `key` to `value`.
     pub(crate) fn set_setting(&self, key: &str, value: &str) -> Result<(), MetaError> {
         self.conn
-            .execute(
+            .execute_cached(
                 "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
                 params![key, value],
             )
@@ -321,7 +322,7 @@ impl Db {
     /// Sets `key` to `value` unless it is already set; returns the value in force.
     pub(crate) fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, MetaError> {
         self.conn
-            .execute(
+            .execute_cached(
                 "INSERT OR IGNORE INTO settings (key, value) VALUES (?1, ?2)",
                 params![key, value],
             )
@@ -365,19 +366,19 @@ impl Db {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
         let next: Option<String> = tx
-            .query_row("SELECT value FROM settings WHERE key = 'next_n'", [], |r| {
+            .query_row_cached("SELECT value FROM settings WHERE key = 'next_n'", [], |r| {
                 r.get(0)
             })
             .optional()
             .map_err(err)?;
         let n: u64 = next.and_then(|v| v.parse().ok()).unwrap_or(1);
-        tx.execute(
+        tx.execute_cached(
             "INSERT OR REPLACE INTO settings (key, value) VALUES ('next_n', ?1)",
             [(n + 1).to_string()],
         )
         .map_err(err)?;
         let now = millis(SystemTime::now());
-        tx.execute(
+        tx.execute_cached(
             "INSERT INTO records (id, n, state, parent, created_at, last_used_at, retain, \
              description, record_type, content) \
              VALUES (?1, ?2, 'creating', ?3, ?4, ?4, ?5, ?6, ?7, ?8)",
@@ -478,7 +479,7 @@ impl Db {
     pub(crate) fn get_by_n(&self, n: u64) -> Result<Option<Record>, MetaError> {
         let row = self
             .conn
-            .query_row(
+            .query_row_cached(
                 &format!("SELECT {COLUMNS} FROM records WHERE n = ?1"),
                 [i64::try_from(n).unwrap_or(i64::MAX)],
                 Self::row,
@@ -577,7 +578,7 @@ impl Db {
 
     pub(crate) fn add_key(&self, id: &str, key: &str) -> Result<(), MetaError> {
         self.conn
-            .execute(
+            .execute_cached(
                 "INSERT OR IGNORE INTO record_keys (key, id) VALUES (?1, ?2)",
                 params![key, id],
             )
@@ -587,7 +588,7 @@ impl Db {
 
     pub(crate) fn remove_key(&self, id: &str, key: &str) -> Result<(), MetaError> {
         self.conn
-            .execute(
+            .execute_cached(
                 "DELETE FROM record_keys WHERE key = ?1 AND id = ?2",
                 params![key, id],
             )
@@ -605,7 +606,7 @@ impl Db {
     ) -> Result<bool, MetaError> {
         let changed = self
             .conn
-            .execute(
+            .execute_cached(
                 "UPDATE records SET state = ?3, unsynced_boot = COALESCE(?4, unsynced_boot) \
                  WHERE id = ?1 AND state = ?2",
                 params![id, from.as_str(), to.as_str(), unsynced_boot],
@@ -617,7 +618,7 @@ impl Db {
     /// Marks `id` as being removed (from any state).
     pub(crate) fn mark_removing(&self, id: &str) -> Result<(), MetaError> {
         self.conn
-            .execute("UPDATE records SET state = 'removing' WHERE id = ?1", [id])
+            .execute_cached("UPDATE records SET state = 'removing' WHERE id = ?1", [id])
             .map(drop)
             .map_err(self.err())
     }
@@ -630,11 +631,11 @@ impl Db {
         };
         self.pending_uses.borrow_mut().remove(id);
         let tx = self.conn.transaction().map_err(err)?;
-        tx.execute("DELETE FROM record_keys WHERE id = ?1", [id])
+        tx.execute_cached("DELETE FROM record_keys WHERE id = ?1", [id])
             .map_err(err)?;
-        tx.execute("DELETE FROM record_annotations WHERE id = ?1", [id])
+        tx.execute_cached("DELETE FROM record_annotations WHERE id = ?1", [id])
             .map_err(err)?;
-        tx.execute("DELETE FROM records WHERE id = ?1", [id])
+        tx.execute_cached("DELETE FROM records WHERE id = ?1", [id])
             .map_err(err)?;
         tx.commit().map_err(err)
     }
@@ -659,7 +660,7 @@ impl Db {
 
     pub(crate) fn set_annotation(&self, id: &str, key: &str, value: &str) -> Result<(), MetaError> {
         self.conn
-            .execute(
+            .execute_cached(
                 "INSERT OR REPLACE INTO record_annotations (id, key, value) VALUES (?1, ?2, ?3)",
                 params![id, key, value],
             )
@@ -678,7 +679,7 @@ impl Db {
 
     pub(crate) fn set_size(&self, id: &str, size: Option<u64>) -> Result<(), MetaError> {
         self.conn
-            .execute(
+            .execute_cached(
                 "UPDATE records SET size = ?2 WHERE id = ?1",
                 params![id, size.and_then(|s| i64::try_from(s).ok())],
             )
@@ -688,7 +689,7 @@ impl Db {
 
     pub(crate) fn set_layer(&self, id: &str, layer: &LayerInfo) -> Result<(), MetaError> {
         self.conn
-            .execute(
+            .execute_cached(
                 "UPDATE records SET diff_id = ?2, chain_id = ?3, blob_digest = ?4, \
                  blob_size = ?5, media_type = ?6 WHERE id = ?1",
                 params![
@@ -707,7 +708,7 @@ impl Db {
     /// Clears the unsynced marker of every record committed under `boot`.
     pub(crate) fn mark_synced(&self, boot: &str) -> Result<(), MetaError> {
         self.conn
-            .execute(
+            .execute_cached(
                 "UPDATE records SET unsynced_boot = NULL WHERE unsynced_boot = ?1",
                 [boot],
             )
@@ -717,7 +718,7 @@ impl Db {
 
     pub(crate) fn has_unsynced(&self) -> Result<bool, MetaError> {
         self.conn
-            .query_row(
+            .query_row_cached(
                 "SELECT EXISTS(SELECT 1 FROM records WHERE unsynced_boot IS NOT NULL)",
                 [],
                 |r| r.get(0),

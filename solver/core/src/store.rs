@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kiln_sqlite::Cached;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use kiln_proto::gojson::ObjectWriter;
@@ -277,7 +278,7 @@ impl Store {
                     ])?;
                 }
                 if let Some(result) = result {
-                    tx.execute(
+                    tx.execute_cached(
                         "INSERT OR REPLACE INTO results(key, result_id, created_at)
                          VALUES (?1, ?2, ?3)",
                         params![key, result.id, result.created_at],
@@ -293,13 +294,13 @@ impl Store {
     pub fn remove_result(&self, key: &str, result_id: &str) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute(
+            tx.execute_cached(
                 "DELETE FROM results WHERE key = ?1 AND result_id = ?2",
                 params![key, result_id],
             )?;
             let mut pending = vec![key.to_owned()];
             while let Some(k) = pending.pop() {
-                let busy: bool = tx.query_row(
+                let busy: bool = tx.query_row_cached(
                     "SELECT EXISTS(SELECT 1 FROM results WHERE key = ?1)
                          OR EXISTS(SELECT 1 FROM links WHERE source = ?1)",
                     [&k],
@@ -314,8 +315,8 @@ impl Store {
                     let rows = stmt.query_map([&k], |r| r.get(0))?;
                     rows.collect::<rusqlite::Result<_>>()?
                 };
-                tx.execute("DELETE FROM links WHERE target = ?1", [&k])?;
-                tx.execute("DELETE FROM keys WHERE id = ?1", [&k])?;
+                tx.execute_cached("DELETE FROM links WHERE target = ?1", [&k])?;
+                tx.execute_cached("DELETE FROM keys WHERE id = ?1", [&k])?;
                 pending.extend(parents);
             }
             tx.commit()
@@ -338,7 +339,7 @@ impl Store {
             return Err(damaged(integrity.join("; ")));
         }
         let dangling: i64 = self.with(|c| {
-            c.query_row(
+            c.query_row_cached(
                 "SELECT (SELECT count(*) FROM links WHERE source NOT IN (SELECT id FROM keys)
                                                    OR target NOT IN (SELECT id FROM keys))
                       + (SELECT count(*) FROM results WHERE key NOT IN (SELECT id FROM keys))",
@@ -352,7 +353,7 @@ impl Store {
             )));
         }
         self.with(|c| {
-            c.query_row(
+            c.query_row_cached(
                 "SELECT (SELECT count(*) FROM keys), (SELECT count(*) FROM links),
                         (SELECT count(*) FROM results)",
                 [],
