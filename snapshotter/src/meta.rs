@@ -460,6 +460,23 @@ impl Db {
         row.map(|r| self.finish(r)).transpose()
     }
 
+    /// `id` and every record it mounts on (its parents and content records, transitively),
+    /// by id, in one read.
+    pub(crate) fn lineage(&self, id: &str) -> Result<HashMap<String, Record>, MetaError> {
+        let records = self.query(
+            &format!(
+                "WITH RECURSIVE lineage(id) AS (SELECT ?1 \
+                 UNION SELECT r.parent FROM records r JOIN lineage l ON r.id = l.id \
+                 WHERE r.parent IS NOT NULL \
+                 UNION SELECT r.content FROM records r JOIN lineage l ON r.id = l.id \
+                 WHERE r.content IS NOT NULL) \
+                 SELECT {COLUMNS} FROM records WHERE id IN lineage"
+            ),
+            Some(id),
+        )?;
+        Ok(records.into_iter().map(|r| (r.id.clone(), r)).collect())
+    }
+
     /// The directory numbers of all records.
     pub(crate) fn numbers(&self) -> Result<std::collections::HashSet<u64>, MetaError> {
         let mut stmt = self

@@ -315,6 +315,36 @@ impl Drop for Held {
     }
 }
 
+/// A record of a lineage being opened: locked, not yet checked again nor held.
+struct PendingHold {
+    id: String,
+    /// The record that mounts on this one (`None` for the one asked for).
+    child: Option<String>,
+    record: Record,
+    lock: RecordLock,
+}
+
+/// What [`Snapshotter::get`] collects while it locks a lineage.
+#[derive(Default)]
+struct LineageWalk {
+    visited: std::collections::HashSet<String>,
+    /// Locked here, each after the records it mounts on.
+    locked: Vec<PendingHold>,
+    /// Already open in this process.
+    reused: HashMap<String, Arc<Held>>,
+}
+
+/// The error for record `id` gone (or never there): reached from `child`, a missing parent.
+fn missing(id: &str, child: Option<&str>) -> Error {
+    match child {
+        None => Error::NotFound(id.to_owned()),
+        Some(child) => Error::MissingParent {
+            id: child.to_owned(),
+            parent: id.to_owned(),
+        },
+    }
+}
+
 impl Snapshotter {
     /// Opens (creating if needed) the store under `root` with the default options.
     pub fn open(root: &Path) -> Result<Snapshotter> {
@@ -512,79 +542,126 @@ impl Snapshotter {
         Ok((held, fs))
     }
 
-    /// The committed record `id`.
+    /// The committed record `id`, and with it the records it mounts on.
+    ///
+    /// A snapshot holds its ancestors (parent and content records), and a cached build's
+    /// result is a chain of one snapshot per step: the whole lineage is read in one
+    /// statement, each record not yet open here is locked (shared; waiting only for a
+    /// short exclusive holder: a deletion or the end of a creation), and all are checked
+    /// again under their locks in one more statement — not two statements per layer.
     pub fn get(&self, id: &str) -> Result<ImmutableRef> {
-        if let Some(held) = lock_mutex(&self.shared.open)
-            .get(id)
-            .and_then(Weak::upgrade)
-        {
+        if let Some(held) = self.open_held(id) {
             self.shared.db().touch(id, true)?;
             return Ok(ImmutableRef { held });
         }
-        let record = self
-            .shared
-            .db()
-            .get(id)?
-            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        if record.state != RecordState::Committed {
-            return Err(if record.state == RecordState::Mutable {
-                Error::WrongState {
+        let before = self.shared.db().lineage(id)?;
+        let mut walk = LineageWalk::default();
+        self.lock_lineage(id, None, &before, &mut walk)?;
+        let after = self.shared.db().lineage(id)?;
+        for pending in &mut walk.locked {
+            match after.get(&pending.id) {
+                Some(record) if record.state == RecordState::Committed => {
+                    pending.record = record.clone();
+                }
+                _ => return Err(missing(&pending.id, pending.child.as_deref())),
+            }
+        }
+        // Ancestors come first in `locked` (the walk adds a record after those it mounts on).
+        let mut held_by_id = walk.reused;
+        for pending in walk.locked {
+            let resolve = |other: &Option<String>| -> Result<Option<ImmutableRef>> {
+                other
+                    .as_ref()
+                    .map(|o| {
+                        held_by_id
+                            .get(o)
+                            .map(|held| ImmutableRef { held: held.clone() })
+                            .ok_or_else(|| missing(o, Some(&pending.id)))
+                    })
+                    .transpose()
+            };
+            let parent = resolve(&pending.record.parent)?;
+            let content = resolve(&pending.record.content)?;
+            let held = Arc::new(Held {
+                shared: self.shared.clone(),
+                id: pending.id.clone(),
+                n: pending.record.n,
+                parent,
+                foreign: content.is_some() || pending.record.record_type == DIFF_RECORD_TYPE,
+                content,
+                lock: Mutex::new(pending.lock),
+            });
+            self.shared.db().touch(&pending.id, true)?;
+            let held = {
+                let mut open = lock_mutex(&self.shared.open);
+                match open.get(&pending.id).and_then(Weak::upgrade) {
+                    // Another thread opened it meanwhile: ours goes (with its lock).
+                    Some(existing) => existing,
+                    None => {
+                        open.insert(pending.id.clone(), Arc::downgrade(&held));
+                        held
+                    }
+                }
+            };
+            held_by_id.insert(pending.id, held);
+        }
+        held_by_id
+            .remove(id)
+            .map(|held| ImmutableRef { held })
+            .ok_or_else(|| Error::NotFound(id.to_owned()))
+    }
+
+    fn open_held(&self, id: &str) -> Option<Arc<Held>> {
+        lock_mutex(&self.shared.open)
+            .get(id)
+            .and_then(Weak::upgrade)
+    }
+
+    /// Locks `id` (reached from `child`, or asked for when `None`) and, depth first, the
+    /// records it mounts on; adds each after its ancestors to `walk.locked`. Records open
+    /// in this process are taken as they are.
+    fn lock_lineage(
+        &self,
+        id: &str,
+        child: Option<&str>,
+        before: &HashMap<String, Record>,
+        walk: &mut LineageWalk,
+    ) -> Result<()> {
+        if !walk.visited.insert(id.to_owned()) {
+            return Ok(());
+        }
+        if let Some(held) = self.open_held(id) {
+            self.shared.db().touch(id, true)?;
+            walk.reused.insert(id.to_owned(), held);
+            return Ok(());
+        }
+        let record = before.get(id).ok_or_else(|| missing(id, child))?;
+        match record.state {
+            RecordState::Committed => {}
+            RecordState::Mutable => {
+                return Err(Error::WrongState {
                     id: id.to_owned(),
                     state: record.state,
                     wanted: "committed",
-                }
-            } else {
-                Error::NotFound(id.to_owned())
-            });
+                });
+            }
+            _ => return Err(missing(id, child)),
         }
         let mut lock = RecordLock::open(&self.shared.lock_path(record.n), Create::Existing)?
-            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        // Waits only for a short exclusive holder: a deletion or the end of a creation.
+            .ok_or_else(|| missing(id, child))?;
         if !lock.lock(LockKind::Shared, true)? {
-            return Err(Error::NotFound(id.to_owned()));
+            return Err(missing(id, child));
         }
-        let record = self
-            .shared
-            .db()
-            .get(id)?
-            .filter(|r| r.state == RecordState::Committed)
-            .ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        let parent = match &record.parent {
-            Some(p) => Some(self.get(p).map_err(|e| match e {
-                Error::NotFound(_) => Error::MissingParent {
-                    id: id.to_owned(),
-                    parent: p.clone(),
-                },
-                other => other,
-            })?),
-            None => None,
-        };
-        let content = match &record.content {
-            Some(c) => Some(self.get(c).map_err(|e| match e {
-                Error::NotFound(_) => Error::MissingParent {
-                    id: id.to_owned(),
-                    parent: c.clone(),
-                },
-                other => other,
-            })?),
-            None => None,
-        };
-        let held = Arc::new(Held {
-            shared: self.shared.clone(),
+        for ancestor in [&record.parent, &record.content].into_iter().flatten() {
+            self.lock_lineage(ancestor, Some(id), before, walk)?;
+        }
+        walk.locked.push(PendingHold {
             id: id.to_owned(),
-            n: record.n,
-            parent,
-            foreign: content.is_some() || record.record_type == DIFF_RECORD_TYPE,
-            content,
-            lock: Mutex::new(lock),
+            child: child.map(str::to_owned),
+            record: record.clone(),
+            lock,
         });
-        self.shared.db().touch(id, true)?;
-        let mut open = lock_mutex(&self.shared.open);
-        if let Some(existing) = open.get(id).and_then(Weak::upgrade) {
-            return Ok(ImmutableRef { held: existing });
-        }
-        open.insert(id.to_owned(), Arc::downgrade(&held));
-        Ok(ImmutableRef { held })
+        Ok(())
     }
 
     /// The mutable record `id` (a retained one without an open handle, e.g. a cache-mount

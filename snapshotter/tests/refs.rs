@@ -283,6 +283,61 @@ fn long_chain() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Another handle (as another process) opens a chain whole: every ancestor held, one
+/// already open reused, a missing ancestor named with the record that mounts on it.
+#[test]
+fn a_chain_is_opened_with_its_ancestors() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path().join("root");
+    let ids: Vec<String> = {
+        let store = Snapshotter::open(&root)?;
+        let mut top = None;
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let m = store.new_mutable(top.as_ref(), &RefOptions::default())?;
+            std::fs::write(m.dir().join(format!("f{i}")), b"x")?;
+            let committed = m.commit()?;
+            ids.push(committed.id().to_owned());
+            top = Some(committed);
+        }
+        ids
+    };
+    let other = Snapshotter::open(&root)?;
+    let middle = other.get(&ids[2])?;
+    let top = other.get(&ids[4])?;
+    let mut chain = Vec::new();
+    let mut at = Some(top.clone());
+    while let Some(r) = at {
+        chain.push(r.id().to_owned());
+        at = r.parent().cloned();
+    }
+    assert_eq!(chain, ids.iter().rev().cloned().collect::<Vec<_>>());
+    let kiln_snapshotter::Mountable::Overlay(o) = top.mountable() else {
+        anyhow::bail!("a chain mounts as an overlay");
+    };
+    assert_eq!(o.lowers.len(), 5);
+    // Held from here: a prune through a third handle removes none of them.
+    let third = Snapshotter::open(&root)?;
+    assert!(third.prune(PruneOptions::default())?.is_empty());
+    drop(middle);
+
+    assert!(matches!(third.get("no-such-id"), Err(Error::NotFound(_))));
+    // The base's lock file gone (its record deleted meanwhile): the error names the
+    // record that mounts on it.
+    let base = third.record(&ids[0])?;
+    std::fs::remove_file(root.join(format!("locks/snapshot-{}.lock", base.n)))?;
+    match third.get(&ids[4]) {
+        Err(Error::MissingParent { id, parent }) => {
+            assert_eq!(
+                (id.as_str(), parent.as_str()),
+                (ids[1].as_str(), ids[0].as_str())
+            );
+        }
+        other => panic!("expected a missing parent, got {other:?}"),
+    }
+    Ok(())
+}
+
 #[test]
 fn two_hundred_layers_rootful() {
     rootful(long_chain);
