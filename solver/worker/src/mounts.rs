@@ -1,9 +1,9 @@
 //! Where the worker mounts snapshots for a step, and how those mounts go away.
 //!
-//! Each kiln process owns `<root>/mnt/<pid>/` while it holds `<root>/mnt/<pid>.lock`, with a
-//! tmpfs of its own on it for the mount points; its
+//! Each kiln process that mounts something owns `<root>/mnt/<pid>/` while it holds
+//! `<root>/mnt/<pid>.lock`, with a tmpfs of its own on it for the mount points; its
 //! mounts live in its own mount namespace, so they vanish if it dies, and the next kiln
-//! process removes the empty directories of dead owners (never a directory whose owner
+//! process to mount removes the empty directories of dead owners (never a directory whose owner
 //! still holds its lock: its mounts are invisible from here, and deleting the mount points
 //! would detach them). A [`StepMounts`] unmounts everything it mounted, in reverse, and
 //! removes only directories it created — never recursively — so a failed unmount can
@@ -16,6 +16,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use kiln_executor::sys::{FileKind, LinuxSys, Sys};
 use kiln_snapshotter::Mountable;
@@ -54,11 +55,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MountsError + '_ {
     }
 }
 
-/// This process's directory for mount points.
+/// This process's directory for mount points, made when a step first needs it (a fully
+/// cached build mounts nothing).
 #[derive(Debug)]
 pub struct MountsDir {
+    base: PathBuf,
     dir: PathBuf,
-    /// Whether `dir` has a tmpfs of this process mounted on it.
+    made: Mutex<Option<Made>>,
+}
+
+/// What making the directory left to undo.
+#[derive(Debug)]
+struct Made {
+    /// Whether the directory has a tmpfs of this process mounted on it.
     on_tmpfs: bool,
     _lock: Flock<File>,
 }
@@ -69,11 +78,32 @@ fn try_lock(file: File) -> Option<Flock<File>> {
 }
 
 impl MountsDir {
-    /// Creates this process's directory under `<root>/mnt` and removes those of dead kiln
-    /// processes.
-    pub fn open(root: &Path) -> Result<Self, MountsError> {
+    /// This process's directory under `<root>/mnt`, not made yet.
+    pub fn new(root: &Path) -> Self {
         let base = root.join("mnt");
-        std::fs::create_dir_all(&base).map_err(io(&base))?;
+        let dir = base.join(std::process::id().to_string());
+        MountsDir {
+            base,
+            dir,
+            made: Mutex::new(None),
+        }
+    }
+
+    /// This process's directory under `<root>/mnt`, made now.
+    pub fn open(root: &Path) -> Result<Self, MountsError> {
+        let dir = MountsDir::new(root);
+        dir.make()?;
+        Ok(dir)
+    }
+
+    /// Creates the directory (once) and removes those of dead kiln processes.
+    fn make(&self) -> Result<(), MountsError> {
+        let mut made = self.made.lock().unwrap_or_else(PoisonError::into_inner);
+        if made.is_some() {
+            return Ok(());
+        }
+        let base = &self.base;
+        std::fs::create_dir_all(base).map_err(io(base))?;
         let pid = std::process::id();
         let lock_path = base.join(format!("{pid}.lock"));
         let file = std::fs::OpenOptions::new()
@@ -86,23 +116,23 @@ impl MountsDir {
             path: lock_path.clone(),
             source: std::io::Error::other("locked by another process with this pid"),
         })?;
-        clean_stale(&base, pid);
-        let dir = base.join(pid.to_string());
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).map_err(io(&dir))?;
+        clean_stale(base, pid);
+        let dir = &self.dir;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir(dir).map_err(io(dir))?;
         // Every step makes and removes its mount points here: on the state's filesystem
         // that is an inode and a block each, and on ext4 mounted `discard` every removal
         // waits for a discard (≈0.2 ms a step measured). A tmpfs in kiln's own mount
         // namespace takes them instead and vanishes with it.
-        let on_tmpfs = mount_tmpfs(&dir, "mode=0755");
+        let on_tmpfs = mount_tmpfs(dir, "mode=0755");
         if let Err(e) = &on_tmpfs {
             tracing::debug!(path = %dir.display(), error = %e, "mount points stay on the state's filesystem");
         }
-        Ok(MountsDir {
-            dir,
+        *made = Some(Made {
             on_tmpfs: on_tmpfs.is_ok(),
             _lock: lock,
-        })
+        });
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -116,7 +146,11 @@ impl Drop for MountsDir {
     /// file goes while the lock is still held, so no other process can mistake it for a
     /// dead owner's.
     fn drop(&mut self) {
-        if self.on_tmpfs {
+        let made = self.made.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let Some(made) = made.as_ref() else {
+            return;
+        };
+        if made.on_tmpfs {
             // Steps' mount points still there (a step's mounts not released) stay with the
             // detached tmpfs until their last user is gone.
             let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
@@ -178,6 +212,7 @@ pub struct StepMounts {
 impl StepMounts {
     /// A fresh directory `<mounts dir>/<name>`.
     pub fn new(parent: &MountsDir, name: &str) -> Result<Self, MountsError> {
+        parent.make()?;
         let dir = parent.path().join(name);
         std::fs::create_dir(&dir).map_err(io(&dir))?;
         Ok(StepMounts {
@@ -335,6 +370,13 @@ mod tests {
     /// stays under `mnt/` once it is done.
     fn mount_points_on_a_tmpfs() -> anyhow::Result<()> {
         let root = tempfile::tempdir()?;
+        // Nothing is made (nor mounted) until a step needs it.
+        let dir = MountsDir::new(root.path());
+        anyhow::ensure!(!root.path().join("mnt").exists(), "mnt/ made up front");
+        let mut first = StepMounts::new(&dir, "s0")?;
+        anyhow::ensure!(first.dir().starts_with(dir.path()) && dir.path().is_dir());
+        first.release();
+        drop(dir);
         let dir = MountsDir::open(root.path())?;
         let fs = nix::sys::statfs::statfs(dir.path())?;
         anyhow::ensure!(

@@ -14,15 +14,13 @@ use kiln_solver::op::OpError;
 use crate::cache_mounts::CacheMounts;
 use crate::config::WorkerConfig;
 use crate::http::downloads::Downloads;
-use crate::mounts::{self, MountsDir};
+use crate::mounts::MountsDir;
 
 /// Errors from setting a worker up.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("opening the snapshot store: {0}")]
     Snapshots(#[from] kiln_snapshotter::Error),
-    #[error(transparent)]
-    Mounts(#[from] mounts::MountsError),
     #[error("preparing the step runner: {0}")]
     Executor(#[from] kiln_executor::supervisor::ExecError),
     #[error(transparent)]
@@ -59,7 +57,7 @@ impl Inner {
     pub fn open(config: WorkerConfig) -> Result<Self, WorkerError> {
         let snapshotter = Snapshotter::open(&config.root)?;
         let executor = Executor::new(config.runner.clone(), &config.root.join("run"))?;
-        let mounts_dir = MountsDir::open(&config.root)?;
+        let mounts_dir = MountsDir::new(&config.root);
         let images = ImageResolver::new(
             &config.root,
             config.registry_hosts.clone(),
