@@ -556,31 +556,24 @@ impl<W: Worker> Job<W> {
         let Some(map) = self.cache_map(id, 0).await? else {
             return Ok(Vec::new());
         };
-        let mut input_keys = Vec::with_capacity(vertex.inputs.len());
-        for input in &vertex.inputs {
-            input_keys.push(self.clone().fast_keys(*input).await?);
-        }
-        // An input without such keys (a session-bound source upstream, e.g. a local
-        // context) is resolved — in parallel, as the slow path would resolve it anyway —
-        // and the keys of its result stand in. Otherwise every vertex downstream of a
-        // context would take the slow path and load its result (and content-hash its
-        // inputs) even when only the final result is needed.
-        let mut tasks = Vec::new();
-        for (i, input) in vertex.inputs.iter().enumerate() {
-            if input_keys[i].is_empty() {
-                tasks.push((i, self.tasks.spawn(self.clone().resolve_edge(*input))));
-            }
-        }
-        for (i, task) in tasks {
-            let outcome = task
+        // Each input's keys come from a task of its own, as the slow path resolves its
+        // inputs: an input without fast keys is resolved there (one step of an input must
+        // not wait for the keys of another, or independent steps would run one after the
+        // other).
+        let tasks: Vec<_> = vertex
+            .inputs
+            .iter()
+            .map(|input| self.tasks.spawn(self.clone().input_keys(*input)))
+            .collect();
+        let mut input_keys = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let keys = task
                 .await
                 .map_err(|e| SolveError::Internal(format!("input task: {e}")))??;
-            // A forced input makes this edge run; a session-bound one has no keys that
-            // another solve could have linked from.
-            if outcome.forced || outcome.session_bound {
-                return Ok(Vec::new());
+            match keys {
+                Some(keys) => input_keys.push(keys),
+                None => return Ok(Vec::new()),
             }
-            input_keys[i] = outcome.keys.clone();
         }
         let mut deps = Vec::with_capacity(vertex.inputs.len());
         for (i, keys) in input_keys.into_iter().enumerate() {
@@ -606,6 +599,21 @@ impl<W: Worker> Job<W> {
             self.record_key(k, &record_digest, &deps);
         }
         Ok(found)
+    }
+
+    /// The keys an input gives its dependents' fast keys: its own fast keys, or else
+    /// (a session-bound source upstream, e.g. a local context) those of its result once
+    /// resolved — otherwise every vertex downstream of a context would take the slow path
+    /// and load its result (and content-hash its inputs) when only the final result is
+    /// needed. `None` when it has none another solve could have linked from: forced by
+    /// IgnoreCache, or session-bound.
+    async fn input_keys(self: Arc<Self>, input: Edge) -> Result<Option<Vec<String>>, SolveError> {
+        let keys = self.clone().fast_keys(input).await?;
+        if !keys.is_empty() {
+            return Ok(Some(keys));
+        }
+        let outcome = self.resolve_edge(input).await?;
+        Ok((!outcome.forced && !outcome.session_bound).then(|| outcome.keys.clone()))
     }
 
     /// Loads the newest loadable result among `keys`; records whose ref is gone are

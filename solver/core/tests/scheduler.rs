@@ -275,6 +275,45 @@ async fn parallel_branches_overlap() {
     assert_eq!(world.exec_count("barrier right"), 1);
 }
 
+/// Branches on a step on a local context, gathered by a chain of steps that each mount one
+/// (a Dockerfile's `COPY --from=` of parallel stages): they run at once, cold, although
+/// the chain's keys need each branch resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_after_a_session_source_overlap() {
+    let root = tempfile::tempdir().unwrap();
+    // Each branch waits until all three have started: one at a time would hang.
+    let world = World::with_barrier(3);
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let attrs = [("content".to_owned(), "ctx".to_owned())]
+        .into_iter()
+        .collect();
+    let local = b.source("local://ctx", attrs);
+    let mut e = Exec::new(None, &["base"]).mount(ExecMount::bind("/out", None));
+    e.mounts[0] = ExecMount::bind("/", Some(local)).readonly();
+    let base = b.exec(&e).output("/out").unwrap();
+    let mut gathered = b.image("example.com/base:1");
+    for i in 0..3 {
+        let name = i.to_string();
+        let branch = run(&mut b, Some(base.clone()), &["barrier", &name]);
+        gathered = b
+            .exec(
+                &Exec::new(Some(gathered), &["gather", &name])
+                    .mount(ExecMount::bind("/in", Some(branch)).readonly()),
+            )
+            .root()
+            .unwrap();
+    }
+    let solver = solver(&world, root.path(), 4);
+    let solve = solver.solve(graph(&b.finish(&gathered)), JobOptions::default());
+    tokio::time::timeout(Duration::from_secs(30), solve)
+        .await
+        .expect("the branches ran one at a time")
+        .unwrap();
+    for i in 0..3 {
+        assert_eq!(world.exec_count(&format!("barrier {i}")), 1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_stops_dependents_cancels_siblings_and_names_the_vertex() {
     let root = tempfile::tempdir().unwrap();
