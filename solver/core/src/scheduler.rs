@@ -30,6 +30,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
+use futures_util::future::join_all;
 use kiln_proto::{Digest, Edge, Graph, VertexId};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{OnceCell, Semaphore};
@@ -556,21 +557,20 @@ impl<W: Worker> Job<W> {
         let Some(map) = self.cache_map(id, 0).await? else {
             return Ok(Vec::new());
         };
-        // Each input's keys come from a task of its own, as the slow path resolves its
-        // inputs: an input without fast keys is resolved there (one step of an input must
-        // not wait for the keys of another, or independent steps would run one after the
-        // other).
-        let tasks: Vec<_> = vertex
-            .inputs
-            .iter()
-            .map(|input| self.tasks.spawn(self.clone().input_keys(*input)))
-            .collect();
-        let mut input_keys = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let keys = task
-                .await
-                .map_err(|e| SolveError::Internal(format!("input task: {e}")))??;
-            match keys {
+        // The inputs' keys are worked out together: an input without fast keys is
+        // resolved for them, and that must not wait for another input's keys (independent
+        // steps would run one after the other). In this task, not on tasks of their own:
+        // a hand-off per vertex of a long chain costs more than its lookups.
+        let results = join_all(
+            vertex
+                .inputs
+                .iter()
+                .map(|input| self.clone().input_keys(*input)),
+        )
+        .await;
+        let mut input_keys = Vec::with_capacity(results.len());
+        for keys in results {
+            match keys? {
                 Some(keys) => input_keys.push(keys),
                 None => return Ok(Vec::new()),
             }
