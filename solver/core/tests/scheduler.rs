@@ -284,13 +284,7 @@ async fn branches_after_a_session_source_overlap() {
     // Each branch waits until all three have started: one at a time would hang.
     let world = World::with_barrier(3);
     let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
-    let attrs = [("content".to_owned(), "ctx".to_owned())]
-        .into_iter()
-        .collect();
-    let local = b.source("local://ctx", attrs);
-    let mut e = Exec::new(None, &["base"]).mount(ExecMount::bind("/out", None));
-    e.mounts[0] = ExecMount::bind("/", Some(local)).readonly();
-    let base = b.exec(&e).output("/out").unwrap();
+    let base = content_step(&mut b, "local://ctx", "ctx", "base");
     let mut gathered = b.image("example.com/base:1");
     for i in 0..3 {
         let name = i.to_string();
@@ -486,15 +480,21 @@ async fn ignore_cache_reruns_the_vertex_and_its_dependents_and_later_solves_use_
     assert_eq!(third, second, "the newest result is used");
 }
 
-fn content_def(source: &str) -> pb::Definition {
-    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
-    let attrs = [("content".to_owned(), "same bytes".to_owned())]
+/// A step `name` with `source` (holding `content`) read-only at `/` and its `/out` as the
+/// output: its key goes through the source's content.
+fn content_step(b: &mut DefinitionBuilder, source: &str, content: &str, name: &str) -> Output {
+    let attrs = [("content".to_owned(), content.to_owned())]
         .into_iter()
         .collect();
     let s = b.source(source, attrs);
-    let mut e = Exec::new(None, &["build"]).mount(ExecMount::bind("/out", None));
+    let mut e = Exec::new(None, &[name]).mount(ExecMount::bind("/out", None));
     e.mounts[0] = ExecMount::bind("/", Some(s)).readonly();
-    let out = b.exec(&e).output("/out").unwrap();
+    b.exec(&e).output("/out").unwrap()
+}
+
+fn content_def(source: &str) -> pb::Definition {
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let out = content_step(&mut b, source, "same bytes", "build");
     b.finish(&out)
 }
 
@@ -599,13 +599,7 @@ async fn a_content_key_after_a_session_source_hits_without_growing_the_store() {
 async fn a_cached_chain_after_a_session_source_loads_only_what_it_needs() {
     // local://ctx → a step keyed by the context's content → three steps on its output.
     let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
-    let attrs = [("content".to_owned(), "ctx".to_owned())]
-        .into_iter()
-        .collect();
-    let local = b.source("local://ctx", attrs);
-    let mut e = Exec::new(None, &["build"]).mount(ExecMount::bind("/out", None));
-    e.mounts[0] = ExecMount::bind("/", Some(local)).readonly();
-    let mut last = b.exec(&e).output("/out").unwrap();
+    let mut last = content_step(&mut b, "local://ctx", "ctx", "build");
     for step in ["x1", "x2", "x3"] {
         last = run(&mut b, Some(last), &[step]);
     }
