@@ -89,13 +89,6 @@ impl MountsDir {
         }
     }
 
-    /// This process's directory under `<root>/mnt`, made now.
-    pub fn open(root: &Path) -> Result<Self, MountsError> {
-        let dir = MountsDir::new(root);
-        dir.make()?;
-        Ok(dir)
-    }
-
     /// Creates the directory (once) and removes those of dead kiln processes.
     fn make(&self) -> Result<(), MountsError> {
         let mut made = self.made.lock().unwrap_or_else(PoisonError::into_inner);
@@ -377,14 +370,14 @@ mod tests {
         anyhow::ensure!(first.dir().starts_with(dir.path()) && dir.path().is_dir());
         first.release();
         drop(dir);
-        let dir = MountsDir::open(root.path())?;
+        let dir = MountsDir::new(root.path());
+        let mut step = StepMounts::new(&dir, "s1")?;
         let fs = nix::sys::statfs::statfs(dir.path())?;
         anyhow::ensure!(
             fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC,
             "{} is not a tmpfs",
             dir.path().display()
         );
-        let mut step = StepMounts::new(&dir, "s1")?;
         let target = step.tmpfs("m0", "size=4k")?;
         anyhow::ensure!(target.starts_with(dir.path()));
         step.release();
