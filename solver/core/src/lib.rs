@@ -7,6 +7,7 @@
 //! drive it.
 
 pub mod cachemap;
+mod key_lock;
 pub mod keys;
 pub mod op;
 pub mod progress;

@@ -32,12 +32,12 @@ use std::time::SystemTime;
 
 use futures_util::future::join_all;
 use kiln_proto::{Digest, Edge, Graph, VertexId};
-use nix::fcntl::{Flock, FlockArg};
 use tokio::sync::{OnceCell, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cachemap::CacheMap;
+use crate::key_lock::{KeyLock, KeySlot};
 use crate::keys::{CacheKey, KeyDep, random_id, root_key};
 use crate::op::{JobContext, Op, OpError, Session, Worker};
 use crate::progress::{ProgressEvent, ProgressSender};
@@ -965,22 +965,16 @@ impl<W: Worker> Job<W> {
         map: &CacheMap,
         output: i64,
         input_keys: &[String],
-    ) -> Result<Flock<std::fs::File>, SolveError> {
+    ) -> Result<KeyLock, SolveError> {
         let material = format!("{}\0{output}\0{}", map.digest, input_keys.join("\0"));
-        let path = self
-            .shared
-            .locks_dir
-            .join(Digest::of(material.as_bytes()).hex());
-        let wait = tokio::task::spawn_blocking(move || -> Result<Flock<std::fs::File>, String> {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| format!("lock {}: {e}", path.display()))?;
-            Flock::lock(file, FlockArg::LockExclusive)
-                .map_err(|(_, errno)| format!("lock {}: {errno}", path.display()))
-        });
+        let slot = KeySlot::new(&self.shared.locks_dir, &Digest::of(material.as_bytes()));
+        // Uncontended (the usual case), the lock is taken here, without a thread hop.
+        match slot.try_lock() {
+            Ok(Some(lock)) => return Ok(lock),
+            Ok(None) => {}
+            Err(message) => return Err(self.fail(id, message).await),
+        }
+        let wait = tokio::task::spawn_blocking(move || slot.wait());
         tokio::select! {
             joined = wait => match joined {
                 Ok(Ok(lock)) => Ok(lock),
