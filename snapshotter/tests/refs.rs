@@ -1,6 +1,10 @@
 //! The ref model: mutable refs on parents mount writable, commit in place, lock against a
 //! second holder, retain for keyed lookups (cache mounts), release, du, prune and verify;
 //! a 200-layer chain mounts; the native fallback round-trips. Rootful and rootless.
+//!
+//! Every test takes [`serial`]: one opens stores in the test process itself, and a body
+//! forked by another test meanwhile inherited SQLite's allocator lock held and waited on
+//! it forever (a CI run hung in `lifecycle_rootful`).
 
 // Test code: a failed unwrap is a failed test (clippy.toml allows it in #[test] fns only).
 #![allow(clippy::unwrap_used)]
@@ -14,7 +18,7 @@ use kiln_snapshotter::{
     BackendChoice, Compression, Error, ImportOptions, MutableRef, PruneOptions, RecordState,
     RefOptions, Snapshotter, StoreOptions,
 };
-use kiln_testsupport::{Mounted, rootful, rootless};
+use kiln_testsupport::{Mounted, rootful, rootless, serial};
 
 fn base_layer() -> Vec<u8> {
     Layer::new()
@@ -123,11 +127,13 @@ fn lifecycle() -> anyhow::Result<()> {
 
 #[test]
 fn lifecycle_rootful() {
+    let _serial = serial();
     rootful(lifecycle);
 }
 
 #[test]
 fn lifecycle_rootless() {
+    let _serial = serial();
     rootless(lifecycle);
 }
 
@@ -199,11 +205,13 @@ fn shared_cache_directories() -> anyhow::Result<()> {
 
 #[test]
 fn shared_cache_directories_rootful() {
+    let _serial = serial();
     rootful(shared_cache_directories);
 }
 
 #[test]
 fn shared_cache_directories_rootless() {
+    let _serial = serial();
     rootless(shared_cache_directories);
 }
 
@@ -245,11 +253,13 @@ fn temporary_results() -> anyhow::Result<()> {
 
 #[test]
 fn temporary_results_rootful() {
+    let _serial = serial();
     rootful(temporary_results);
 }
 
 #[test]
 fn temporary_results_rootless() {
+    let _serial = serial();
     rootless(temporary_results);
 }
 
@@ -287,6 +297,7 @@ fn long_chain() -> anyhow::Result<()> {
 /// already open reused, a missing ancestor named with the record that mounts on it.
 #[test]
 fn a_chain_is_opened_with_its_ancestors() -> anyhow::Result<()> {
+    let _serial = serial();
     let tmp = tempfile::tempdir()?;
     let root = tmp.path().join("root");
     let ids: Vec<String> = {
@@ -340,11 +351,13 @@ fn a_chain_is_opened_with_its_ancestors() -> anyhow::Result<()> {
 
 #[test]
 fn two_hundred_layers_rootful() {
+    let _serial = serial();
     rootful(long_chain);
 }
 
 #[test]
 fn two_hundred_layers_rootless() {
+    let _serial = serial();
     rootless(long_chain);
 }
 
@@ -395,17 +408,20 @@ fn native_round_trip() -> anyhow::Result<()> {
 
 #[test]
 fn native_backend_rootful() {
+    let _serial = serial();
     rootful(native_round_trip);
 }
 
 #[test]
 fn native_backend_rootless() {
+    let _serial = serial();
     rootless(native_round_trip);
 }
 
 /// A store made as root refuses to open rootless, with a clear error.
 #[test]
 fn store_kind_is_recorded() {
+    let _serial = serial();
     if !kiln_testsupport::require(kiln_testsupport::is_root(), "root") {
         return;
     }
