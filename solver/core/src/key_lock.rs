@@ -46,45 +46,55 @@ impl KeySlot {
 
     /// Takes the lock if nobody holds it; `None` when another holder has it.
     pub(crate) fn try_lock(&self) -> Result<Option<KeyLock>, String> {
-        self.lock(false)
+        let file = self.open()?;
+        match set_lock(&file, self.offset, false) {
+            Ok(()) => Ok(Some(KeyLock { _file: file })),
+            Err(Errno::EAGAIN | Errno::EACCES) => Ok(None),
+            Err(e) => Err(self.failed(&e)),
+        }
     }
 
     /// Waits for the lock (blocking: call it off the async threads).
     pub(crate) fn wait(&self) -> Result<KeyLock, String> {
-        self.lock(true)?
-            .ok_or_else(|| format!("lock {}: not taken", self.path.display()))
+        let file = self.open()?;
+        set_lock(&file, self.offset, true).map_err(|e| self.failed(&e))?;
+        Ok(KeyLock { _file: file })
     }
 
-    fn lock(&self, wait: bool) -> Result<Option<KeyLock>, String> {
-        let failed = |e: &dyn std::fmt::Display| {
-            format!("lock {} at {}: {e}", self.path.display(), self.offset)
-        };
-        let file = OpenOptions::new()
+    fn open(&self) -> Result<File, String> {
+        OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&self.path)
-            .map_err(|e| failed(&e))?;
-        let range = libc::flock {
-            l_type: libc::F_WRLCK as libc::c_short,
-            l_whence: libc::SEEK_SET as libc::c_short,
-            l_start: self.offset,
-            l_len: 1,
-            // OFD locks require l_pid to be 0.
-            l_pid: 0,
+            .map_err(|e| self.failed(&e))
+    }
+
+    fn failed(&self, e: &dyn std::fmt::Display) -> String {
+        format!("lock {} at {}: {e}", self.path.display(), self.offset)
+    }
+}
+
+/// An exclusive OFD lock on the byte at `offset` of `file`, waited for when `wait`.
+fn set_lock(file: &File, offset: i64, wait: bool) -> Result<(), Errno> {
+    let range = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: offset,
+        l_len: 1,
+        // OFD locks require l_pid to be 0.
+        l_pid: 0,
+    };
+    loop {
+        let arg = if wait {
+            FcntlArg::F_OFD_SETLKW(&range)
+        } else {
+            FcntlArg::F_OFD_SETLK(&range)
         };
-        loop {
-            let arg = if wait {
-                FcntlArg::F_OFD_SETLKW(&range)
-            } else {
-                FcntlArg::F_OFD_SETLK(&range)
-            };
-            match fcntl(file.as_fd(), arg) {
-                Ok(_) => return Ok(Some(KeyLock { _file: file })),
-                Err(Errno::EAGAIN | Errno::EACCES) if !wait => return Ok(None),
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(failed(&e)),
-            }
+        match fcntl(file.as_fd(), arg) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
         }
     }
 }

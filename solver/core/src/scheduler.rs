@@ -568,15 +568,11 @@ impl<W: Worker> Job<W> {
                 .map(|input| self.clone().input_keys(*input)),
         )
         .await;
-        let mut input_keys = Vec::with_capacity(results.len());
-        for keys in results {
-            match keys? {
-                Some(keys) => input_keys.push(keys),
-                None => return Ok(Vec::new()),
-            }
-        }
-        let mut deps = Vec::with_capacity(vertex.inputs.len());
-        for (i, keys) in input_keys.into_iter().enumerate() {
+        let mut deps = Vec::with_capacity(results.len());
+        for (i, keys) in results.into_iter().enumerate() {
+            let Some(keys) = keys? else {
+                return Ok(Vec::new());
+            };
             let selector = dep_selector(&map, i);
             deps.push(
                 keys.into_iter()
