@@ -153,16 +153,19 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
                 Some(graph) => {
                     let sources = import_caches(&worker, &cache_imports).await?;
                     // Steps that ignore the cache get fresh cache mounts (BuildKit's
-                    // PruneCacheMounts, before the solve).
-                    let worker_for_prune = worker.clone();
+                    // PruneCacheMounts, before the solve); a build without any makes no
+                    // trip to the blocking pool.
+                    let ignored = kiln_worker::cache_mounts::ignored_ids(&graph);
+                    if !ignored.is_empty() {
+                        let worker_for_prune = worker.clone();
+                        tokio::task::spawn_blocking(move || {
+                            worker_for_prune.prune_cache_mounts(&ignored)
+                        })
+                        .await
+                        .context("cache mounts")?
+                        .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
+                    }
                     let graph = Arc::new(graph);
-                    let for_prune = graph.clone();
-                    tokio::task::spawn_blocking(move || {
-                        worker_for_prune.prune_cache_mounts(&for_prune)
-                    })
-                    .await
-                    .context("cache mounts")?
-                    .map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
                     let (result, cache, usages) =
                         solve(&worker, &root, graph, mode, sources, load_every_result).await?;
                     (result, cache, usages, false)
@@ -214,11 +217,11 @@ pub fn build(root: &Path, config: &Path, args: &BuildArgs) -> anyhow::Result<Exi
         }
         .await;
         // Whatever the outcome, results nothing cached (local copies, outputs of a failed
-        // solve) go now rather than waiting for a prune.
-        match tokio::task::spawn_blocking(move || snapshotter.remove_unretained()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("removing temporary snapshots: {e}"),
-            Err(e) => tracing::warn!("removing temporary snapshots: {e}"),
+        // solve) go now rather than waiting for a prune. In place: nothing else runs on
+        // the runtime's one thread by now, and a trip to the blocking pool started a
+        // thread that a cached build needs for nothing else.
+        if let Err(e) = snapshotter.remove_unretained() {
+            tracing::warn!("removing temporary snapshots: {e}");
         }
         outcome
     });

@@ -124,7 +124,9 @@ impl ContentStore {
     /// in which case it is removed so it is fetched again).
     pub async fn read(&self, digest: &Digest) -> Result<Option<Vec<u8>>, ContentError> {
         let path = self.path(digest);
-        let bytes = match tokio::fs::read(&path).await {
+        // Read in place: what is read whole is small (manifests, configs, a few KB), and a
+        // trip to the blocking pool cost more than the read (two per cached build).
+        let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("reading", &path)(e)),

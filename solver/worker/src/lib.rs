@@ -77,14 +77,11 @@ impl KilnWorker {
         remote::materialize(&self.inner, r).await
     }
 
-    /// Gives the cache mounts of steps that ignore the cache fresh, empty directories
-    /// (BuildKit's `PruneCacheMounts`, run before a build): see
-    /// [`cache_mounts::CacheMounts::prune`]. Blocking.
-    pub fn prune_cache_mounts(
-        &self,
-        graph: &kiln_proto::Graph,
-    ) -> Result<(), cache_mounts::CacheMountError> {
-        let ids = cache_mounts::ignored_ids(graph);
+    /// Gives the cache mounts `ids` (those of steps that ignore the cache,
+    /// [`cache_mounts::ignored_ids`]) fresh, empty directories (BuildKit's
+    /// `PruneCacheMounts`, run before a build): see [`cache_mounts::CacheMounts::prune`].
+    /// Blocking.
+    pub fn prune_cache_mounts(&self, ids: &[String]) -> Result<(), cache_mounts::CacheMountError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -94,7 +91,7 @@ impl KilnWorker {
             mounts_dir: &self.inner.mounts_dir,
             locks_dir: &locks_dir,
         };
-        self.inner.cache_mounts.prune(&store, &ids)
+        self.inner.cache_mounts.prune(&store, ids)
     }
 
     /// Mounts `r` read-only for the duration of `f` (exports, inspection).
