@@ -1,5 +1,5 @@
 //! The sandbox network pool, rootful and rootless: a namespace given back is handed to
-//! the next step (its stack keeps running), a discarded one is stopped, a step run through
+//! the next step (its stack keeps running; without waiting, through `try_acquire`), a discarded one is stopped, a step run through
 //! the runner joins the leased namespace (whose stack configured `tap0`), and dropping the
 //! pool stops every stack.
 
@@ -37,13 +37,21 @@ fn slirp_pool() -> Pool {
 
 fn leases_are_reused_or_discarded() -> Result<(), String> {
     let pool = slirp_pool();
+    if pool.try_acquire().is_some() {
+        return Err("try_acquire gave a namespace before any was made".into());
+    }
     let first = pool.acquire().map_err(|e| e.to_string())?;
     let first_pid = first.helper_pid().ok_or("no helper")?;
     if !running(first_pid) {
         return Err("the stack of a leased namespace is not running".into());
     }
+    if pool.try_acquire().is_some() {
+        return Err("try_acquire gave a namespace while the only one was leased".into());
+    }
     drop(first);
-    let mut again = pool.acquire().map_err(|e| e.to_string())?;
+    let mut again = pool
+        .try_acquire()
+        .ok_or("try_acquire missed the idle namespace")?;
     if again.helper_pid() != Some(first_pid) {
         return Err("a returned namespace was not handed out again".into());
     }

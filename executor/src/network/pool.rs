@@ -102,6 +102,19 @@ impl Pool {
         self.shared.changed.notify_all();
     }
 
+    /// An idle namespace if one is ready now, without waiting; `None` otherwise (then
+    /// [`acquire`](Pool::acquire) makes one, or says why it cannot).
+    pub fn try_acquire(&self) -> Option<Lease> {
+        let stack = self.shared.stack?;
+        let mut state = self.shared.lock();
+        if state.closed {
+            return None;
+        }
+        let ns = take_idle(&mut state, stack)?;
+        drop(state);
+        Some(self.lease(ns))
+    }
+
     /// A ready namespace: an idle one, else one created now. Blocks while it is set up.
     pub fn acquire(&self) -> Result<Lease, NetworkError> {
         let stack = self.shared.stack.ok_or(NetworkError::NoStack)?;
@@ -111,15 +124,7 @@ impl Pool {
             if state.closed {
                 break Err(NetworkError::Closed);
             }
-            if let Some((mut ns, used)) = state.idle.pop() {
-                if !ns.alive() {
-                    tracing::warn!(%stack, "a pooled network's stack died; starting another");
-                    drop(ns);
-                    continue;
-                }
-                if used {
-                    state.stats.reused += 1;
-                }
+            if let Some(ns) = take_idle(&mut state, stack) {
                 break Ok(ns);
             }
             if let Some(message) = state.failure.take() {
@@ -138,12 +143,16 @@ impl Pool {
         };
         state.waiters -= 1;
         drop(state);
-        result.map(|ns| Lease {
+        result.map(|ns| self.lease(ns))
+    }
+
+    fn lease(&self, ns: Namespace) -> Lease {
+        Lease {
             attachment: ns.attachment(),
             ns: Some(ns),
             shared: self.shared.clone(),
             reusable: true,
-        })
+        }
     }
 
     /// One namespace created on the calling thread, outside any pool, stopped when the
@@ -295,6 +304,21 @@ impl Lease {
     pub fn helper_pid(&self) -> Option<u32> {
         self.ns.as_ref().map(Namespace::helper_pid)
     }
+}
+
+/// The last idle namespace whose stack still runs (dead ones are dropped on the way).
+fn take_idle(state: &mut State, stack: Stack) -> Option<Namespace> {
+    while let Some((mut ns, used)) = state.idle.pop() {
+        if !ns.alive() {
+            tracing::warn!(%stack, "a pooled network's stack died; starting another");
+            continue;
+        }
+        if used {
+            state.stats.reused += 1;
+        }
+        return Some(ns);
+    }
+    None
 }
 
 impl Drop for Lease {
