@@ -589,7 +589,7 @@ async fn run_step(
     let prepared = async {
         // The sandbox network is held (its lease) until the step has run: an idle one
         // taken in place, or one waited for on the blocking pool while it is made.
-        let lease = match step.network {
+        let mut lease = match step.network {
             Network::Sandbox => Some(match inner.network.try_acquire() {
                 Some(lease) => lease,
                 None => {
@@ -599,16 +599,13 @@ async fn run_step(
             }),
             Network::Host | Network::None => None,
         };
-        if let Some(lease) = &lease {
-            host.network = Some(lease.attachment().clone());
-        }
-        let lease = lease.map(|mut lease| {
+        if let Some(lease) = &mut lease {
             if step.security == Security::Insecure {
                 // CAP_NET_ADMIN in the namespace: no other step may get it after.
                 lease.discard();
             }
-            lease
-        });
+            host.network = Some(lease.attachment().clone());
+        }
         let spec = spec::generate(&step, &host, &kiln_executor::sys::LinuxSys).map_err(failed)?;
         Ok::<_, OpError>((spec, lease))
     }
