@@ -54,7 +54,7 @@ impl KeySlot {
         }
     }
 
-    /// Waits for the lock (blocking: call it off the async threads).
+    /// Waits for the lock (blocking: call it on the blocking pool, off the runtime's one thread).
     pub(crate) fn wait(&self) -> Result<KeyLock, String> {
         let file = self.open()?;
         set_lock(&file, self.offset, true).map_err(|e| self.failed(&e))?;

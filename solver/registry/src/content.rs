@@ -133,7 +133,7 @@ impl ContentStore {
         };
         if Digest::of(&bytes) != *digest {
             tracing::warn!("content store blob {digest} is corrupt; removing it");
-            match tokio::fs::remove_file(&path).await {
+            match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err("removing", &path)(e)),

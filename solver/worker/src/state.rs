@@ -101,7 +101,8 @@ pub(crate) fn failed(e: impl std::fmt::Display) -> OpError {
     OpError::Failed(e.to_string())
 }
 
-/// Runs blocking work (snapshots, mounts, file copies) off the async threads.
+/// Runs work that may block for long (a wait for a lock, large copies, imports) on the
+/// blocking pool, off the runtime's one thread.
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, OpError> + Send + 'static,
 ) -> Result<T, OpError> {
