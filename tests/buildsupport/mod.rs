@@ -122,10 +122,10 @@ pub fn finish(mut child: Child, what: &str) -> Output {
     }
 }
 
-/// SIGKILLs `child`'s process group (it was started with a group of its own).
+/// SIGKILLs `child`'s process group (it was started with a group of its own) and waits
+/// until every process of it is dead.
 pub fn kill_group(child: &Child) {
-    let pgid = nix::unistd::Pid::from_raw(-i32::try_from(child.id()).expect("pid"));
-    let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+    kiln_testsupport::kill_process_group(child.id());
 }
 
 pub fn stderr(o: &Output) -> String {

@@ -25,7 +25,7 @@ pub fn rootful(body: impl FnOnce() -> anyhow::Result<()>) {
     if !require(is_root(), "root") {
         return;
     }
-    let code = run_in_private_mount_namespace(|| report(body()));
+    let code = run_in_private_mount_namespace(|| report(body));
     assert_eq!(code, 0, "the rootful test body failed (see its output)");
 }
 
@@ -35,19 +35,31 @@ pub fn rootless(body: impl FnOnce() -> anyhow::Result<()>) {
     if rerun_as_test_user() != AsTestUser::Inner {
         return;
     }
-    let code = kiln_executor::userns::run_in_user_namespace(|| report(body()))
+    let code = kiln_executor::userns::run_in_user_namespace(|| report(body))
         .expect("enter the user namespace");
     assert_eq!(code, 0, "the rootless test body failed (see its output)");
 }
 
-fn report(result: anyhow::Result<()>) -> i32 {
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("test body failed: {e:#}");
-            1
+/// Runs a forked test body and turns its outcome into an exit code, writing an error or a
+/// panic's message straight to fd 2: libtest captures `eprintln!` and panic messages into
+/// an in-process buffer, which a forked child takes with it when it exits.
+fn report(body: impl FnOnce() -> anyhow::Result<()>) -> i32 {
+    use std::io::Write as _;
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+    let (code, message) = match outcome {
+        Ok(Ok(())) => return 0,
+        Ok(Err(e)) => (1, format!("test body failed: {e:#}")),
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(a non-string payload)".to_owned());
+            (101, format!("test body panicked: {text}"))
         }
-    }
+    };
+    let _ = writeln!(std::io::stderr().lock(), "{message}");
+    code
 }
 
 /// A current-thread tokio runtime (built inside the forked test body).

@@ -1,7 +1,7 @@
 //! What tests find on this machine: CI or not and the prerequisites a test requires, root
 //! and the unprivileged test user (and re-running a test as that user), the shared
-//! vectors, the test images, private mount namespaces, and child processes that die with
-//! the test.
+//! vectors, the test images, private mount namespaces, child processes that die with the
+//! test, and killing a process group for good.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -279,4 +279,52 @@ pub(crate) fn die_with_this_process(command: &mut Command) {
             Ok(())
         })
     };
+}
+
+/// SIGKILLs the process group `pgid` (a child started with a group of its own) and waits
+/// until none of its processes is alive: a forked grandchild is reaped by init, not by
+/// the test, and can still be exiting, holding its files and locks, after its parent was
+/// waited for. Zombies have let go of everything, so they count as dead.
+pub fn kill_process_group(pgid: u32) {
+    let pgid = i32::try_from(pgid).expect("a process group id");
+    // ESRCH: the whole group is gone already.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let alive = live_members(pgid);
+        if alive.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes {alive:?} of the killed group {pgid} still run after 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The processes of group `pgid` that are neither zombies nor gone.
+fn live_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let group = pgid.to_string();
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            // Gone between the listing and the read: not alive.
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            !matches!(fields.first(), Some(&("Z" | "X"))) && fields.get(2) == Some(&group.as_str())
+        })
+        .collect()
 }
