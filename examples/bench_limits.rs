@@ -54,6 +54,7 @@ fn config(run: &Path, rootfs: &Path, n: usize, with_cgroups: bool) -> anyhow::Re
         id,
         // The step below has no network: this measures cgroups, not the sandbox stack.
         network: None,
+        loopback_network: None,
     };
     let mut spec = spec::generate(&step(rootfs, limits), &host, &kiln_executor::sys::LinuxSys)?;
     if !with_cgroups {

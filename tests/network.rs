@@ -208,18 +208,41 @@ fn check_run(net: &TestNetwork) -> anyhow::Result<()> {
         "a sandbox step reached the host's loopback: {out}"
     );
 
-    // none: loopback only, nothing else reachable.
+    // none: loopback only and up (kiln run makes it ahead, on another thread), nothing
+    // else reachable, and a namespace of its own each time.
     let (code, out, err) = run(
         state.path(),
         rootfs.path(),
         &["--network", "none"],
         &format!(
-            "ls /sys/class/net; nc -w 2 {} </dev/null; nc -w 2 10.0.2.2 {port} </dev/null; echo end",
+            "ls /sys/class/net; cat /sys/class/net/lo/flags; readlink /proc/self/ns/net >&2; \
+             nc -w 2 {} </dev/null; nc -w 2 10.0.2.2 {port} </dev/null; echo end",
             net.nc_target()
         ),
     )?;
     ensure!(code == 0, "{err}");
-    ensure!(out == "lo\nend\n", "none reached something: {out}{err}");
+    // IFF_UP | IFF_LOOPBACK
+    ensure!(
+        out == "lo\n0x9\nend\n",
+        "none reached something, or lo is down: {out}{err}"
+    );
+    let (code, _, again) = run(
+        state.path(),
+        rootfs.path(),
+        &["--network", "none"],
+        "readlink /proc/self/ns/net >&2",
+    )?;
+    ensure!(code == 0, "{again}");
+    let netns = |stderr: &str| {
+        stderr
+            .lines()
+            .find(|l| l.starts_with("net:["))
+            .map(str::to_owned)
+    };
+    ensure!(
+        netns(&err).is_some() && netns(&err) != netns(&again),
+        "two none steps shared a network namespace: {err} / {again}"
+    );
 
     // A step changes nothing of the host's network: a sandbox step may not even change
     // its own (no CAP_NET_ADMIN); an insecure one changes only its own namespace.

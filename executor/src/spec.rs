@@ -160,6 +160,9 @@ pub struct Host {
     pub id: String,
     /// The ready sandbox network a `Sandbox` step joins ([`crate::network::Lease`]).
     pub network: Option<Attachment>,
+    /// A loopback-only namespace made ahead that a `None` step joins instead of making its
+    /// own ([`crate::network::LoopbackNamespace`]); used once.
+    pub loopback_network: Option<PathBuf>,
 }
 
 /// containerd's masked paths (BuildKit's list plus powercap, which newer runtimes mask).
@@ -392,6 +395,12 @@ pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<S
         (false, Some(attachment)) => Resolver::Forwarder(attachment.nameserver),
         (false, None) => Resolver::Filtered,
     };
+    // The namespace a step joins by path, as runc joins a CNI namespace.
+    let netns_path = match step.network {
+        Network::Sandbox => joined.map(|attachment| &attachment.path),
+        Network::None => host.loopback_network.as_ref(),
+        Network::Host => None,
+    };
     let (hosts_file, resolv_file) = hosts::write_files(
         &host.shared_dir,
         &host.run_dir,
@@ -459,9 +468,8 @@ pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<S
         .into_iter()
         .map(|typ| {
             let mut builder = LinuxNamespaceBuilder::default().typ(typ);
-            // A sandbox network is joined by path, as runc joins a CNI namespace.
-            if let (LinuxNamespaceType::Network, Some(attachment)) = (typ, joined) {
-                builder = builder.path(attachment.path.clone());
+            if let (LinuxNamespaceType::Network, Some(path)) = (typ, netns_path) {
+                builder = builder.path(path.clone());
             }
             builder.build().map_err(build_err)
         })
@@ -672,6 +680,7 @@ mod tests {
                 path: "/proc/1/fd/9".into(),
                 nameserver: "10.0.2.3".parse().unwrap(),
             }),
+            loopback_network: None,
         };
         let network_ns = |spec: &Spec| {
             spec.linux()
@@ -706,10 +715,18 @@ mod tests {
         step.network = Network::None;
         let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
         assert_eq!(network_ns(&spec).unwrap().path(), &None);
+        // ... but joins a loopback-only namespace made ahead for it, and keeps none's
+        // resolv.conf (no forwarder to name).
+        host.loopback_network = Some("/proc/1/fd/7".into());
+        let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
+        let ns = network_ns(&spec).unwrap();
+        assert_eq!(ns.path().as_deref(), Some(Path::new("/proc/1/fd/7")));
+        assert!(!resolv_of(&spec).contains("10.0.2.3"));
         step.network = Network::Host;
         let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
         assert!(network_ns(&spec).is_none());
-        // A sandbox step without a ready network gets a new, loopback-only namespace.
+        // A sandbox step without a ready network gets a new, loopback-only namespace (not
+        // one made ahead for a none step).
         step.network = Network::Sandbox;
         host.network = None;
         let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
@@ -762,6 +779,7 @@ mod tests {
             run_dir: run.path().to_owned(),
             id: "abc".into(),
             network: None,
+            loopback_network: None,
         };
         let spec = generate(&step, &host, &crate::sys::LinuxSys).unwrap();
         let process = spec.process().as_ref().unwrap();

@@ -138,6 +138,15 @@ pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCod
         }
         rootless
     };
+    // none: the step's namespace is made on another thread while this one prepares the
+    // step, then joined by path (joined before the runner forks, below).
+    let mut loopback = match step.network {
+        Network::None => Some(
+            kiln_executor::network::LoopbackNamespace::start()
+                .context("preparing the network namespace of --network none")?,
+        ),
+        Network::Host | Network::Sandbox => None,
+    };
     let id = step_id();
     let shared = root.join("run");
     let bundle = shared.join(&id);
@@ -167,10 +176,16 @@ pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCod
         run_dir: bundle.clone(),
         id,
         network: lease.as_ref().map(|l| l.attachment().clone()),
+        loopback_network: loopback.as_ref().map(|l| l.path()),
     };
     let outcome = spec::generate(&step, &host, &LinuxSys)
         .map_err(anyhow::Error::from)
         .and_then(|spec| {
+            if let Some(loopback) = loopback.as_mut() {
+                loopback
+                    .finish()
+                    .context("preparing the network namespace of --network none")?;
+            }
             let mut stub_paths = vec!["/etc/resolv.conf".to_owned(), "/etc/hosts".to_owned()];
             stub_paths.extend(step.mounts.iter().map(|m| m.destination.clone()));
             let config = RunnerConfig {
@@ -188,6 +203,7 @@ pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCod
             process::run(&config).map_err(anyhow::Error::from)
         });
     drop(lease);
+    drop(loopback);
     if own_hosts {
         let _ = std::fs::remove_dir_all(&bundle);
     }
@@ -225,6 +241,7 @@ pub fn spec(root: &Path, config: &Path, args: &SpecArgs) -> anyhow::Result<ExitC
         run_dir: bundle,
         id,
         network: None,
+        loopback_network: None,
     };
     let spec = spec::generate(&step, &host, &LinuxSys)?;
     println!("{}", serde_json::to_string_pretty(&spec)?);

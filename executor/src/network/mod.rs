@@ -10,7 +10,8 @@
 //!   rootful kiln: it needs no veth, no NAT rule and no sysctl on the host, so the host's
 //!   firewall stays as it was whatever happens to kiln. The stack's DNS forwarder is the
 //!   step's nameserver.
-//! * **none**: a new network namespace with only loopback.
+//! * **none**: a new network namespace with only loopback (`kiln run` makes it on another
+//!   thread while it prepares the step: [`LoopbackNamespace`]).
 //! * **host**: kiln's own network namespace (entitlement `network.host`).
 //!
 //! Ready sandbox namespaces come from a [`Pool`]: a step takes one and gives it back, so a
@@ -26,8 +27,10 @@
 //! ```
 
 mod config;
+mod loopback;
 mod namespace;
 mod pool;
 
 pub use config::{Attachment, Config, NetworkError, Stack};
+pub use loopback::LoopbackNamespace;
 pub use pool::{Lease, Pool, PoolStats};

@@ -100,6 +100,7 @@ pub fn request(
         run_dir: bundle,
         id: id.clone(),
         network,
+        loopback_network: None,
     };
     let spec = spec::generate(step, &host, &LinuxSys).map_err(|e| e.to_string())?;
     let mut stub_paths = vec!["/etc/resolv.conf".to_owned(), "/etc/hosts".to_owned()];

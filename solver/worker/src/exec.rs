@@ -585,6 +585,7 @@ async fn run_step(
         run_dir: bundle.clone(),
         id: id.clone(),
         network: None,
+        loopback_network: None,
     };
     let prepared = async {
         // The sandbox network is held (its lease) until the step has run: an idle one
