@@ -1140,26 +1140,40 @@ impl Snapshotter {
 
     fn recover_one(&self, r: &Record) -> Result<()> {
         let lock_path = self.shared.lock_path(r.n);
-        let lock = match RecordLock::open(&lock_path, Create::Existing)? {
+        let (lock, recreated) = match RecordLock::open(&lock_path, Create::Existing)? {
             Some(mut lock) => {
                 if !lock.lock(LockKind::Exclusive, false)? {
                     return Ok(());
                 }
-                lock
+                (lock, false)
             }
             None => {
-                // The lock file goes last in a deletion; without it nobody can hold the
-                // record. Recreate it to delete under the usual protocol.
-                let Some(mut lock) = RecordLock::open(&lock_path, Create::New)? else {
-                    return Ok(());
+                // A deletion unlinks the lock file before it drops the row; without it
+                // nobody can hold the record. Recreate it to delete under the usual
+                // protocol — unless another process just did (a deletion finishing, or
+                // another opener recovering the same record): it is at it.
+                let mut lock = match RecordLock::open(&lock_path, Create::New) {
+                    Ok(Some(lock)) => lock,
+                    Ok(None) => return Ok(()),
+                    Err(LockError::Open { source, .. })
+                        if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                    {
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
                 };
                 if !lock.lock(LockKind::Exclusive, false)? {
                     return Ok(());
                 }
-                lock
+                (lock, true)
             }
         };
         let Some(current) = self.shared.db().get(&r.id)? else {
+            // The deletion finished meanwhile. A number that had a record is never taken
+            // again, so the lock file recreated above would stay forever.
+            if recreated {
+                lock.unlink()?;
+            }
             return Ok(());
         };
         let abandoned = match current.state {
@@ -1940,6 +1954,25 @@ mod tests {
         let store = native_store(tmp.path());
         assert!(store.shared.db().get(&id).unwrap().is_none());
         assert!(!exists(&store.shared.lock_path(n)));
+        assert!(store.verify().unwrap().is_empty());
+    }
+
+    #[test]
+    fn recovery_racing_a_deletion_leaves_no_lock_file() {
+        // Another process's deletion ends between this opener's listing of the records to
+        // recover and its look at one: lock file unlinked, row gone. Recovery recreates
+        // the lock file to take the record, finds no row, and must not leave the file
+        // (its number is never taken again).
+        let tmp = tempfile::tempdir().unwrap();
+        let store = native_store(tmp.path());
+        let id = committed(&store).id().to_owned();
+        store.shared.db().mark_removing(&id).unwrap();
+        let listed = store.shared.db().get(&id).unwrap().unwrap();
+        fsutil::remove_tree(&store.shared.dir(listed.n)).unwrap();
+        std::fs::remove_file(store.shared.lock_path(listed.n)).unwrap();
+        store.shared.db().delete(&id).unwrap();
+        store.recover_one(&listed).unwrap();
+        assert!(!exists(&store.shared.lock_path(listed.n)));
         assert!(store.verify().unwrap().is_empty());
     }
 
