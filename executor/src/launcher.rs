@@ -11,6 +11,8 @@
 //! frames, each a tag byte:
 //! * `p` from the launcher right after the fork, with a pidfd of the runner: kiln signals
 //!   the runner only through it, so a recycled pid is never hit;
+//! * `t` from a warm runner (one forked ahead of its step, see [`Launcher::warm`]) once it
+//!   received its step: one that ends without it never started the step;
 //! * `r` from the runner once its step is over (its output closed first), then a `u32`
 //!   length and the outcome ([`crate::process::outcome_json`]): kiln goes on without
 //!   waiting for the runner to exit;
@@ -49,7 +51,7 @@ use crate::sys::{self, Forked};
 pub const LAUNCHER_ARG: &str = "--launcher";
 
 /// Largest request the launcher takes: a bundle path and a config up to [`MAX_INLINE`].
-const MAX_REQUEST: usize = MAX_INLINE + 8192;
+pub(crate) const MAX_REQUEST: usize = MAX_INLINE + 8192;
 
 /// Largest config sent in the request itself; a larger one goes through the bundle's
 /// `config.json`.
@@ -211,18 +213,112 @@ impl Launcher {
             sent => sent.map_err(send_err)?,
         }
         drop(theirs);
-        let status = std::os::unix::net::UnixStream::from(status);
-        status
-            .set_nonblocking(true)
-            .map_err(LauncherError::Status)?;
-        let status = tokio::net::UnixStream::from_std(status).map_err(LauncherError::Status)?;
-        Ok(Launched {
-            status,
-            pidfd: None,
-            received: Vec::new(),
-            result: None,
-            wait_status: None,
-        })
+        Launched::new(status)
+    }
+}
+
+impl Launcher {
+    /// Has the launcher fork a warm runner from `template` (a runner's config as JSON, at
+    /// most [`MAX_INLINE`] bytes): it sets up what steps of that shape share and waits for
+    /// its step (see [`crate::process::run_warm`]).
+    pub fn warm(&self, template: &[u8]) -> Result<WarmRunner, LauncherError> {
+        let send_err = |source| LauncherError::Send {
+            bundle: PathBuf::from("(a warm runner)"),
+            source,
+        };
+        if template.len() > MAX_INLINE {
+            return Err(send_err(Errno::EMSGSIZE));
+        }
+        let (go, go_theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(send_err)?;
+        let (status, status_theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(send_err)?;
+        // A request's path is not used by a warm runner: its step brings its own.
+        let mut request = Vec::with_capacity(5 + template.len());
+        request.extend_from_slice(&1u32.to_le_bytes());
+        request.push(b'-');
+        request.extend_from_slice(template);
+        sys::send_with_fds(
+            self.socket.as_fd(),
+            &request,
+            &[go_theirs.as_fd(), status_theirs.as_fd()],
+        )
+        .map_err(send_err)?;
+        Ok(WarmRunner { go, status })
+    }
+}
+
+/// A runner the launcher started ahead of its step.
+#[derive(Debug)]
+pub struct WarmRunner {
+    go: OwnedFd,
+    status: OwnedFd,
+}
+
+impl WarmRunner {
+    /// Gives the runner its step: `bundle` and `config` as for [`Launcher::launch`] (the
+    /// config inline, at most [`MAX_INLINE`] bytes), writing to `outputs`. An error means
+    /// the runner did not get the step (it is gone): another runner must take it.
+    pub fn start(
+        self,
+        bundle: &Path,
+        config: &[u8],
+        outputs: &Outputs,
+    ) -> Result<Launched, LauncherError> {
+        let path = bundle.as_os_str().as_bytes();
+        let send_err = |source| LauncherError::Send {
+            bundle: bundle.to_owned(),
+            source,
+        };
+        let path_len = u32::try_from(path.len())
+            .ok()
+            .filter(|n| *n > 0 && (*n as usize) < MAX_REQUEST - MAX_INLINE)
+            .ok_or_else(|| LauncherError::PathTooLong(bundle.to_owned()))?;
+        if config.is_empty() || config.len() > MAX_INLINE {
+            return Err(send_err(Errno::EMSGSIZE));
+        }
+        let mut request = Vec::with_capacity(4 + path.len() + config.len());
+        request.extend_from_slice(&path_len.to_le_bytes());
+        request.extend_from_slice(path);
+        request.extend_from_slice(config);
+        sys::send_with_fds(
+            self.go.as_fd(),
+            &request,
+            &[outputs.stdout.as_fd(), outputs.stderr.as_fd()],
+        )
+        .map_err(send_err)?;
+        Launched::new(self.status)
+    }
+
+    /// Lets the runner go without a step and waits, at most `timeout`, until the launcher
+    /// reaped it (its init killed, its cgroups removed).
+    pub fn discard(self, timeout: std::time::Duration) {
+        drop(self.go);
+        let status = std::os::unix::net::UnixStream::from(self.status);
+        if status.set_read_timeout(Some(timeout)).is_err() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 512];
+        // The launcher closes its end once it reaped the runner; the runner's closes with it.
+        while std::time::Instant::now() < deadline {
+            match std::io::Read::read(&mut &status, &mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
     }
 }
 
@@ -246,9 +342,27 @@ pub struct Launched {
     received: Vec<u8>,
     result: Option<Vec<u8>>,
     wait_status: Option<String>,
+    /// A warm runner took its step (`t`).
+    taken: bool,
 }
 
 impl Launched {
+    fn new(status: OwnedFd) -> Result<Launched, LauncherError> {
+        let status = std::os::unix::net::UnixStream::from(status);
+        status
+            .set_nonblocking(true)
+            .map_err(LauncherError::Status)?;
+        let status = tokio::net::UnixStream::from_std(status).map_err(LauncherError::Status)?;
+        Ok(Launched {
+            status,
+            pidfd: None,
+            received: Vec::new(),
+            result: None,
+            wait_status: None,
+            taken: false,
+        })
+    }
+
     /// Reads what arrives; `Ok(false)` once the runner's outcome is in or the status
     /// socket closed (the runner was reaped without one). Cancel-safe: a read either
     /// happened or did not.
@@ -288,6 +402,10 @@ impl Launched {
                 Some(b'p') => {
                     self.received.drain(..1);
                 }
+                Some(b't') => {
+                    self.taken = true;
+                    self.received.drain(..1);
+                }
                 Some(&tag @ (b'r' | b's')) => {
                     let Some(header) = self.received.get(1..5) else {
                         return Ok(());
@@ -311,6 +429,12 @@ impl Launched {
                 }
             }
         }
+    }
+
+    /// Whether a warm runner took its step: one that ended without a `t` never started
+    /// it.
+    pub fn taken(&self) -> bool {
+        self.taken
     }
 
     /// The runner's outcome ([`crate::process::outcome_json`]), once it arrived.
@@ -419,24 +543,54 @@ pub fn serve(socket: OwnedFd) -> i32 {
         match sys::recv_with_fds(socket.as_fd(), &mut buf) {
             Ok((0, _)) => open = false,
             Ok((n, fds)) => {
-                let (Ok([stdout, stderr, status]), Some((bundle, config))) =
-                    (<[OwnedFd; 3]>::try_from(fds), parse_request(&buf[..n]))
-                else {
+                let Some((bundle, config)) = parse_request(&buf[..n]) else {
                     // Not a request kiln sends: ignore it (its descriptors close).
                     continue;
                 };
+                // A step's request brings its output and status socket; a warm runner's,
+                // its go and status sockets (and its template inline).
+                let mut fds = fds.into_iter();
+                let (Some(first), Some(second), third, None) =
+                    (fds.next(), fds.next(), fds.next(), fds.next())
+                else {
+                    continue;
+                };
+                let (status, request) = match third {
+                    Some(status) => (
+                        status,
+                        Request::Step {
+                            stdout: first,
+                            stderr: second,
+                        },
+                    ),
+                    None => match config {
+                        Some(template) => (
+                            second,
+                            Request::Warm {
+                                go: first,
+                                template,
+                            },
+                        ),
+                        None => continue,
+                    },
+                };
                 match sys::fork() {
-                    Ok(Forked::Child) => become_runner(
-                        &Runner {
+                    Ok(Forked::Child) => {
+                        let runner = Runner {
                             bundle: &bundle,
                             config,
                             launcher,
                             mask: &previous,
-                        },
-                        &stdout,
-                        &stderr,
-                        status,
-                    ),
+                        };
+                        match request {
+                            Request::Step { stdout, stderr } => {
+                                become_runner(&runner, &stdout, &stderr, status)
+                            }
+                            Request::Warm { go, template } => {
+                                become_warm_runner(&runner, template, &go, status)
+                            }
+                        }
+                    }
                     Ok(Forked::Parent { child, .. }) => {
                         if let Ok(pidfd) = sys::pidfd_open(child) {
                             let _ = sys::send_with_fds(status.as_fd(), b"p", &[pidfd.as_fd()]);
@@ -456,7 +610,7 @@ pub fn serve(socket: OwnedFd) -> i32 {
 }
 
 /// A request's bundle path and inline config (`None`: in `<bundle>/config.json`).
-fn parse_request(request: &[u8]) -> Option<(PathBuf, Option<&[u8]>)> {
+pub(crate) fn parse_request(request: &[u8]) -> Option<(PathBuf, Option<&[u8]>)> {
     let len = u32::from_le_bytes(request.get(..4)?.try_into().ok()?) as usize;
     let path = request.get(4..4usize.checked_add(len)?)?;
     let config = &request[4 + len..];
@@ -481,6 +635,14 @@ fn reap(running: &mut HashMap<Pid, OwnedFd>) {
             let _ = sys::send_with_fds(status.as_fd(), &frame(b's', text.as_bytes()), &[]);
         }
     }
+}
+
+/// What kiln asks the launcher for.
+enum Request<'a> {
+    /// A runner for a step, writing to the step's output.
+    Step { stdout: OwnedFd, stderr: OwnedFd },
+    /// A runner started ahead from `template` that waits on `go` for its step.
+    Warm { go: OwnedFd, template: &'a [u8] },
 }
 
 /// What a forked runner is to run.
@@ -510,8 +672,31 @@ fn become_runner(runner: &Runner<'_>, stdout: &OwnedFd, stderr: &OwnedFd, status
         sys::exit_immediately(1);
     }
     let outcome = crate::process::run_config(runner.config, runner.bundle);
-    // The step's output ends here, so kiln's readers see its end without waiting for this
-    // process to exit; then the outcome.
+    report_and_exit(&outcome, &status)
+}
+
+/// The forked child of a warm request: sets itself up as [`become_runner`] does, but
+/// without the step's output (its step brings it), then runs
+/// [`crate::process::run_warm_config`]. Exits without a report when it was let go.
+fn become_warm_runner(runner: &Runner<'_>, template: &[u8], go: &OwnedFd, status: OwnedFd) -> ! {
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(runner.mask), None);
+    if sys::close_fds_except_these(3, &[go.as_raw_fd(), status.as_raw_fd()]).is_err()
+        || sys::die_with_parent(runner.launcher, Signal::SIGTERM).is_err()
+    {
+        sys::exit_immediately(1);
+    }
+    let taken = || {
+        let _ = sys::send_with_fds(status.as_fd(), b"t", &[]);
+    };
+    match crate::process::run_warm_config(template, go, taken) {
+        Some(outcome) => report_and_exit(&outcome, &status),
+        None => std::process::exit(0),
+    }
+}
+
+/// Ends the step's output (so kiln's readers see its end without waiting for this process
+/// to exit), sends the outcome and exits.
+fn report_and_exit(outcome: &str, status: &OwnedFd) -> ! {
     if let Ok(devnull) = nix::fcntl::open(
         "/dev/null",
         nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,

@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::launcher::{Launched, Launcher, LauncherError, Outputs};
+use crate::launcher::{Launched, Launcher, LauncherError, Outputs, WarmRunner};
 use crate::process::{ExitInfo, RunnerConfig};
 
 /// Errors from running a step (a failing command is a [`StepResult`], not an error).
@@ -83,11 +83,56 @@ pub struct StepRequest {
 }
 
 /// Runs steps through runner processes, forked by a launcher started with the first step.
+///
+/// Each step's runner is started ahead when it can be: after a step is handed to its
+/// runner, the launcher forks a *warm* runner from that step's config, which makes its
+/// cgroups, loads its seccomp program and clones its init into its pid, ipc and uts
+/// namespaces and cgroups while kiln finishes that step and prepares the next one (on
+/// the other CPU); the next step takes it when it has the same [`RunnerConfig::warm_key`].
+/// One is kept at most; the last clone of an executor lets it go and waits until it is
+/// gone.
 #[derive(Clone, Debug)]
 pub struct Executor {
     runner: RunnerCommand,
     run_root: PathBuf,
     launcher: Arc<Mutex<Option<Arc<Launcher>>>>,
+    warm: Arc<WarmSlot>,
+}
+
+/// The warm runner an executor keeps (see [`Executor`]).
+#[derive(Debug, Default)]
+struct WarmSlot {
+    slot: Mutex<Option<Warm>>,
+    /// Numbers the warm runners' cgroups.
+    started: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct Warm {
+    /// The config it was started from.
+    template: RunnerConfig,
+    /// The launcher that forked it: a warm runner of a launcher that was replaced is gone.
+    launcher: Arc<Launcher>,
+    runner: WarmRunner,
+}
+
+/// How long the last executor waits for its warm runner to be gone.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest config a runner is started ahead for (its step must fit one message).
+const MAX_WARM_CONFIG: usize = 64 << 10;
+
+impl Drop for WarmSlot {
+    fn drop(&mut self) {
+        let warm = self
+            .slot
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(warm) = warm {
+            warm.runner.discard(DISCARD_TIMEOUT);
+        }
+    }
 }
 
 /// Where the steps of `run_root` keep compiled seccomp programs: a name no step id can
@@ -120,6 +165,7 @@ impl Executor {
             runner,
             run_root: run_root.to_owned(),
             launcher: Arc::default(),
+            warm: Arc::default(),
         })
     }
 
@@ -163,6 +209,90 @@ impl Executor {
         }
     }
 
+    /// Hands the step to the warm runner when there is one of its shape (`None`: the step
+    /// takes none), else has the launcher fork a runner for it; `true` for a warm runner.
+    fn launch_step(
+        &self,
+        bundle: &Path,
+        config: Option<&RunnerConfig>,
+        bytes: &[u8],
+        outputs: &Outputs,
+    ) -> Result<(Launched, bool), ExecError> {
+        let taken = self
+            .warm
+            .slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let mut launched = None;
+        if let Some(warm) = taken {
+            let current = self
+                .launcher
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, &warm.launcher));
+            if current && config.is_some_and(|c| c.warm_shape() == warm.template.warm_shape()) {
+                match warm.runner.start(bundle, bytes, outputs) {
+                    Ok(started) => launched = Some(started),
+                    // Gone (killed from outside): a runner forked for the step takes it,
+                    // and its cgroups are ours to remove.
+                    Err(e) => {
+                        tracing::debug!("the warm runner did not take the step: {e}");
+                        crate::cgroup::clean_stale(&cgroup_registry(&self.run_root));
+                    }
+                }
+            }
+            // A runner for another kind of step ends by itself once its go closes here.
+        }
+        match launched {
+            Some(launched) => Ok((launched, true)),
+            None => Ok((self.launch(bundle, bytes, outputs)?, false)),
+        }
+    }
+
+    /// Starts a warm runner from `config` unless there is one.
+    fn warm_ahead(&self, config: &RunnerConfig) {
+        let mut slot = self
+            .warm
+            .slot
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if slot.is_some() {
+            return;
+        }
+        let Ok(launcher) = self.launcher() else {
+            return;
+        };
+        let number = self
+            .warm
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut template = config.clone();
+        // Cgroups of its own: the step's id in the path becomes the warm runner's.
+        if let Some(linux) = template.spec.linux_mut() {
+            if let Some(path) = linux.cgroups_path().clone() {
+                let path = path.to_string_lossy().into_owned();
+                let prefix = path.rfind(['/', ':']).map_or("", |end| &path[..=end]);
+                let id = format!("w{}x{number}", std::process::id());
+                linux.set_cgroups_path(Some(PathBuf::from(format!("{prefix}{id}"))));
+            }
+        }
+        let started = serde_json::to_vec(&template)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| launcher.warm(&bytes).map_err(|e| e.to_string()));
+        match started {
+            Ok(runner) => {
+                *slot = Some(Warm {
+                    template,
+                    launcher,
+                    runner,
+                });
+            }
+            Err(e) => tracing::debug!("no runner started ahead: {e}"),
+        }
+    }
+
     fn launcher(&self) -> Result<Arc<Launcher>, ExecError> {
         let mut slot = self.launcher.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(launcher) = slot.as_ref() {
@@ -200,8 +330,36 @@ impl Executor {
         if config.cgroup_registry.is_none() {
             config.cgroup_registry = Some(cgroup_registry(&self.run_root));
         }
-        let config = serde_json::to_vec(&config)
+        let bytes = serde_json::to_vec(&config)
             .map_err(|e| ExecError::Setup(format!("encoding the step config: {e}")))?;
+        // A step must fit one message to go to a warm runner.
+        let warmable = bytes.len() <= MAX_WARM_CONFIG;
+        if warmable {
+            let ran = self
+                .run_once(bundle, &config, &bytes, true, output.clone(), &cancel)
+                .await?;
+            if let Some(result) = ran {
+                return Ok(result);
+            }
+            tracing::debug!("the warm runner ended before it took the step; forking one");
+        }
+        self.run_once(bundle, &config, &bytes, false, output, &cancel)
+            .await?
+            .ok_or_else(|| ExecError::NoResult("the runner did not take the step".to_owned()))
+    }
+
+    /// Runs the step once, on the warm runner when `warm` allows and there is one of its
+    /// shape; then starts a warm runner for the next step. `None` when that warm runner ended before it took the step (the step did not
+    /// start: another runner may run it).
+    async fn run_once(
+        &self,
+        bundle: &Path,
+        config: &RunnerConfig,
+        bytes: &[u8],
+        warm: bool,
+        output: Option<mpsc::Sender<(Stream, Vec<u8>)>>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<StepResult>, ExecError> {
         let (stdout_r, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| ExecError::Setup(format!("creating the step's output pipe: {e}")))?;
         let (stderr_r, stderr_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -210,7 +368,8 @@ impl Executor {
             stdout: stdout_w,
             stderr: stderr_w,
         };
-        let mut launched = self.launch(bundle, &config, &outputs)?;
+        let (mut launched, on_warm) =
+            self.launch_step(bundle, warm.then_some(config), bytes, &outputs)?;
         // Only the runner holds the write ends now: the pumps end when its step is done.
         drop(outputs);
         let receiver = |fd| {
@@ -243,12 +402,23 @@ impl Executor {
                 kill_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
             }
         }
+        // The next step's runner starts now, while kiln finishes this step and prepares
+        // the next (started with the step instead, it would compete with the step's setup
+        // for the CPUs and the kernel's locks).
+        if bytes.len() <= MAX_WARM_CONFIG && !cancelled && launched.result().is_some() {
+            self.warm_ahead(config);
+        }
         let status = launched.wait_status();
         let mut result = StepResult::default();
         for (task, buffer) in [(stdout, &mut result.stdout), (stderr, &mut result.stderr)] {
             let (kept, truncated) = task.await.unwrap_or_default();
             *buffer = kept;
             result.truncated |= truncated;
+        }
+        if on_warm && !cancelled && !launched.taken() && launched.result().is_none() {
+            // It was killed (from outside, or with its launcher): its cgroups are ours.
+            crate::cgroup::clean_stale(&cgroup_registry(&self.run_root));
+            return Ok(None);
         }
         let outcome: Option<serde_json::Value> = launched
             .result()
@@ -258,7 +428,7 @@ impl Executor {
                 result.exit = serde_json::from_value(value["ok"].clone())
                     .map_err(|e| ExecError::NoResult(e.to_string()))?;
                 result.exit.cancelled |= cancelled;
-                Ok(result)
+                Ok(Some(result))
             }
             Some(value) => Err(ExecError::Setup(
                 value["error"]
@@ -275,7 +445,7 @@ impl Executor {
                     cancelled: true,
                     ..ExitInfo::default()
                 };
-                Ok(result)
+                Ok(Some(result))
             }
             None => {
                 // The runner died (killed from outside): its step's cgroups are ours to remove.

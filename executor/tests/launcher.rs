@@ -102,9 +102,11 @@ fn offline_step(rootfs: &std::path::Path, script: &str) -> kiln_executor::spec::
 
 fn steps_share_one_launcher_and_keep_their_output() -> Result<(), String> {
     let harness = Harness::new()?;
-    let rootfs = busybox();
+    // A rootfs each, as every step has a snapshot of its own: steps sharing one would race
+    // on the mount points they make and remove there.
+    let rootfs: Vec<_> = (0..8).map(|_| busybox()).collect();
     let mut requests = Vec::new();
-    for i in 0..8 {
+    for (i, rootfs) in rootfs.iter().enumerate() {
         let s = offline_step(
             rootfs.path(),
             &format!("sleep 0.{i}; echo out{i}; echo err{i} >&2"),
@@ -261,8 +263,12 @@ fn step_directories_left(harness: &Harness) -> Result<(), String> {
 
 /// Processes (anywhere) whose command line contains `marker`.
 fn common_processes_with(marker: &str) -> usize {
+    pids_with(marker).len()
+}
+
+fn pids_with(marker: &str) -> Vec<Pid> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
     entries
         .flatten()
@@ -270,7 +276,223 @@ fn common_processes_with(marker: &str) -> usize {
             std::fs::read(entry.path().join("cmdline"))
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
         })
-        .count()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok().map(Pid::from_raw))
+        .collect()
+}
+
+/// The parent of `pid`, as seen from here.
+fn parent_of(pid: Pid) -> Option<Pid> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ppid: i32 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(Pid::from_raw(ppid))
+}
+
+/// The runner (a child of `launcher`) of the step whose process has `marker` in its command
+/// line, once that process runs.
+fn runner_of(launcher: Pid, marker: &str) -> Result<Pid, String> {
+    let mut runner = None;
+    wait_for("the step's process", || {
+        runner = pids_with(marker).into_iter().find_map(|mut pid| {
+            // The process, its shell, the step's init, the runner.
+            for _ in 0..4 {
+                let parent = parent_of(pid)?;
+                if parent == launcher {
+                    return Some(pid);
+                }
+                pid = parent;
+            }
+            None
+        });
+        runner.is_some()
+    })?;
+    runner.ok_or_else(|| "no runner".to_owned())
+}
+
+/// The one runner `launcher` keeps started ahead between steps.
+fn warm_runner(launcher: Pid) -> Result<Pid, String> {
+    let mut runners = Vec::new();
+    wait_for("a runner started ahead", || {
+        runners = children_of(launcher.as_raw() as u32);
+        runners.len() == 1
+    })
+    .map_err(|e| format!("{e}: the launcher's children are {runners:?}"))?;
+    Ok(runners[0].0)
+}
+
+/// Runs `s` on the harness from another thread; returns what it printed once done.
+fn run_in_thread(
+    harness: &std::sync::Arc<Harness>,
+    s: kiln_executor::spec::Step,
+) -> std::thread::JoinHandle<Result<String, String>> {
+    let harness = std::sync::Arc::clone(harness);
+    std::thread::spawn(move || {
+        let result = harness.run_step(&s).map_err(|e| e.to_string())?;
+        if result.exit.exit_code != 0 {
+            return Err(format!(
+                "step failed: {:?} {:?}",
+                result.exit, result.stderr
+            ));
+        }
+        Ok(common::stdout(&result))
+    })
+}
+
+/// The network namespace of `pid` (`net:[inode]`).
+fn netns_of(pid: &str) -> Result<String, String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map(|l| l.to_string_lossy().into_owned())
+        .map_err(|e| e.to_string())
+}
+
+fn the_next_step_runs_on_a_runner_started_ahead_with_its_own_spec() -> Result<(), String> {
+    let harness = std::sync::Arc::new(Harness::new()?);
+    let rootfs = busybox();
+    let marker = format!("0.5{}", std::process::id());
+    // A step on the host's network first: the runner started after it comes from its spec.
+    let mut first = offline_step(rootfs.path(), "readlink /proc/self/ns/net");
+    first.network = kiln_executor::spec::Network::Host;
+    let out = harness.run_step(&first).map_err(|e| e.to_string())?;
+    common::expect_eq(
+        "network of a host step",
+        &common::stdout(&out),
+        &netns_of("self")?,
+    )?;
+    let launcher = *launchers().first().ok_or("no launcher")?;
+    let warm = warm_runner(launcher)?;
+    // The next step differs in everything a step brings along: process, environment,
+    // working directory, hostname, and its network (none: a namespace of its own).
+    let mut next = offline_step(
+        rootfs.path(),
+        &format!("sleep {marker}; echo $WHO $(pwd) $(hostname) $(readlink /proc/self/ns/net)"),
+    );
+    next.env.push("WHO=second".into());
+    next.cwd = "/made/for/it".into();
+    next.hostname = "second-host".into();
+    let running = run_in_thread(&harness, next);
+    let runner = runner_of(launcher, &marker)?;
+    let out = running.join().map_err(|_| "the step's thread panicked")??;
+    if runner != warm {
+        return Err(format!(
+            "the step ran on runner {runner}, not on {warm} started ahead"
+        ));
+    }
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    let host_net = netns_of("self")?;
+    match fields.as_slice() {
+        ["second", "/made/for/it", "second-host", net] if *net != host_net => Ok(()),
+        _ => Err(format!(
+            "the step on the warm runner printed {out:?} (host network {host_net})"
+        )),
+    }
+}
+
+fn a_step_of_another_shape_gets_a_runner_of_its_own() -> Result<(), String> {
+    let harness = std::sync::Arc::new(Harness::new()?);
+    let rootfs = busybox();
+    harness
+        .run(rootfs.path(), "true")
+        .map_err(|e| e.to_string())?;
+    let launcher = *launchers().first().ok_or("no launcher")?;
+    let warm = warm_runner(launcher)?;
+    // Other limits: the cgroups the runner started ahead made do not fit.
+    let marker = format!("0.3{}", std::process::id());
+    let mut other = offline_step(rootfs.path(), &format!("sleep {marker}; echo limited"));
+    other.limits.pids = Some(64);
+    let running = run_in_thread(&harness, other);
+    let runner = runner_of(launcher, &marker)?;
+    let out = running.join().map_err(|_| "the step's thread panicked")??;
+    common::expect_eq("output", &out, "limited")?;
+    if runner == warm {
+        return Err("a step with other limits ran on the runner started ahead".into());
+    }
+    // The unused one ended by itself, its cgroups removed.
+    wait_for("the unused runner to end", || {
+        !std::path::Path::new(&format!("/proc/{warm}")).exists()
+    })
+}
+
+fn a_warm_runner_killed_before_its_step_is_replaced() -> Result<(), String> {
+    let harness = Harness::new()?;
+    let rootfs = busybox();
+    harness
+        .run(rootfs.path(), "true")
+        .map_err(|e| e.to_string())?;
+    let launcher = *launchers().first().ok_or("no launcher")?;
+    let warm = warm_runner(launcher)?;
+    kill(warm, Signal::SIGKILL).map_err(|e| e.to_string())?;
+    let result = harness
+        .run(rootfs.path(), "echo still")
+        .map_err(|e| format!("a step after its warm runner was killed: {e}"))?;
+    common::expect_eq("output", &common::stdout(&result), "still")?;
+    // What the killed runner registered was removed; the next warm runner's is live.
+    let next = warm_runner(launchers().first().copied().ok_or("no launcher")?)?;
+    if next == warm {
+        return Err("the killed runner is still the launcher's".into());
+    }
+    let registered = registered_cgroups(harness.run_root.path());
+    if registered.len() > 1 {
+        return Err(format!(
+            "cgroups registered besides the next warm runner's: {registered:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn the_last_executor_lets_its_warm_runner_go() -> Result<(), String> {
+    let harness = Harness::new()?;
+    let rootfs = busybox();
+    harness
+        .run(rootfs.path(), "true")
+        .map_err(|e| e.to_string())?;
+    let launcher = *launchers().first().ok_or("no launcher")?;
+    let warm = warm_runner(launcher)?;
+    let Harness {
+        runtime,
+        run_root,
+        executor,
+    } = harness;
+    let clone = executor.clone();
+    drop(executor);
+    if !std::path::Path::new(&format!("/proc/{warm}")).exists() {
+        return Err("the warm runner ended while a clone of its executor was alive".into());
+    }
+    drop(clone);
+    // Gone (reaped) by the time the drop returns, with whatever it registered.
+    if std::path::Path::new(&format!("/proc/{warm}")).exists() {
+        return Err(format!("warm runner {warm} still there after its executor"));
+    }
+    drop(runtime);
+    registered_cgroups_left(run_root.path())
+}
+
+/// The entries of the run root's cgroup registry (one per step or warm runner whose
+/// cgroups exist).
+fn registered_cgroups(run_root: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(kiln_executor::supervisor::cgroup_registry(run_root))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| !name.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Fails when the run root's cgroup registry still names a step's or a warm runner's
+/// cgroups.
+fn registered_cgroups_left(run_root: &std::path::Path) -> Result<(), String> {
+    let left = registered_cgroups(run_root);
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("cgroups still registered: {left:?}"))
+    }
 }
 
 common::both_modes! {
@@ -279,4 +501,8 @@ common::both_modes! {
     killed_launcher_is_replaced => a_killed_launcher_is_replaced;
     large_config_through_a_file => a_config_too_large_for_one_message_goes_through_a_file;
     no_step_directory_left => steps_leave_no_directory_behind;
+    warm_runner_takes_the_next_step => the_next_step_runs_on_a_runner_started_ahead_with_its_own_spec;
+    warm_runner_of_another_shape_unused => a_step_of_another_shape_gets_a_runner_of_its_own;
+    killed_warm_runner_replaced => a_warm_runner_killed_before_its_step_is_replaced;
+    warm_runner_gone_with_its_executor => the_last_executor_lets_its_warm_runner_go;
 }

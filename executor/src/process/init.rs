@@ -49,24 +49,64 @@ pub(super) fn report(status: &OwnedFd, report: &InitReport) {
     }
 }
 
-/// Runs as the step's pid 1 once the runner writes to `go`; never returns.
+/// Runs as the step's pid 1 once the runner sends its go on `go`; never returns.
+///
+/// The go is `G` when the init runs the spec and network namespace it was cloned with, or
+/// `W` and a spec (JSON) with the step's stdout, stderr and, when it joins one, network
+/// namespace (a warm runner's step, which arrives after the clone). Anything else, or EOF,
+/// makes it exit without starting.
 pub(super) fn run(args: InitArgs<'_>, go: OwnedFd) -> ! {
     // The runner holds the other end: if it dies before or after this, so do we.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    let mut byte = [0u8; 1];
-    if std::fs::File::from(go).read(&mut byte).unwrap_or(0) != 1 || byte[0] != b'G' {
-        sys::exit_immediately(1);
+    let mut message = vec![0u8; crate::launcher::MAX_REQUEST];
+    let (len, fds) = match sys::recv_with_fds(go.as_fd(), &mut message) {
+        Ok((len, fds)) if len > 0 => (len, fds),
+        _ => sys::exit_immediately(1),
+    };
+    drop(go);
+    match message[0] {
+        b'G' => start(&args),
+        b'W' => {
+            let spec: Spec = match serde_json::from_slice(&message[1..len]) {
+                Ok(spec) => spec,
+                Err(e) => fail(&args, format!("reading the step's spec: {e}"), None),
+            };
+            drop(message);
+            let mut fds = fds.into_iter();
+            let (Some(stdout), Some(stderr)) = (fds.next(), fds.next()) else {
+                fail(&args, "the step came without its output".to_owned(), None)
+            };
+            if nix::unistd::dup2_stdout(&stdout).is_err()
+                || nix::unistd::dup2_stderr(&stderr).is_err()
+            {
+                fail(&args, "taking the step's output".to_owned(), None);
+            }
+            drop((stdout, stderr));
+            let netns = fds.next();
+            start(&InitArgs {
+                spec: &spec,
+                netns: netns.as_ref().map(AsFd::as_fd),
+                status: args.status,
+                ..args
+            })
+        }
+        _ => sys::exit_immediately(1),
     }
-    match setup_and_start(&args) {
+}
+
+fn fail(args: &InitArgs<'_>, message: String, exec_code: Option<i32>) -> ! {
+    report(&args.status, &InitReport::Failed { message, exec_code });
+    sys::exit_immediately(1)
+}
+
+fn start(args: &InitArgs<'_>) -> ! {
+    match setup_and_start(args) {
         Ok(workload) => {
             let outcome = supervise(workload, args.signals);
             report(&args.status, &outcome);
             sys::exit_immediately(0)
         }
-        Err((message, exec_code)) => {
-            report(&args.status, &InitReport::Failed { message, exec_code });
-            sys::exit_immediately(1)
-        }
+        Err((message, exec_code)) => fail(args, message, exec_code),
     }
 }
 
@@ -77,6 +117,13 @@ fn setup_and_start(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, (String, Opt
 
 fn setup(args: &InitArgs<'_>) -> Result<(), String> {
     let sys = LinuxSys;
+    // The mount namespace is copied now, not at the clone: the step's rootfs and mounts
+    // may have been mounted since (an init started ahead of its step).
+    let fresh = super::namespace_flags(args.spec) & (libc::CLONE_NEWNS | libc::CLONE_NEWNET) as u64;
+    nix::sched::unshare(nix::sched::CloneFlags::from_bits_truncate(
+        fresh as libc::c_int,
+    ))
+    .map_err(|e| format!("creating the step's mount and network namespaces: {e}"))?;
     if let Some(netns) = args.netns {
         // Before anything else: every later step runs in the namespace the step keeps.
         nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)

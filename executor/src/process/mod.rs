@@ -21,6 +21,7 @@
 mod init;
 mod workload;
 
+use std::borrow::Cow;
 use std::io::{Read as _, Write as _};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -31,9 +32,10 @@ use nix::poll::{PollFd, PollFlags};
 use nix::sys::resource::{Usage, UsageWho};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, LinuxSeccomp, Spec};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{self, Placement};
@@ -105,6 +107,45 @@ pub struct RunnerConfig {
     /// them if this runner dies ([`cgroup::clean_stale`]); `None` records nothing.
     #[serde(default)]
     pub cgroup_registry: Option<PathBuf>,
+}
+
+impl RunnerConfig {
+    /// What a runner started ahead of its step (see [`run_warm`]) must share with that
+    /// step: what it sets up before it has the step. Everything else — rootfs, mounts,
+    /// process, hostname, the network namespace to join, the step id in the cgroup path —
+    /// comes with the step.
+    pub fn warm_shape(&self) -> WarmShape<'_> {
+        let linux = self.spec.linux().as_ref();
+        let cgroup_parent = linux.and_then(|l| l.cgroups_path().as_ref()).map(|path| {
+            let path = path.to_string_lossy();
+            path.rfind(['/', ':'])
+                .map_or_else(String::new, |end| path[..end].to_owned())
+        });
+        WarmShape {
+            clone_flags: clone_flags(&self.spec),
+            resources: linux.and_then(|l| l.resources().as_ref()),
+            seccomp: linux.and_then(|l| l.seccomp().as_ref()),
+            cgroup_parent,
+            real_root: self.real_root,
+            own_cgroups: self.own_cgroups,
+            seccomp_cache: self.seccomp_cache.as_deref(),
+            cgroup_registry: self.cgroup_registry.as_deref(),
+        }
+    }
+}
+
+/// See [`RunnerConfig::warm_shape`].
+#[derive(Debug, PartialEq)]
+pub struct WarmShape<'a> {
+    clone_flags: u64,
+    resources: Option<&'a LinuxResources>,
+    seccomp: Option<&'a LinuxSeccomp>,
+    /// The cgroup path without the step's id.
+    cgroup_parent: Option<String>,
+    real_root: bool,
+    own_cgroups: bool,
+    seccomp_cache: Option<&'a Path>,
+    cgroup_registry: Option<&'a Path>,
 }
 
 /// How a step ended and what it cost.
@@ -205,128 +246,251 @@ fn joined_network(spec: &Spec) -> Result<Option<OwnedFd>, RunError> {
 
 /// Runs one step. Must be called from a single-threaded process.
 pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
-    let spec = &config.spec;
-    let sys = LinuxSys;
-    let root_path = spec
-        .root()
-        .as_ref()
-        .ok_or(RunError::Incomplete("root"))?
-        .path()
-        .clone();
-    let process = spec
-        .process()
-        .as_ref()
-        .ok_or(RunError::Incomplete("process"))?;
-    let open_dir = |path: &Path| {
-        nix::fcntl::open(
-            path,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|source| RunError::Open {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let host_root = open_dir(Path::new("/"))?;
-    let rootfs = open_dir(&root_path)?;
-    let netns = joined_network(spec)?;
-
-    let stubs = if config.stub_paths.is_empty() {
-        Stubs::default()
-    } else {
-        stubs::record(
-            &sys,
-            rootfs.as_fd(),
-            config.stub_paths.iter().map(String::as_str),
-            config.stubs_recursive,
-        )
-        .map_err(RunError::Stubs)?
-    };
-    // The cwd is created in the rootfs layer before the step starts (so it is part of the
-    // root output even under a mount), owned by the step's user.
-    let cwd = process.cwd().to_string_lossy().into_owned();
-    let owner = (process.user().uid(), process.user().gid());
-    path::mkdir_all(
-        &sys,
-        rootfs.as_fd(),
-        &cwd,
-        Mode::from_bits_truncate(0o755),
-        Some(owner),
-    )
-    .map_err(|source| RunError::Cwd {
-        cwd: cwd.clone(),
-        source,
-    })?;
-
-    let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-        Some(profile) => kiln_seccomp::load_or_compile(profile, config.seccomp_cache.as_deref())
-            .map_err(|e| RunError::Setup(e.to_string()))?,
-        None => Vec::new(),
-    };
-    let result = run_limited(config, &host_root, netns.as_ref(), &seccomp);
-    if !config.stub_paths.is_empty() {
-        stubs::clean(&sys, rootfs.as_fd(), &stubs);
-    }
+    let target = Target::prepare(config)?;
+    let result = run_prepared(config);
+    target.clean(config);
     result
 }
 
-/// Runs the step in cgroups of its own with its limits (rlimits standing in for what no
-/// cgroup enforces), adding what the cgroups measured to the [`ExitInfo`].
-fn run_limited(
-    config: &RunnerConfig,
-    host_root: &OwnedFd,
-    netns: Option<&OwnedFd>,
-    seccomp: &[kiln_seccomp::SockFilter],
-) -> Result<ExitInfo, RunError> {
-    let spec = &config.spec;
-    let limits = Limits::from_spec(spec);
-    let mut placement = place(config, &limits)?;
-    // The step's own ulimits stay as it asked.
-    let existing = spec
-        .process()
-        .as_ref()
-        .and_then(|p| p.rlimits().clone())
-        .unwrap_or_default();
-    let fallback = limits::fallback_rlimits(&limits, placement.enforced, &existing);
-    let with_fallback;
-    let spec = if fallback.is_empty() {
-        spec
-    } else {
+fn run_prepared(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
+    let mut sandbox = Sandbox::prepare(config)?;
+    let spec = sandbox.step_spec(&config.spec);
+    let netns = joined_network(&config.spec)?;
+    let result = spawn_init(&sandbox, &spec, netns.as_ref())
+        .and_then(|mut init| init.start(&sandbox, &Go::Inherited));
+    sandbox.finish(result)
+}
+
+/// A warm runner: started ahead of its step from `template` (a config of the same shape,
+/// see [`RunnerConfig::warm_key`]), it makes the step's cgroups, loads its seccomp program
+/// and clones the init into the step's pid, ipc and uts namespaces and cgroups, where the
+/// init waits. Then it waits on `go` for its step, sent as a launcher request (bundle path
+/// and config, with the step's stdout and stderr), calls `taken` and runs it like [`run`].
+/// `Ok(None)`
+/// when `go` closed first (kiln let it go) or the runner was told to stop. Must be called
+/// from a single-threaded process.
+pub fn run_warm(
+    template: &RunnerConfig,
+    go: &OwnedFd,
+    taken: impl FnOnce(),
+) -> Result<Option<ExitInfo>, RunError> {
+    let mut sandbox = Sandbox::prepare(template)?;
+    let mut init = spawn_init(&sandbox, &template.spec, None)?;
+    let shape = template.warm_shape();
+    let Some((bundle, config, outputs)) = wait_for_step(go, &init.signal_fd) else {
+        return Ok(None);
+    };
+    taken();
+    let config = parse_config(&config, &bundle.join("config.json"))?;
+    if config.warm_shape() != shape {
+        return Err(RunError::Setup(
+            "the step does not fit the runner started ahead for it (its namespaces, limits, \
+             seccomp profile or cgroup parent differ)"
+                .to_owned(),
+        ));
+    }
+    // From here on the step's output is this runner's too, as for a runner forked for it.
+    let [stdout, stderr] = outputs;
+    nix::unistd::dup2_stdout(&stdout).map_err(sys_err("take the step's stdout"))?;
+    nix::unistd::dup2_stderr(&stderr).map_err(sys_err("take the step's stderr"))?;
+    drop((stdout, stderr));
+    let target = Target::prepare(&config)?;
+    let spec = sandbox.step_spec(&config.spec);
+    let result = joined_network(&config.spec).and_then(|netns| {
+        init.start(
+            &sandbox,
+            &Go::Step {
+                spec: &spec,
+                netns: netns.as_ref(),
+            },
+        )
+    });
+    target.clean(&config);
+    Ok(Some(sandbox.finish(result)?))
+}
+
+/// Waits until kiln sends the step (`Some`) or closes `go`, or a signal tells the runner to
+/// stop (`None`).
+fn wait_for_step(go: &OwnedFd, signals: &SignalFd) -> Option<(PathBuf, Vec<u8>, [OwnedFd; 2])> {
+    loop {
+        let mut fds = [
+            PollFd::new(go.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(_) => return None,
+        }
+        let step = fds[0].revents().is_some_and(|r| !r.is_empty());
+        while let Ok(Some(info)) = signals.read_signal() {
+            // A dead init shows when the step is handed to it; anything else is a stop.
+            if info.ssi_signo != libc::SIGCHLD as u32 {
+                return None;
+            }
+        }
+        if !step {
+            continue;
+        }
+        let mut buf = vec![0u8; crate::launcher::MAX_REQUEST];
+        return match sys::recv_with_fds(go.as_fd(), &mut buf) {
+            Ok((0, _)) | Err(_) => None,
+            Ok((n, fds)) => {
+                let outputs = <[OwnedFd; 2]>::try_from(fds).ok()?;
+                let (bundle, config) = crate::launcher::parse_request(&buf[..n])?;
+                Some((bundle, config?.to_vec(), outputs))
+            }
+        };
+    }
+}
+
+/// What a step needs in its rootfs before it starts: mount stubs recorded (removed after
+/// the run) and the working directory made, owned by the step's user (so it is part of
+/// the root output even under a mount).
+struct Target {
+    rootfs: OwnedFd,
+    stubs: Stubs,
+}
+
+impl Target {
+    fn prepare(config: &RunnerConfig) -> Result<Target, RunError> {
+        let sys = LinuxSys;
+        let spec = &config.spec;
+        let root_path = spec
+            .root()
+            .as_ref()
+            .ok_or(RunError::Incomplete("root"))?
+            .path()
+            .clone();
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or(RunError::Incomplete("process"))?;
+        let rootfs = open_dir(&root_path)?;
+        let stubs = if config.stub_paths.is_empty() {
+            Stubs::default()
+        } else {
+            stubs::record(
+                &sys,
+                rootfs.as_fd(),
+                config.stub_paths.iter().map(String::as_str),
+                config.stubs_recursive,
+            )
+            .map_err(RunError::Stubs)?
+        };
+        let cwd = process.cwd().to_string_lossy().into_owned();
+        let owner = (process.user().uid(), process.user().gid());
+        path::mkdir_all(
+            &sys,
+            rootfs.as_fd(),
+            &cwd,
+            Mode::from_bits_truncate(0o755),
+            Some(owner),
+        )
+        .map_err(|source| RunError::Cwd {
+            cwd: cwd.clone(),
+            source,
+        })?;
+        Ok(Target { rootfs, stubs })
+    }
+
+    fn clean(&self, config: &RunnerConfig) {
+        if !config.stub_paths.is_empty() {
+            stubs::clean(&LinuxSys, self.rootfs.as_fd(), &self.stubs);
+        }
+    }
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd, RunError> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|source| RunError::Open {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// What a runner sets up that does not depend on the step's rootfs or process: the host
+/// root, the compiled seccomp program and the step's cgroups with its limits (removed when
+/// dropped).
+struct Sandbox {
+    host_root: OwnedFd,
+    seccomp: Vec<kiln_seccomp::SockFilter>,
+    limits: Limits,
+    placement: Placement,
+}
+
+impl Sandbox {
+    fn prepare(config: &RunnerConfig) -> Result<Sandbox, RunError> {
+        let spec = &config.spec;
+        let host_root = open_dir(Path::new("/"))?;
+        let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+            Some(profile) => {
+                kiln_seccomp::load_or_compile(profile, config.seccomp_cache.as_deref())
+                    .map_err(|e| RunError::Setup(e.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        let limits = Limits::from_spec(spec);
+        let placement = place(config, &limits)?;
+        Ok(Sandbox {
+            host_root,
+            seccomp,
+            limits,
+            placement,
+        })
+    }
+
+    /// The spec the step runs: its own, with rlimits standing in for the limits no cgroup
+    /// enforces (the step's own ulimits stay as it asked).
+    fn step_spec<'a>(&self, spec: &'a Spec) -> Cow<'a, Spec> {
+        let existing = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.rlimits().clone())
+            .unwrap_or_default();
+        let fallback = limits::fallback_rlimits(&self.limits, self.placement.enforced, &existing);
+        if fallback.is_empty() {
+            return Cow::Borrowed(spec);
+        }
         let mut copy = spec.clone();
         if let Some(p) = copy.process_mut() {
             p.set_rlimits(Some(existing.into_iter().chain(fallback).collect()));
         }
-        with_fallback = copy;
-        &with_fallback
-    };
-    let result = run_in_namespaces(config, spec, host_root, netns, &placement, seccomp);
-    let exceeded = placement.exceeded();
-    let usage = placement.usage();
-    placement.remove();
-    let mut info = result?;
-    if info.exceeded.is_none() {
-        info.exceeded = exceeded;
+        Cow::Owned(copy)
     }
-    info.oom_killed |= matches!(info.exceeded, Some(Exceeded::Memory { .. }));
-    if info.exceeded.is_some() && info.exit_code == 0 {
-        // The step failed for its limit even if its command got past the killed process
-        // (`hog || true`) before kiln stopped it.
-        info.exit_code = 128 + libc::SIGKILL;
+
+    /// Adds what the cgroups measured to the step's outcome and removes them.
+    fn finish(&mut self, result: Result<ExitInfo, RunError>) -> Result<ExitInfo, RunError> {
+        let exceeded = self.placement.exceeded();
+        let usage = self.placement.usage();
+        self.placement.remove();
+        let mut info = result?;
+        if info.exceeded.is_none() {
+            info.exceeded = exceeded;
+        }
+        info.oom_killed |= matches!(info.exceeded, Some(Exceeded::Memory { .. }));
+        if info.exceeded.is_some() && info.exit_code == 0 {
+            // The step failed for its limit even if its command got past the killed process
+            // (`hog || true`) before kiln stopped it.
+            info.exit_code = 128 + libc::SIGKILL;
+        }
+        if let Some(peak) = usage.peak_memory {
+            info.peak_memory_bytes = peak;
+            info.peak_memory_from_cgroup = true;
+        }
+        if let Some((user, system)) = usage.cpu_micros {
+            info.user_cpu_micros = user;
+            info.system_cpu_micros = system;
+        }
+        if let Some((read, written)) = usage.io_bytes {
+            info.read_bytes = read;
+            info.written_bytes = written;
+        }
+        Ok(info)
     }
-    if let Some(peak) = usage.peak_memory {
-        info.peak_memory_bytes = peak;
-        info.peak_memory_from_cgroup = true;
-    }
-    if let Some((user, system)) = usage.cpu_micros {
-        info.user_cpu_micros = user;
-        info.system_cpu_micros = system;
-    }
-    if let Some((read, written)) = usage.io_bytes {
-        info.read_bytes = read;
-        info.written_bytes = written;
-    }
-    Ok(info)
 }
 
 /// Creates the step's cgroups at `linux.cgroupsPath` with its limits.
@@ -356,37 +520,79 @@ fn place(config: &RunnerConfig, limits: &Limits) -> Result<Placement, RunError> 
         .map_err(|e| RunError::Setup(e.to_string()))
 }
 
-fn run_in_namespaces(
-    config: &RunnerConfig,
+/// The namespaces the step's init is cloned into: the mount and network namespaces it
+/// makes itself once it has its step (see [`init::run`]), so that an init started ahead of
+/// its step copies kiln's mount table as it is then, with the step's rootfs mounted.
+fn clone_flags(spec: &Spec) -> u64 {
+    namespace_flags(spec) & !((libc::CLONE_NEWNS | libc::CLONE_NEWNET) as u64)
+}
+
+/// How the init learns its step.
+enum Go<'a> {
+    /// The spec and network namespace it was cloned with (a runner forked for its step).
+    Inherited,
+    /// A warm runner's step: the spec to run and the network namespace to join, sent with
+    /// the step's stdout and stderr (this process's 1 and 2).
+    Step {
+        spec: &'a Spec,
+        netns: Option<&'a OwnedFd>,
+    },
+}
+
+/// The step's init, cloned into its namespaces and cgroups and waiting for its go. When
+/// dropped before it was reaped, it is killed and reaped; the signal mask comes back.
+struct InitHandle {
+    child: Option<nix::unistd::Pid>,
+    go: Option<OwnedFd>,
+    status: Option<OwnedFd>,
+    signal_fd: SignalFd,
+    previous: SigSet,
+    before: Usage,
+    watch: cgroup::Watch,
+}
+
+impl Drop for InitHandle {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            while let Err(nix::Error::EINTR) = waitpid(child, None) {}
+        }
+        let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.previous), None);
+    }
+}
+
+/// Clones the init into the step's namespaces and cgroups (see [`clone_flags`]), where it
+/// waits for [`InitHandle::start`].
+fn spawn_init(
+    sandbox: &Sandbox,
     spec: &Spec,
-    host_root: &OwnedFd,
     netns: Option<&OwnedFd>,
-    placement: &Placement,
-    seccomp: &[kiln_seccomp::SockFilter],
-) -> Result<ExitInfo, RunError> {
-    let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
+) -> Result<InitHandle, RunError> {
+    let (go, go_init) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(sys_err("socketpair"))?;
     let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(sys_err("pipe"))?;
+    let before = children_usage()?;
     let signals = wait_set();
     let mut previous = SigSet::empty();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), Some(&mut previous))
         .map_err(sys_err("block signals"))?;
-    let signal_fd =
-        match SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
-            Ok(fd) => fd,
-            Err(e) => {
-                let _ =
-                    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
-                return Err(sys_err("signalfd")(e));
-            }
-        };
-    let before = children_usage()?;
-    let started = Instant::now();
-    let forked =
-        sys::clone_into_namespaces(namespace_flags(&config.spec), false, placement.clone_into())
-            .map_err(sys_err("create the step's namespaces"));
+    let restore = |e: RunError| {
+        let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
+        e
+    };
+    let signal_fd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| restore(sys_err("signalfd")(e)))?;
+    let placement = &sandbox.placement;
+    let forked = sys::clone_into_namespaces(clone_flags(spec), false, placement.clone_into())
+        .map_err(|e| restore(sys_err("create the step's namespaces")(e)))?;
     let child = match forked {
-        Ok(Forked::Child) => {
-            drop(go_w);
+        Forked::Child => {
+            drop(go);
             drop(status_r);
             placement.close_registry_in_fork();
             if let Err(e) = cgroup::join_self(placement) {
@@ -402,135 +608,165 @@ fn run_in_namespaces(
             init::run(
                 init::InitArgs {
                     spec,
-                    seccomp,
-                    host_root: host_root.as_fd(),
+                    seccomp: &sandbox.seccomp,
+                    host_root: sandbox.host_root.as_fd(),
                     netns: netns.map(AsFd::as_fd),
                     cgroups: &placement.views,
                     status: status_w,
                     signals: &signals,
                 },
-                go_r,
+                go_init,
             )
         }
-        Ok(Forked::Parent { child, .. }) => child,
-        Err(e) => {
-            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
-            return Err(e);
-        }
+        Forked::Parent { child, .. } => child,
     };
-    drop(go_r);
+    drop(go_init);
     drop(status_w);
-    // Opened before the step starts, so no limit event is missed.
-    let watch = placement.watch();
-    // Anything but this byte (EOF if we died) makes the init exit without starting.
-    let _ = nix::unistd::write(&go_w, b"G");
-    drop(go_w);
+    Ok(InitHandle {
+        child: Some(child),
+        go: Some(go),
+        status: Some(status_r),
+        signal_fd,
+        previous,
+        before,
+        // Opened before the step starts, so no limit event is missed.
+        watch: placement.watch(),
+    })
+}
 
-    let mut cancelled = false;
-    let mut exceeded = None;
-    let status = loop {
-        match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {}
-            Ok(status) => break status,
-            Err(nix::Error::EINTR) => continue,
-            Err(e) => {
-                let _ =
-                    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
-                return Err(sys_err("wait for the step")(e));
+impl InitHandle {
+    /// Starts the step and waits for it (killing it when it exceeds a limit or the runner
+    /// is told to stop).
+    fn start(&mut self, sandbox: &Sandbox, go: &Go<'_>) -> Result<ExitInfo, RunError> {
+        let child = self
+            .child
+            .ok_or_else(|| RunError::Setup("the step's init is gone".to_owned()))?;
+        let go_fd = self
+            .go
+            .take()
+            .ok_or_else(|| RunError::Setup("the step's init was started already".to_owned()))?;
+        // Anything else (EOF if we died) makes the init exit without starting.
+        let sent = match go {
+            Go::Inherited => sys::send_with_fds(go_fd.as_fd(), b"G", &[]),
+            Go::Step { spec, netns } => {
+                let mut message = vec![b'W'];
+                serde_json::to_writer(&mut message, spec).map_err(|e| {
+                    RunError::Setup(format!("encoding the step's spec for its init: {e}"))
+                })?;
+                let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+                let mut fds = vec![stdout.as_fd(), stderr.as_fd()];
+                fds.extend(netns.map(AsFd::as_fd));
+                sys::send_with_fds(go_fd.as_fd(), &message, &fds)
             }
-        }
-        let mut fds = vec![PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN)];
-        fds.extend(
-            watch
-                .poll_fds()
-                .into_iter()
-                .map(|(fd, events)| PollFd::new(fd, events)),
-        );
-        let Ok(ready) = nix::poll::poll(&mut fds, watch.timeout()) else {
-            continue;
         };
-        // A limit file changed, or it is time to look (cgroup v1).
-        let limit_event = ready == 0
-            || fds[1..]
-                .iter()
-                .any(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
-        drop(fds);
-        if limit_event {
-            watch.rearm();
-            if exceeded.is_none() {
-                // The step would fail anyway: stop it now (a fork bomb at its limit
-                // would otherwise spin until cancelled).
-                exceeded = placement.exceeded();
-                if exceeded.is_some() {
+        drop(go_fd);
+        sent.map_err(sys_err("hand the step to its init"))?;
+        let started = Instant::now();
+        let placement = &sandbox.placement;
+        let mut cancelled = false;
+        let mut exceeded = None;
+        let status = loop {
+            match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(status) => break status,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(sys_err("wait for the step")(e)),
+            }
+            let mut fds = vec![PollFd::new(self.signal_fd.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                self.watch
+                    .poll_fds()
+                    .into_iter()
+                    .map(|(fd, events)| PollFd::new(fd, events)),
+            );
+            let Ok(ready) = nix::poll::poll(&mut fds, self.watch.timeout()) else {
+                continue;
+            };
+            // A limit file changed, or it is time to look (cgroup v1).
+            let limit_event = ready == 0
+                || fds[1..]
+                    .iter()
+                    .any(|fd| fd.revents().is_some_and(|r| !r.is_empty()));
+            drop(fds);
+            if limit_event {
+                self.watch.rearm();
+                if exceeded.is_none() {
+                    // The step would fail anyway: stop it now (a fork bomb at its limit
+                    // would otherwise spin until cancelled).
+                    exceeded = placement.exceeded();
+                    if exceeded.is_some() {
+                        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    }
+                }
+            }
+            while let Ok(Some(info)) = self.signal_fd.read_signal() {
+                if info.ssi_signo != libc::SIGCHLD as u32 {
+                    // Cancellation: killing pid 1 kills the whole pid namespace.
+                    cancelled = true;
                     let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
                 }
             }
-        }
-        while let Ok(Some(info)) = signal_fd.read_signal() {
-            if info.ssi_signo != libc::SIGCHLD as u32 {
-                // Cancellation: killing pid 1 kills the whole pid namespace.
-                cancelled = true;
-                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-            }
-        }
-    };
-    let wall = started.elapsed();
-    drop(signal_fd);
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&previous), None);
+        };
+        self.child = None;
+        let wall = started.elapsed();
 
-    let mut report = String::new();
-    let _ = std::fs::File::from(status_r).read_to_string(&mut report);
-    let report: Option<InitReport> = serde_json::from_str(report.trim()).ok();
-    let after = children_usage()?;
-    let micros = |tv: nix::sys::time::TimeVal| {
-        u64::try_from(tv.tv_sec()).unwrap_or(0) * 1_000_000
-            + u64::try_from(tv.tv_usec()).unwrap_or(0)
-    };
-    let spent = |f: fn(&Usage) -> nix::sys::time::TimeVal| {
-        micros(f(&after)).saturating_sub(micros(f(&before)))
-    };
-    // Block I/O in 512-byte units, from the same accounting as /proc/<pid>/io.
-    let blocks = |f: fn(&Usage) -> libc::c_long| {
-        u64::try_from(f(&after).saturating_sub(f(&before))).unwrap_or(0) * 512
-    };
-    let mut info = ExitInfo {
-        cancelled,
-        wall_micros: u64::try_from(wall.as_micros()).unwrap_or(u64::MAX),
-        user_cpu_micros: spent(Usage::user_time),
-        system_cpu_micros: spent(Usage::system_time),
-        peak_memory_bytes: u64::try_from(after.max_rss()).unwrap_or(0) * 1024,
-        read_bytes: blocks(Usage::block_reads),
-        written_bytes: blocks(Usage::block_writes),
-        exceeded,
-        ..ExitInfo::default()
-    };
-    match (report, status) {
-        (Some(InitReport::Exited(code)), _) => info.exit_code = code,
-        (Some(InitReport::Signaled(signal)), _) => {
-            info.signal = Some(signal);
-            info.exit_code = 128 + signal;
+        let mut report = String::new();
+        if let Some(status_r) = self.status.take() {
+            let _ = std::fs::File::from(status_r).read_to_string(&mut report);
         }
-        (Some(InitReport::Failed { message, exec_code }), _) => {
-            return Err(match exec_code {
-                Some(code) => RunError::Exec { message, code },
-                None => RunError::Setup(message),
-            });
-        }
-        (None, WaitStatus::Signaled(_, signal, _)) => {
-            info.signal = Some(signal as i32);
-            info.exit_code = 128 + signal as i32;
-        }
-        (None, WaitStatus::Exited(_, code)) => {
-            if !cancelled {
-                return Err(RunError::Setup(format!(
-                    "the step's init exited with {code} without a report"
-                )));
+        let report: Option<InitReport> = serde_json::from_str(report.trim()).ok();
+        let after = children_usage()?;
+        let before = &self.before;
+        let micros = |tv: nix::sys::time::TimeVal| {
+            u64::try_from(tv.tv_sec()).unwrap_or(0) * 1_000_000
+                + u64::try_from(tv.tv_usec()).unwrap_or(0)
+        };
+        let spent = |f: fn(&Usage) -> nix::sys::time::TimeVal| {
+            micros(f(&after)).saturating_sub(micros(f(before)))
+        };
+        // Block I/O in 512-byte units, from the same accounting as /proc/<pid>/io.
+        let blocks = |f: fn(&Usage) -> libc::c_long| {
+            u64::try_from(f(&after).saturating_sub(f(before))).unwrap_or(0) * 512
+        };
+        let mut info = ExitInfo {
+            cancelled,
+            wall_micros: u64::try_from(wall.as_micros()).unwrap_or(u64::MAX),
+            user_cpu_micros: spent(Usage::user_time),
+            system_cpu_micros: spent(Usage::system_time),
+            peak_memory_bytes: u64::try_from(after.max_rss()).unwrap_or(0) * 1024,
+            read_bytes: blocks(Usage::block_reads),
+            written_bytes: blocks(Usage::block_writes),
+            exceeded,
+            ..ExitInfo::default()
+        };
+        match (report, status) {
+            (Some(InitReport::Exited(code)), _) => info.exit_code = code,
+            (Some(InitReport::Signaled(signal)), _) => {
+                info.signal = Some(signal);
+                info.exit_code = 128 + signal;
             }
-            info.exit_code = 128 + libc::SIGKILL;
+            (Some(InitReport::Failed { message, exec_code }), _) => {
+                return Err(match exec_code {
+                    Some(code) => RunError::Exec { message, code },
+                    None => RunError::Setup(message),
+                });
+            }
+            (None, WaitStatus::Signaled(_, signal, _)) => {
+                info.signal = Some(signal as i32);
+                info.exit_code = 128 + signal as i32;
+            }
+            (None, WaitStatus::Exited(_, code)) => {
+                if !cancelled {
+                    return Err(RunError::Setup(format!(
+                        "the step's init exited with {code} without a report"
+                    )));
+                }
+                info.exit_code = 128 + libc::SIGKILL;
+            }
+            (None, _) => info.exit_code = 255,
         }
-        (None, _) => info.exit_code = 255,
+        Ok(info)
     }
-    Ok(info)
 }
 
 /// CPU time, peak RSS and block I/O of every reaped child so far.
@@ -560,6 +796,20 @@ pub fn run_config(config: Option<&[u8]>, bundle: &Path) -> String {
         None => read_config(bundle),
     };
     outcome_json(config.and_then(|config| run(&config)))
+}
+
+/// Runs the step a warm runner is given (see [`run_warm`]) from `template` (the config it
+/// was started with, JSON): [`outcome_json`] of it, `None` when it was let go without one.
+pub fn run_warm_config(template: &[u8], go: &OwnedFd, taken: impl FnOnce()) -> Option<String> {
+    let template = match parse_config(template, Path::new("(the warm runner's template)")) {
+        Ok(template) => template,
+        Err(e) => return Some(outcome_json(Err(e))),
+    };
+    match run_warm(&template, go, taken) {
+        Ok(None) => None,
+        Ok(Some(info)) => Some(outcome_json(Ok(info))),
+        Err(e) => Some(outcome_json(Err(e))),
+    }
 }
 
 /// How a runner reports: `{"ok": ExitInfo}`, or `{"error": "…"}` when the step could not

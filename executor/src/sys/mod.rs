@@ -425,6 +425,24 @@ pub fn close_fds_except(first: u32, keep: RawFd) -> SysResult<()> {
     close_fds_from(keep + 1)
 }
 
+/// Closes every descriptor from `first` up except those in `keep`.
+pub fn close_fds_except_these(first: u32, keep: &[RawFd]) -> SysResult<()> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .map(|fd| u32::try_from(*fd).map_err(|_| Errno::EBADF))
+        .collect::<SysResult<_>>()?;
+    keep.sort_unstable();
+    let mut next = first;
+    for fd in keep.into_iter().filter(|fd| *fd >= first) {
+        if fd > next {
+            // SAFETY: as close_fds_from; only descriptors in [next, fd) are closed here.
+            check(unsafe { libc::syscall(libc::SYS_close_range, next, fd - 1, 0) })?;
+        }
+        next = fd + 1;
+    }
+    close_fds_from(next)
+}
+
 /// Marks every descriptor from `first` up close-on-exec.
 pub fn cloexec_fds_from(first: u32) -> SysResult<()> {
     // SAFETY: only changes descriptor flags.
