@@ -219,9 +219,10 @@ impl Launcher {
 
 impl Launcher {
     /// Has the launcher fork a warm runner from `template` (a runner's config as JSON, at
-    /// most [`MAX_INLINE`] bytes): it sets up what steps of that shape share and waits for
-    /// its step (see [`crate::process::run_warm`]).
-    pub fn warm(&self, template: &[u8]) -> Result<WarmRunner, LauncherError> {
+    /// most [`MAX_INLINE`] bytes): it sets up what steps of that shape share, with cgroups
+    /// named after `id` (a step id: letters and digits), and waits for its step (see
+    /// [`crate::process::run_warm`]).
+    pub fn warm(&self, id: &str, template: &[u8]) -> Result<WarmRunner, LauncherError> {
         let send_err = |source| LauncherError::Send {
             bundle: PathBuf::from("(a warm runner)"),
             source,
@@ -243,10 +244,12 @@ impl Launcher {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(send_err)?;
-        // A request's path is not used by a warm runner: its step brings its own.
-        let mut request = Vec::with_capacity(5 + template.len());
-        request.extend_from_slice(&1u32.to_le_bytes());
-        request.push(b'-');
+        // A warm request carries the runner's id where a step's carries its bundle path
+        // (its step brings that).
+        let id_len = u32::try_from(id.len()).map_err(|_| send_err(Errno::EINVAL))?;
+        let mut request = Vec::with_capacity(4 + id.len() + template.len());
+        request.extend_from_slice(&id_len.to_le_bytes());
+        request.extend_from_slice(id.as_bytes());
         request.extend_from_slice(template);
         sys::send_with_fds(
             self.socket.as_fd(),
@@ -268,36 +271,42 @@ pub struct WarmRunner {
 impl WarmRunner {
     /// Gives the runner its step: `bundle` and `config` as for [`Launcher::launch`] (the
     /// config inline, at most [`MAX_INLINE`] bytes), writing to `outputs`. An error means
-    /// the runner did not get the step (it is gone): another runner must take it.
+    /// the runner did not get the step (it is gone): another runner must take it. The
+    /// runner comes back with the error, to be discarded, unless its status could not be
+    /// watched (then it was let go).
     pub fn start(
         self,
         bundle: &Path,
         config: &[u8],
         outputs: &Outputs,
-    ) -> Result<Launched, LauncherError> {
+    ) -> Result<Launched, (LauncherError, Option<WarmRunner>)> {
         let path = bundle.as_os_str().as_bytes();
         let send_err = |source| LauncherError::Send {
             bundle: bundle.to_owned(),
             source,
         };
-        let path_len = u32::try_from(path.len())
+        let Some(path_len) = u32::try_from(path.len())
             .ok()
             .filter(|n| *n > 0 && (*n as usize) < MAX_REQUEST - MAX_INLINE)
-            .ok_or_else(|| LauncherError::PathTooLong(bundle.to_owned()))?;
+        else {
+            return Err((LauncherError::PathTooLong(bundle.to_owned()), Some(self)));
+        };
         if config.is_empty() || config.len() > MAX_INLINE {
-            return Err(send_err(Errno::EMSGSIZE));
+            return Err((send_err(Errno::EMSGSIZE), Some(self)));
         }
         let mut request = Vec::with_capacity(4 + path.len() + config.len());
         request.extend_from_slice(&path_len.to_le_bytes());
         request.extend_from_slice(path);
         request.extend_from_slice(config);
-        sys::send_with_fds(
+        if let Err(e) = sys::send_with_fds(
             self.go.as_fd(),
             &request,
             &[outputs.stdout.as_fd(), outputs.stderr.as_fd()],
-        )
-        .map_err(send_err)?;
-        Launched::new(self.status)
+        ) {
+            return Err((send_err(e), Some(self)));
+        }
+        // Sent: the step runs on it, and its outcome comes on the status socket.
+        Launched::new(self.status).map_err(|e| (e, None))
     }
 
     /// Lets the runner go without a step and waits, at most `timeout`, until the launcher
@@ -675,8 +684,9 @@ fn become_runner(runner: &Runner<'_>, stdout: &OwnedFd, stderr: &OwnedFd, status
     report_and_exit(&outcome, &status)
 }
 
-/// The forked child of a warm request: sets itself up as [`become_runner`] does, but
-/// without the step's output (its step brings it), then runs
+/// The forked child of a warm request (its id where a step's request has the bundle path):
+/// sets itself up as [`become_runner`] does, but without the step's output (its step
+/// brings it), then runs
 /// [`crate::process::run_warm_config`]. Exits without a report when it was let go.
 fn become_warm_runner(runner: &Runner<'_>, template: &[u8], go: &OwnedFd, status: OwnedFd) -> ! {
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(runner.mask), None);
@@ -688,7 +698,8 @@ fn become_warm_runner(runner: &Runner<'_>, template: &[u8], go: &OwnedFd, status
     let taken = || {
         let _ = sys::send_with_fds(status.as_fd(), b"t", &[]);
     };
-    match crate::process::run_warm_config(template, go, taken) {
+    let id = runner.bundle.to_string_lossy();
+    match crate::process::run_warm_config(template, &id, go, taken) {
         Some(outcome) => report_and_exit(&outcome, &status),
         None => std::process::exit(0),
     }

@@ -236,10 +236,14 @@ impl Executor {
                 match warm.runner.start(bundle, bytes, outputs) {
                     Ok(started) => launched = Some(started),
                     // Gone (killed from outside): a runner forked for the step takes it,
-                    // and its cgroups are ours to remove.
-                    Err(e) => {
+                    // and its cgroups are ours to remove once it was reaped (it holds
+                    // their registry entry until then).
+                    Err((e, runner)) => {
                         tracing::debug!("the warm runner did not take the step: {e}");
-                        crate::cgroup::clean_stale(&cgroup_registry(&self.run_root));
+                        if let Some(runner) = runner {
+                            runner.discard(DISCARD_TIMEOUT);
+                            crate::cgroup::clean_stale(&cgroup_registry(&self.run_root));
+                        }
                     }
                 }
             }
@@ -251,8 +255,8 @@ impl Executor {
         }
     }
 
-    /// Starts a warm runner from `config` unless there is one.
-    fn warm_ahead(&self, config: &RunnerConfig) {
+    /// Starts a warm runner from `config` (`bytes`, its JSON) unless there is one.
+    fn warm_ahead(&self, config: RunnerConfig, bytes: &[u8]) {
         let mut slot = self
             .warm
             .slot
@@ -268,23 +272,12 @@ impl Executor {
             .warm
             .started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut template = config.clone();
-        // Cgroups of its own: the step's id in the path becomes the warm runner's.
-        if let Some(linux) = template.spec.linux_mut() {
-            if let Some(path) = linux.cgroups_path().clone() {
-                let path = path.to_string_lossy().into_owned();
-                let prefix = path.rfind(['/', ':']).map_or("", |end| &path[..=end]);
-                let id = format!("w{}x{number}", std::process::id());
-                linux.set_cgroups_path(Some(PathBuf::from(format!("{prefix}{id}"))));
-            }
-        }
-        let started = serde_json::to_vec(&template)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| launcher.warm(&bytes).map_err(|e| e.to_string()));
-        match started {
+        // Its cgroups are named after it, not after the step whose config it starts from.
+        let id = format!("w{}x{number}", std::process::id());
+        match launcher.warm(&id, bytes) {
             Ok(runner) => {
                 *slot = Some(Warm {
-                    template,
+                    template: config,
                     launcher,
                     runner,
                 });
@@ -334,22 +327,35 @@ impl Executor {
             .map_err(|e| ExecError::Setup(format!("encoding the step config: {e}")))?;
         // A step must fit one message to go to a warm runner.
         let warmable = bytes.len() <= MAX_WARM_CONFIG;
+        let mut ran = None;
         if warmable {
-            let ran = self
+            ran = self
                 .run_once(bundle, &config, &bytes, true, output.clone(), &cancel)
                 .await?;
-            if let Some(result) = ran {
-                return Ok(result);
+            if ran.is_none() {
+                tracing::debug!("the warm runner ended before it took the step; forking one");
             }
-            tracing::debug!("the warm runner ended before it took the step; forking one");
         }
-        self.run_once(bundle, &config, &bytes, false, output, &cancel)
-            .await?
-            .ok_or_else(|| ExecError::NoResult("the runner did not take the step".to_owned()))
+        let result = match ran {
+            Some(result) => result,
+            None => self
+                .run_once(bundle, &config, &bytes, false, output, &cancel)
+                .await?
+                .ok_or_else(|| {
+                    ExecError::NoResult("the runner did not take the step".to_owned())
+                })?,
+        };
+        // The next step's runner starts now, while kiln finishes this step and prepares
+        // the next (started with the step instead, it would compete with the step's setup
+        // for the CPUs and the kernel's locks).
+        if warmable && !result.exit.cancelled {
+            self.warm_ahead(config, &bytes);
+        }
+        Ok(result)
     }
 
     /// Runs the step once, on the warm runner when `warm` allows and there is one of its
-    /// shape; then starts a warm runner for the next step. `None` when that warm runner ended before it took the step (the step did not
+    /// shape. `None` when that warm runner ended before it took the step (the step did not
     /// start: another runner may run it).
     async fn run_once(
         &self,
@@ -401,12 +407,6 @@ impl Executor {
                 terminated = true;
                 kill_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
             }
-        }
-        // The next step's runner starts now, while kiln finishes this step and prepares
-        // the next (started with the step instead, it would compete with the step's setup
-        // for the CPUs and the kernel's locks).
-        if bytes.len() <= MAX_WARM_CONFIG && !cancelled && launched.result().is_some() {
-            self.warm_ahead(config);
         }
         let status = launched.wait_status();
         let mut result = StepResult::default();

@@ -134,6 +134,27 @@ impl RunnerConfig {
     }
 }
 
+impl RunnerConfig {
+    /// Names the cgroups of this config after `id` (a step id), in place of the step id
+    /// that ends `linux.cgroupsPath`.
+    fn rename_cgroups(&mut self, id: &str) -> Result<(), RunError> {
+        if !crate::supervisor::valid_id(id) {
+            return Err(RunError::Setup(format!(
+                "invalid runner id {id:?}: letters and digits only"
+            )));
+        }
+        if let Some(linux) = self.spec.linux_mut() {
+            if let Some(path) = linux.cgroups_path().as_ref() {
+                let path = path.to_string_lossy();
+                let prefix = path.rfind(['/', ':']).map_or("", |end| &path[..=end]);
+                let renamed = PathBuf::from(format!("{prefix}{id}"));
+                linux.set_cgroups_path(Some(renamed));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// See [`RunnerConfig::warm_shape`].
 #[derive(Debug, PartialEq)]
 pub struct WarmShape<'a> {
@@ -798,10 +819,18 @@ pub fn run_config(config: Option<&[u8]>, bundle: &Path) -> String {
     outcome_json(config.and_then(|config| run(&config)))
 }
 
-/// Runs the step a warm runner is given (see [`run_warm`]) from `template` (the config it
-/// was started with, JSON): [`outcome_json`] of it, `None` when it was let go without one.
-pub fn run_warm_config(template: &[u8], go: &OwnedFd, taken: impl FnOnce()) -> Option<String> {
-    let template = match parse_config(template, Path::new("(the warm runner's template)")) {
+/// Runs the step a warm runner is given (see [`run_warm`]) from `template` (the config of
+/// a step of the shape it waits for, JSON) with cgroups named after `id`: [`outcome_json`]
+/// of it, `None` when it was let go without one.
+pub fn run_warm_config(
+    template: &[u8],
+    id: &str,
+    go: &OwnedFd,
+    taken: impl FnOnce(),
+) -> Option<String> {
+    let template = parse_config(template, Path::new("(the warm runner's template)"))
+        .and_then(|mut template| template.rename_cgroups(id).map(|()| template));
+    let template = match template {
         Ok(template) => template,
         Err(e) => return Some(outcome_json(Err(e))),
     };
@@ -836,4 +865,92 @@ fn parse_config(bytes: &[u8], path: &Path) -> Result<RunnerConfig, RunError> {
         path: path.to_owned(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::{
+        LinuxBuilder, LinuxPidsBuilder, LinuxResourcesBuilder, ProcessBuilder,
+    };
+
+    fn config(cgroups_path: &str, args: &[&str], pids: Option<i64>) -> RunnerConfig {
+        let mut spec = Spec::default();
+        let mut linux = LinuxBuilder::default()
+            .cgroups_path(PathBuf::from(cgroups_path))
+            .build()
+            .expect("linux");
+        if let Some(limit) = pids {
+            let resources = LinuxResourcesBuilder::default()
+                .pids(
+                    LinuxPidsBuilder::default()
+                        .limit(limit)
+                        .build()
+                        .expect("pids"),
+                )
+                .build()
+                .expect("resources");
+            linux.set_resources(Some(resources));
+        }
+        spec.set_linux(Some(linux));
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        spec.set_process(Some(
+            ProcessBuilder::default()
+                .args(args)
+                .build()
+                .expect("process"),
+        ));
+        RunnerConfig {
+            spec,
+            stub_paths: Vec::new(),
+            stubs_recursive: false,
+            real_root: true,
+            own_cgroups: true,
+            seccomp_cache: None,
+            cgroup_registry: None,
+        }
+    }
+
+    fn cgroups_path(config: &RunnerConfig) -> Option<String> {
+        let linux = config.spec.linux().as_ref()?;
+        Some(
+            linux
+                .cgroups_path()
+                .as_ref()?
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    #[test]
+    fn a_warm_runner_names_its_cgroups_in_the_steps_parent() {
+        for (path, renamed) in [
+            ("/buildkit/s1x2", "/buildkit/w9x0"),
+            ("/parent/buildkit/s1x2", "/parent/buildkit/w9x0"),
+            ("system.slice:kiln:s1x2", "system.slice:kiln:w9x0"),
+        ] {
+            let mut c = config(path, &["true"], None);
+            c.rename_cgroups("w9x0").expect("rename");
+            assert_eq!(cgroups_path(&c).as_deref(), Some(renamed), "{path}");
+        }
+        let mut c = config("/buildkit/s1x2", &["true"], None);
+        assert!(c.rename_cgroups("../escape").is_err());
+        assert_eq!(cgroups_path(&c).as_deref(), Some("/buildkit/s1x2"));
+    }
+
+    #[test]
+    fn steps_of_one_shape_differ_in_what_they_bring_along() {
+        let template = config("/buildkit/s1x1", &["true"], Some(64));
+        // Another process and step id: same shape.
+        let next = config("/buildkit/s1x2", &["sh", "-c", "make"], Some(64));
+        assert_eq!(template.warm_shape(), next.warm_shape());
+        // Other limits, another cgroup parent, another mode: another shape.
+        let limited = config("/buildkit/s1x2", &["true"], Some(32));
+        assert_ne!(template.warm_shape(), limited.warm_shape());
+        let elsewhere = config("/other/buildkit/s1x2", &["true"], Some(64));
+        assert_ne!(template.warm_shape(), elsewhere.warm_shape());
+        let mut rootless = next;
+        rootless.real_root = false;
+        assert_ne!(template.warm_shape(), rootless.warm_shape());
+    }
 }

@@ -124,6 +124,13 @@ pub fn request(
 
 pub type Check = fn() -> Result<(), String>;
 
+/// Writes a check's failure straight to fd 2: libtest captures `eprintln!` in memory,
+/// which a forked check process takes with it when it exits.
+fn report_failure(e: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "check failed: {e}");
+}
+
 pub fn rootful(check: Check) {
     if !kiln_testsupport::require(kiln_testsupport::is_root(), "root") {
         return;
@@ -133,7 +140,7 @@ pub fn rootful(check: Check) {
         kiln_executor::sys::Forked::Child => {
             let ok = kiln_executor::userns::enter_private_mount_namespace().is_ok()
                 && std::panic::catch_unwind(check)
-                    .is_ok_and(|r| r.map_err(|e| eprintln!("check failed: {e}")).is_ok());
+                    .is_ok_and(|r| r.map_err(|e| report_failure(&e)).is_ok());
             kiln_executor::sys::exit_immediately(i32::from(!ok))
         }
         kiln_executor::sys::Forked::Parent { child, .. } => {
@@ -153,7 +160,7 @@ pub fn rootless(check: Check) {
     let code = kiln_executor::userns::run_in_user_namespace(|| match check() {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("check failed: {e}");
+            report_failure(&e);
             1
         }
     })
