@@ -393,13 +393,8 @@ fn the_next_step_runs_on_a_runner_started_ahead_with_its_own_spec() -> Result<()
 }
 
 fn a_step_of_another_shape_gets_a_runner_of_its_own() -> Result<(), String> {
-    let harness = std::sync::Arc::new(Harness::new()?);
-    let rootfs = busybox();
-    harness
-        .run(rootfs.path(), "true")
-        .map_err(|e| e.to_string())?;
-    let launcher = *launchers().first().ok_or("no launcher")?;
-    let warm = warm_runner(launcher)?;
+    let (harness, rootfs, launcher, warm) = after_one_step()?;
+    let harness = std::sync::Arc::new(harness);
     // Other limits: the cgroups the runner started ahead made do not fit.
     let marker = format!("0.3{}", std::process::id());
     let mut other = offline_step(rootfs.path(), &format!("sleep {marker}; echo limited"));
@@ -417,7 +412,9 @@ fn a_step_of_another_shape_gets_a_runner_of_its_own() -> Result<(), String> {
     })
 }
 
-fn a_warm_runner_killed_before_its_step_is_replaced() -> Result<(), String> {
+/// A harness after one step: the busybox rootfs, the launcher and the runner it keeps
+/// started ahead for the next step.
+fn after_one_step() -> Result<(Harness, tempfile::TempDir, Pid, Pid), String> {
     let harness = Harness::new()?;
     let rootfs = busybox();
     harness
@@ -425,6 +422,11 @@ fn a_warm_runner_killed_before_its_step_is_replaced() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let launcher = *launchers().first().ok_or("no launcher")?;
     let warm = warm_runner(launcher)?;
+    Ok((harness, rootfs, launcher, warm))
+}
+
+fn a_warm_runner_killed_before_its_step_is_replaced() -> Result<(), String> {
+    let (harness, rootfs, _, warm) = after_one_step()?;
     kill(warm, Signal::SIGKILL).map_err(|e| e.to_string())?;
     let result = harness
         .run(rootfs.path(), "echo still")
@@ -445,13 +447,7 @@ fn a_warm_runner_killed_before_its_step_is_replaced() -> Result<(), String> {
 }
 
 fn the_last_executor_lets_its_warm_runner_go() -> Result<(), String> {
-    let harness = Harness::new()?;
-    let rootfs = busybox();
-    harness
-        .run(rootfs.path(), "true")
-        .map_err(|e| e.to_string())?;
-    let launcher = *launchers().first().ok_or("no launcher")?;
-    let warm = warm_runner(launcher)?;
+    let (harness, _rootfs, _, warm) = after_one_step()?;
     let Harness {
         runtime,
         run_root,
