@@ -670,31 +670,31 @@ fn become_runner(runner: &Runner<'_>, stdout: &OwnedFd, stderr: &OwnedFd, status
     if nix::unistd::dup2_stdout(stdout).is_err() || nix::unistd::dup2_stderr(stderr).is_err() {
         sys::exit_immediately(1);
     }
-    // Other steps' status sockets must not stay open here (kiln waits for them to close),
-    // nor the launcher's socket. The Rust owners of these descriptors in the launcher's
-    // frames are never dropped: this process exits from here.
-    if sys::close_fds_except(3, status.as_raw_fd()).is_err() {
-        sys::exit_immediately(1);
-    }
-    // If the launcher dies, the step must not outlive it.
-    if sys::die_with_parent(runner.launcher, Signal::SIGTERM).is_err() {
-        sys::exit_immediately(1);
-    }
+    detach(runner, &[status.as_raw_fd()]);
     let outcome = crate::process::run_config(runner.config, runner.bundle);
     report_and_exit(&outcome, &status)
 }
 
-/// The forked child of a warm request (its id where a step's request has the bundle path):
-/// sets itself up as [`become_runner`] does, but without the step's output (its step
-/// brings it), then runs
-/// [`crate::process::run_warm_config`]. Exits without a report when it was let go.
-fn become_warm_runner(runner: &Runner<'_>, template: &[u8], go: &OwnedFd, status: OwnedFd) -> ! {
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(runner.mask), None);
-    if sys::close_fds_except_these(3, &[go.as_raw_fd(), status.as_raw_fd()]).is_err()
+/// What every forked runner does first: closes the launcher's descriptors but `keep`
+/// (other steps' status sockets must not stay open here: kiln waits for them to close;
+/// nor the launcher's socket — their Rust owners in the launcher's frames are never
+/// dropped, this process exits from its caller) and dies with the launcher, so its step
+/// does not outlive it. Exits on failure.
+fn detach(runner: &Runner<'_>, keep: &[std::os::fd::RawFd]) {
+    if sys::close_fds_except_these(3, keep).is_err()
         || sys::die_with_parent(runner.launcher, Signal::SIGTERM).is_err()
     {
         sys::exit_immediately(1);
     }
+}
+
+/// The forked child of a warm request (its id where a step's request has the bundle path):
+/// sets itself up as [`become_runner`] does, but without the step's output (its step
+/// brings it), then runs [`crate::process::run_warm_config`]. Exits without a report when
+/// it was let go.
+fn become_warm_runner(runner: &Runner<'_>, template: &[u8], go: &OwnedFd, status: OwnedFd) -> ! {
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(runner.mask), None);
+    detach(runner, &[go.as_raw_fd(), status.as_raw_fd()]);
     let taken = || {
         let _ = sys::send_with_fds(status.as_fd(), b"t", &[]);
     };

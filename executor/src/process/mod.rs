@@ -116,25 +116,20 @@ impl RunnerConfig {
     /// comes with the step.
     pub fn warm_shape(&self) -> WarmShape<'_> {
         let linux = self.spec.linux().as_ref();
-        let cgroup_parent = linux.and_then(|l| l.cgroups_path().as_ref()).map(|path| {
-            let path = path.to_string_lossy();
-            path.rfind(['/', ':'])
-                .map_or_else(String::new, |end| path[..end].to_owned())
-        });
         WarmShape {
             clone_flags: clone_flags(&self.spec),
             resources: linux.and_then(|l| l.resources().as_ref()),
             seccomp: linux.and_then(|l| l.seccomp().as_ref()),
-            cgroup_parent,
+            cgroup_parent: self
+                .cgroups_path()
+                .map(|path| split_cgroup_id(&path).0.to_owned()),
             real_root: self.real_root,
             own_cgroups: self.own_cgroups,
             seccomp_cache: self.seccomp_cache.as_deref(),
             cgroup_registry: self.cgroup_registry.as_deref(),
         }
     }
-}
 
-impl RunnerConfig {
     /// Names the cgroups of this config after `id` (a step id), in place of the step id
     /// that ends `linux.cgroupsPath`.
     fn rename_cgroups(&mut self, id: &str) -> Result<(), RunError> {
@@ -143,16 +138,33 @@ impl RunnerConfig {
                 "invalid runner id {id:?}: letters and digits only"
             )));
         }
-        if let Some(linux) = self.spec.linux_mut() {
-            if let Some(path) = linux.cgroups_path().as_ref() {
-                let path = path.to_string_lossy();
-                let prefix = path.rfind(['/', ':']).map_or("", |end| &path[..=end]);
-                let renamed = PathBuf::from(format!("{prefix}{id}"));
+        if let Some(path) = self.cgroups_path() {
+            let renamed = PathBuf::from(format!("{}{id}", split_cgroup_id(&path).0));
+            if let Some(linux) = self.spec.linux_mut() {
                 linux.set_cgroups_path(Some(renamed));
             }
         }
         Ok(())
     }
+
+    /// `linux.cgroupsPath`, if any.
+    fn cgroups_path(&self) -> Option<String> {
+        let linux = self.spec.linux().as_ref()?;
+        Some(
+            linux
+                .cgroups_path()
+                .as_ref()?
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
+/// `linux.cgroupsPath` split before the step id that ends it (after its last `/` or `:`):
+/// the parent, separator included, and the id.
+fn split_cgroup_id(path: &str) -> (&str, &str) {
+    let at = path.rfind(['/', ':']).map_or(0, |end| end + 1);
+    path.split_at(at)
 }
 
 /// See [`RunnerConfig::warm_shape`].
@@ -269,7 +281,7 @@ fn joined_network(spec: &Spec) -> Result<Option<OwnedFd>, RunError> {
 pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
     let target = Target::prepare(config)?;
     let result = run_prepared(config);
-    target.clean(config);
+    target.clean();
     result
 }
 
@@ -283,13 +295,12 @@ fn run_prepared(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
 }
 
 /// A warm runner: started ahead of its step from `template` (a config of the same shape,
-/// see [`RunnerConfig::warm_key`]), it makes the step's cgroups, loads its seccomp program
-/// and clones the init into the step's pid, ipc and uts namespaces and cgroups, where the
-/// init waits. Then it waits on `go` for its step, sent as a launcher request (bundle path
-/// and config, with the step's stdout and stderr), calls `taken` and runs it like [`run`].
-/// `Ok(None)`
-/// when `go` closed first (kiln let it go) or the runner was told to stop. Must be called
-/// from a single-threaded process.
+/// see [`RunnerConfig::warm_shape`]), it makes the step's cgroups, loads its seccomp
+/// program and clones the init into the step's pid, ipc and uts namespaces and cgroups,
+/// where the init waits. Then it waits on `go` for its step, sent as a launcher request
+/// (bundle path and config, with the step's stdout and stderr), calls `taken` and runs it
+/// like [`run`]. `Ok(None)` when `go` closed first (kiln let it go) or the runner was told
+/// to stop. Must be called from a single-threaded process.
 pub fn run_warm(
     template: &RunnerConfig,
     go: &OwnedFd,
@@ -326,7 +337,7 @@ pub fn run_warm(
             },
         )
     });
-    target.clean(&config);
+    target.clean();
     Ok(Some(sandbox.finish(result)?))
 }
 
@@ -414,10 +425,9 @@ impl Target {
         Ok(Target { rootfs, stubs })
     }
 
-    fn clean(&self, config: &RunnerConfig) {
-        if !config.stub_paths.is_empty() {
-            stubs::clean(&LinuxSys, self.rootfs.as_fd(), &self.stubs);
-        }
+    /// Removes the mount stubs recorded (none when the step asked for no stub paths).
+    fn clean(&self) {
+        stubs::clean(&LinuxSys, self.rootfs.as_fd(), &self.stubs);
     }
 }
 
@@ -516,19 +526,11 @@ impl Sandbox {
 
 /// Creates the step's cgroups at `linux.cgroupsPath` with its limits.
 fn place(config: &RunnerConfig, limits: &Limits) -> Result<Placement, RunError> {
-    let Some(path) = config
-        .spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.cgroups_path().clone())
-    else {
+    let Some(path) = config.cgroups_path() else {
         return Ok(Placement::default());
     };
-    let path = path.to_string_lossy();
     // The registry entry is named after the step id, the path's last element.
-    let id = path
-        .rsplit(['/', ':'])
-        .next()
+    let id = Some(split_cgroup_id(&path).1)
         .filter(|id| crate::supervisor::valid_id(id))
         .unwrap_or("step");
     let request = cgroup::Request {
@@ -911,17 +913,6 @@ mod tests {
         }
     }
 
-    fn cgroups_path(config: &RunnerConfig) -> Option<String> {
-        let linux = config.spec.linux().as_ref()?;
-        Some(
-            linux
-                .cgroups_path()
-                .as_ref()?
-                .to_string_lossy()
-                .into_owned(),
-        )
-    }
-
     #[test]
     fn a_warm_runner_names_its_cgroups_in_the_steps_parent() {
         for (path, renamed) in [
@@ -931,11 +922,11 @@ mod tests {
         ] {
             let mut c = config(path, &["true"], None);
             c.rename_cgroups("w9x0").expect("rename");
-            assert_eq!(cgroups_path(&c).as_deref(), Some(renamed), "{path}");
+            assert_eq!(c.cgroups_path().as_deref(), Some(renamed), "{path}");
         }
         let mut c = config("/buildkit/s1x2", &["true"], None);
         assert!(c.rename_cgroups("../escape").is_err());
-        assert_eq!(cgroups_path(&c).as_deref(), Some("/buildkit/s1x2"));
+        assert_eq!(c.cgroups_path().as_deref(), Some("/buildkit/s1x2"));
     }
 
     #[test]
