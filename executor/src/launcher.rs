@@ -167,11 +167,11 @@ impl Launcher {
         config: &[u8],
         outputs: &Outputs,
     ) -> Result<Launched, LauncherError> {
-        let path = bundle.as_os_str().as_bytes();
-        let path_len = u32::try_from(path.len())
-            .ok()
-            .filter(|n| *n > 0 && (*n as usize) < MAX_REQUEST - MAX_INLINE)
+        let inline = config.len() <= MAX_INLINE;
+        let inline_config = if inline { config } else { &[] };
+        let mut request = encode_request(bundle.as_os_str().as_bytes(), inline_config)
             .ok_or_else(|| LauncherError::PathTooLong(bundle.to_owned()))?;
+        let path_end = request.len() - inline_config.len();
         let send_err = |source| LauncherError::Send {
             bundle: bundle.to_owned(),
             source,
@@ -188,13 +188,7 @@ impl Launcher {
             outputs.stderr.as_fd(),
             theirs.as_fd(),
         ];
-        let mut request = Vec::with_capacity(4 + path.len() + config.len());
-        request.extend_from_slice(&path_len.to_le_bytes());
-        request.extend_from_slice(path);
-        let inline = config.len() <= MAX_INLINE;
-        if inline {
-            request.extend_from_slice(config);
-        } else {
+        if !inline {
             write_config(bundle, config).map_err(|e| LauncherError::Config {
                 bundle: bundle.to_owned(),
                 source: e,
@@ -207,7 +201,7 @@ impl Launcher {
                     bundle: bundle.to_owned(),
                     source: e,
                 })?;
-                request.truncate(4 + path.len());
+                request.truncate(path_end);
                 sys::send_with_fds(self.socket.as_fd(), &request, &fds).map_err(send_err)?;
             }
             sent => sent.map_err(send_err)?,
@@ -215,9 +209,7 @@ impl Launcher {
         drop(theirs);
         Launched::new(status)
     }
-}
 
-impl Launcher {
     /// Has the launcher fork a warm runner from `template` (a runner's config as JSON, at
     /// most [`MAX_INLINE`] bytes): it sets up what steps of that shape share, with cgroups
     /// named after `id` (a step id: letters and digits), and waits for its step (see
@@ -246,11 +238,8 @@ impl Launcher {
         .map_err(send_err)?;
         // A warm request carries the runner's id where a step's carries its bundle path
         // (its step brings that).
-        let id_len = u32::try_from(id.len()).map_err(|_| send_err(Errno::EINVAL))?;
-        let mut request = Vec::with_capacity(4 + id.len() + template.len());
-        request.extend_from_slice(&id_len.to_le_bytes());
-        request.extend_from_slice(id.as_bytes());
-        request.extend_from_slice(template);
+        let request =
+            encode_request(id.as_bytes(), template).ok_or_else(|| send_err(Errno::EINVAL))?;
         sys::send_with_fds(
             self.socket.as_fd(),
             &request,
@@ -280,24 +269,16 @@ impl WarmRunner {
         config: &[u8],
         outputs: &Outputs,
     ) -> Result<Launched, (LauncherError, Option<WarmRunner>)> {
-        let path = bundle.as_os_str().as_bytes();
         let send_err = |source| LauncherError::Send {
             bundle: bundle.to_owned(),
             source,
         };
-        let Some(path_len) = u32::try_from(path.len())
-            .ok()
-            .filter(|n| *n > 0 && (*n as usize) < MAX_REQUEST - MAX_INLINE)
-        else {
-            return Err((LauncherError::PathTooLong(bundle.to_owned()), Some(self)));
-        };
         if config.is_empty() || config.len() > MAX_INLINE {
             return Err((send_err(Errno::EMSGSIZE), Some(self)));
         }
-        let mut request = Vec::with_capacity(4 + path.len() + config.len());
-        request.extend_from_slice(&path_len.to_le_bytes());
-        request.extend_from_slice(path);
-        request.extend_from_slice(config);
+        let Some(request) = encode_request(bundle.as_os_str().as_bytes(), config) else {
+            return Err((LauncherError::PathTooLong(bundle.to_owned()), Some(self)));
+        };
         if let Err(e) = sys::send_with_fds(
             self.go.as_fd(),
             &request,
@@ -618,6 +599,20 @@ pub fn serve(socket: OwnedFd) -> i32 {
     }
 }
 
+/// A request: a little-endian `u32` length, `path` (a bundle path, or a warm runner's id),
+/// then `config` inline (empty: in `<bundle>/config.json`). `None`: `path` is empty or
+/// leaves no room for an inline config.
+fn encode_request(path: &[u8], config: &[u8]) -> Option<Vec<u8>> {
+    let path_len = u32::try_from(path.len())
+        .ok()
+        .filter(|n| *n > 0 && (*n as usize) < MAX_REQUEST - MAX_INLINE)?;
+    let mut request = Vec::with_capacity(4 + path.len() + config.len());
+    request.extend_from_slice(&path_len.to_le_bytes());
+    request.extend_from_slice(path);
+    request.extend_from_slice(config);
+    Some(request)
+}
+
 /// A request's bundle path and inline config (`None`: in `<bundle>/config.json`).
 pub(crate) fn parse_request(request: &[u8]) -> Option<(PathBuf, Option<&[u8]>)> {
     let len = u32::from_le_bytes(request.get(..4)?.try_into().ok()?) as usize;
@@ -718,4 +713,29 @@ fn report_and_exit(outcome: &str, status: &OwnedFd) -> ! {
     }
     let reported = sys::send_with_fds(status.as_fd(), &frame(b'r', outcome.as_bytes()), &[]);
     std::process::exit(i32::from(reported.is_err()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_decodes_to_what_was_encoded() {
+        let request = encode_request(b"/state/bundles/s1", b"{\"a\":1}").expect("encodes");
+        let (bundle, config) = parse_request(&request).expect("decodes");
+        assert_eq!(bundle, Path::new("/state/bundles/s1"));
+        assert_eq!(config, Some(&b"{\"a\":1}"[..]));
+
+        let request = encode_request(b"/state/bundles/s2", b"").expect("encodes");
+        let (bundle, config) = parse_request(&request).expect("decodes");
+        assert_eq!(bundle, Path::new("/state/bundles/s2"));
+        assert_eq!(config, None);
+    }
+
+    #[test]
+    fn a_path_without_room_for_its_config_is_refused() {
+        assert!(encode_request(b"", b"{}").is_none());
+        assert!(encode_request(&vec![b'a'; MAX_REQUEST - MAX_INLINE], b"{}").is_none());
+        assert!(parse_request(&[9, 0, 0, 0, b'a']).is_none());
+    }
 }
