@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::workload;
 use crate::rootfs::{self, Context};
-use crate::sys::{self, Forked, LinuxSys, Sys as _};
+use crate::sys::{self, LinuxSys, Sys as _};
 use kiln_cgroup::CgroupView;
 use kiln_seccomp::SockFilter;
 
@@ -164,13 +164,12 @@ fn start_workload(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, (String, Opti
     let devnull = rootfs::open_host_devnull().map_err(|e| setup_err(e.to_string()))?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| setup_err(format!("pipe: {e}")))?;
-    let child = match sys::fork().map_err(|e| setup_err(format!("fork: {e}")))? {
-        Forked::Child => {
-            drop(err_r);
-            workload::exec(args.spec, args.seccomp, devnull.as_fd(), err_w)
-        }
-        Forked::Parent { child, .. } => child,
-    };
+    // The workload shares our memory until its execve: nothing of ours is copied for it,
+    // and we are suspended until it executed (or failed and exited).
+    let child = sys::spawn_sharing_memory(|| {
+        workload::exec(args.spec, args.seccomp, devnull.as_fd(), err_w.as_fd())
+    })
+    .map_err(|e| setup_err(format!("starting the workload: {e}")))?;
     drop(err_w);
     // Nothing more to do as a privileged process that containers could inspect.
     let _ = nix::sys::prctl::set_dumpable(false);

@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::ffi::CString;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt as _;
 
 use nix::sys::resource::Resource;
@@ -14,13 +14,15 @@ use oci_spec::runtime::{PosixRlimitType, Spec};
 use crate::{caps, sys};
 use kiln_seccomp::SockFilter;
 
-/// Sets the step's privileges and executes its command; never returns.
+/// Sets the step's privileges and executes its command; never returns. Runs in a child
+/// sharing the init's memory (see [`sys::spawn_sharing_memory`]): it borrows the init's
+/// descriptors (its own copies, which it closes) and never unwinds.
 pub(super) fn exec(
     spec: &Spec,
     seccomp: &[SockFilter],
     devnull: BorrowedFd<'_>,
-    errors: OwnedFd,
-) -> ! {
+    errors: BorrowedFd<'_>,
+) -> Infallible {
     // Until execve nothing in the step may open this process's /proc entries: its image is
     // still kiln's (CVE-2019-5736, CVE-2016-9962). execve resets it for the command.
     let _ = nix::sys::prctl::set_dumpable(false);
@@ -29,14 +31,17 @@ pub(super) fn exec(
         Err(_) => sys::exit_immediately(1),
     };
     let Err(failure) = prepare_and_exec(spec, seccomp);
-    let _ = nix::unistd::write(&errors, failure.message.as_bytes());
+    let _ = nix::unistd::write(errors, failure.message.as_bytes());
     sys::exit_immediately(failure.code)
 }
 
 /// Leaves only stdin (`/dev/null`), stdout, stderr and the error pipe open, so no
 /// descriptor of kiln's (the host's root, bundle files) is reachable through
 /// `/proc/self/fd` while the step is set up (CVE-2024-21626).
-fn isolate_descriptors(devnull: BorrowedFd<'_>, errors: OwnedFd) -> nix::Result<OwnedFd> {
+fn isolate_descriptors<'a>(
+    devnull: BorrowedFd<'_>,
+    errors: BorrowedFd<'a>,
+) -> nix::Result<BorrowedFd<'a>> {
     use std::os::fd::AsRawFd as _;
     nix::unistd::dup2_stdin(devnull)?;
     sys::close_fds_except(3, errors.as_raw_fd())?;

@@ -63,6 +63,78 @@ pub fn fork() -> SysResult<Forked> {
     }
 }
 
+/// The stack a [`spawn_sharing_memory`] child runs on: its setup before `execve` (rlimits,
+/// capabilities, the seccomp filter, a `PATH` search) needs little.
+const SHARED_CHILD_STACK: usize = 256 * 1024;
+
+/// Starts `child` in a new process that shares this one's memory until it executes a
+/// program or exits (`CLONE_VM | CLONE_VFORK`, as `posix_spawn` does), and returns its
+/// pid once it has done either. No copy of the address space is made for a child that
+/// only prepares an `execve`, nor torn down by that `execve`. Descriptors, the working
+/// directory, umask, rlimits, signal dispositions and credentials are the child's own
+/// copies, as after `fork`.
+///
+/// # Caveats
+/// Single-threaded callers only. The child runs on a stack of its own but shares the
+/// heap and thread-locals with the (suspended) caller: what it allocates stays allocated
+/// here, and it must not take values the caller still owns (borrow descriptors, do not
+/// move them in). `child` ends in `execve` or `_exit` and must not panic.
+pub fn spawn_sharing_memory<F>(child: F) -> SysResult<Pid>
+where
+    F: FnOnce() -> std::convert::Infallible,
+{
+    extern "C" fn start<F: FnOnce() -> std::convert::Infallible>(arg: *mut libc::c_void) -> i32 {
+        // SAFETY: `arg` is the `Option<F>` of the suspended caller below, alive until this
+        // child executes or exits, and taken only here.
+        if let Some(child) = unsafe { &mut *arg.cast::<Option<F>>() }.take() {
+            #[allow(unreachable_code)] // `child` diverges: Infallible is its proof.
+            match child() {}
+        }
+        exit_immediately(1)
+    }
+    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SHARED_CHILD_STACK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(Errno::last());
+    }
+    // An overflow faults on the lowest page instead of running into other memory.
+    // SAFETY: the first page of the mapping just made.
+    let guarded = unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) };
+    let mut child = Some(child);
+    let ret = if guarded == 0 {
+        // SAFETY: the stack grows down from the mapping's end, which is 16-byte aligned;
+        // CLONE_VFORK suspends this thread until the child executed or exited, so `child`
+        // and the stack outlive its use of them; `start` never returns.
+        unsafe {
+            libc::clone(
+                start::<F>,
+                stack.cast::<u8>().add(SHARED_CHILD_STACK).cast(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                (&raw mut child).cast(),
+            )
+        }
+    } else {
+        -1
+    };
+    let result = if ret < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(Pid::from_raw(ret))
+    };
+    // SAFETY: the child no longer runs on this stack (it executed or exited).
+    unsafe { libc::munmap(stack, SHARED_CHILD_STACK) };
+    result
+}
+
 /// `CLONE_INTO_CGROUP` (Linux 5.7), which the libc crate does not export.
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
@@ -908,6 +980,28 @@ fn fsconfig(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_memory_sharing_child_has_run_in_our_memory_when_spawning_returns() {
+        let written = std::sync::atomic::AtomicU32::new(0);
+        let (ours, theirs) = nix::unistd::pipe().unwrap();
+        let child = spawn_sharing_memory(|| {
+            written.store(42, Ordering::SeqCst);
+            // Its descriptor table is a copy: this closes only its own.
+            let _ = nix::unistd::close(theirs.as_raw_fd());
+            exit_immediately(7)
+        })
+        .unwrap();
+        // Written in this process's memory, before the call returned (CLONE_VFORK).
+        assert_eq!(written.load(Ordering::SeqCst), 42);
+        assert_eq!(
+            nix::sys::wait::waitpid(child, None).unwrap(),
+            nix::sys::wait::WaitStatus::Exited(child, 7)
+        );
+        nix::unistd::write(&theirs, b"x").expect("our end is still open");
+        let mut buf = [0u8; 1];
+        assert_eq!(nix::unistd::read(&ours, &mut buf).unwrap(), 1);
+    }
 
     fn descriptor_table_size() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
