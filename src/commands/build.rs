@@ -404,6 +404,8 @@ async fn solve(
     };
     let solved = solver.solve_for_export(graph, job).await;
     drop(solver);
+    // The exports mount the result read-only: not while its step's mount is still there.
+    worker.settle_unmounts();
     let usages = renderer.await.unwrap_or_default();
     let (result, cache) = solved.map_err(|e| anyhow::anyhow!("failed to solve: {e}"))?;
     Ok((result, cache, usages))

@@ -69,9 +69,11 @@ impl Prepared {
         for task in self.ssh.drain(..) {
             task.abort();
         }
-        self.mounts.release();
+        // The unmount overlaps the commits below; a layer is deleted only once it is done.
+        self.mounts.release_later();
         self.caches.clear();
         if !keep {
+            self.mounts.settle();
             for layer in self.layers.drain(..) {
                 let _ = layer.mutable.release();
             }
@@ -79,6 +81,11 @@ impl Prepared {
         }
         let mut layers: Vec<Option<Layer>> = self.layers.drain(..).map(Some).collect();
         let mut results = Vec::with_capacity(outputs.len());
+        // On an error the layers not committed yet are dropped (deleted): not while mounted.
+        let settled = |e: OpError| {
+            self.mounts.settle();
+            e
+        };
         for output in outputs {
             match output {
                 Output::PassThrough { input } => results.push(inputs[*input].clone()),
@@ -88,19 +95,25 @@ impl Prepared {
                         .find(|l| l.as_ref().is_some_and(|l| l.mount_index == *mount))
                         .and_then(Option::take)
                         .ok_or_else(|| {
-                            failed(format!("internal error: no layer for mount {mount}"))
+                            settled(failed(format!(
+                                "internal error: no layer for mount {mount}"
+                            )))
                         })?;
                     let id = layer.mutable.id().to_owned();
                     let committed = layer
                         .mutable
                         .commit()
-                        .map_err(|e| failed(format!("error committing {id}: {e}")))?;
+                        .map_err(|e| settled(failed(format!("error committing {id}: {e}"))))?;
                     results.push(committed);
                 }
             }
         }
         // Writable mounts that are not outputs: their writes are discarded.
-        for layer in layers.into_iter().flatten() {
+        let discarded: Vec<Layer> = layers.into_iter().flatten().collect();
+        if !discarded.is_empty() {
+            self.mounts.settle();
+        }
+        for layer in discarded {
             let _ = layer.mutable.release();
         }
         Ok(results)

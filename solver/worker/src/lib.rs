@@ -94,6 +94,13 @@ impl KilnWorker {
         self.inner.cache_mounts.prune(&store, ids)
     }
 
+    /// Waits until the steps' mounts released in the background are gone (see
+    /// [`mounts::StepMounts::release_later`]): before anything outside the worker mounts
+    /// its results (an export's read-only view).
+    pub fn settle_unmounts(&self) {
+        self.inner.mounts_dir.settle();
+    }
+
     /// Mounts `r` read-only for the duration of `f` (exports, inspection).
     pub fn with_mounted<T>(
         &self,

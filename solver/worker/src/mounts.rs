@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use kiln_executor::sys::{FileKind, LinuxSys, Sys};
 use kiln_snapshotter::Mountable;
@@ -62,6 +62,7 @@ pub struct MountsDir {
     base: PathBuf,
     dir: PathBuf,
     made: Mutex<Option<Made>>,
+    unmounter: Arc<Unmounter>,
 }
 
 /// What making the directory left to undo.
@@ -86,6 +87,7 @@ impl MountsDir {
             base,
             dir,
             made: Mutex::new(None),
+            unmounter: Arc::default(),
         }
     }
 
@@ -131,6 +133,11 @@ impl MountsDir {
     pub fn path(&self) -> &Path {
         &self.dir
     }
+
+    /// Waits until every unmount released in the background so far is done.
+    pub fn settle(&self) {
+        self.unmounter.settle();
+    }
 }
 
 impl Drop for MountsDir {
@@ -139,6 +146,7 @@ impl Drop for MountsDir {
     /// file goes while the lock is still held, so no other process can mistake it for a
     /// dead owner's.
     fn drop(&mut self) {
+        self.unmounter.stop();
         let made = self.made.get_mut().unwrap_or_else(PoisonError::into_inner);
         let Some(made) = made.as_ref() else {
             return;
@@ -152,6 +160,130 @@ impl Drop for MountsDir {
             let mut lock = self.dir.clone().into_os_string();
             lock.push(".lock");
             let _ = std::fs::remove_file(lock);
+        }
+    }
+}
+
+/// Unmounts released steps on a thread of its own (see [`StepMounts::release_later`]): an
+/// unmount waits for an RCU grace period (≈0.25 ms a step here), which then passes while
+/// kiln commits the step and prepares the next. Every new mount first waits until the
+/// unmounts handed over before it are done, so a snapshot is never mounted as a lower
+/// layer while its last mount as an upper is still there.
+#[derive(Debug, Default)]
+struct Unmounter {
+    state: Mutex<UnmounterState>,
+    settled: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct UnmounterState {
+    queue: Vec<Unmount>,
+    /// Whether an unmount is running (taken off the queue, not done yet).
+    busy: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+    stopping: bool,
+}
+
+/// What one [`StepMounts`] leaves to undo: its mounts (unmounted in reverse), then the
+/// mount points and directories it created (removed in reverse).
+#[derive(Debug)]
+struct Unmount {
+    mounted: Vec<PathBuf>,
+    created: Vec<PathBuf>,
+}
+
+impl Unmount {
+    fn run(self) {
+        for target in self.mounted.into_iter().rev() {
+            if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(path = %target.display(), error = %e, "unmount failed");
+            }
+        }
+        for path in self.created.into_iter().rev() {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(e) = removed {
+                tracing::debug!(path = %path.display(), error = %e, "mount point left behind");
+            }
+        }
+    }
+}
+
+impl Unmounter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UnmounterState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `unmount` for the thread (started on first use); runs it here when the
+    /// thread cannot be started or the unmounter is stopping.
+    fn submit(self: &Arc<Self>, unmount: Unmount) {
+        let mut state = self.lock();
+        if state.stopping {
+            drop(state);
+            return unmount.run();
+        }
+        if state.thread.is_none() {
+            let this = Arc::clone(self);
+            match std::thread::Builder::new()
+                .name("kiln-unmount".into())
+                .spawn(move || this.serve())
+            {
+                Ok(thread) => state.thread = Some(thread),
+                Err(_) => {
+                    drop(state);
+                    return unmount.run();
+                }
+            }
+        }
+        state.queue.push(unmount);
+        self.settled.notify_all();
+    }
+
+    fn serve(&self) {
+        let mut state = self.lock();
+        loop {
+            if let Some(unmount) = (!state.queue.is_empty()).then(|| state.queue.remove(0)) {
+                state.busy = true;
+                drop(state);
+                unmount.run();
+                state = self.lock();
+                state.busy = false;
+                self.settled.notify_all();
+            } else if state.stopping {
+                return;
+            } else {
+                state = self
+                    .settled
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+    }
+
+    /// Waits until every unmount handed over so far is done.
+    fn settle(&self) {
+        let mut state = self.lock();
+        while state.busy || !state.queue.is_empty() {
+            state = self
+                .settled
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Finishes the queued unmounts and ends the thread.
+    fn stop(&self) {
+        let thread = {
+            let mut state = self.lock();
+            state.stopping = true;
+            self.settled.notify_all();
+            state.thread.take()
+        };
+        if let Some(thread) = thread {
+            let _ = thread.join();
         }
     }
 }
@@ -200,6 +332,7 @@ pub struct StepMounts {
     dir: PathBuf,
     mounted: Vec<PathBuf>,
     created: Vec<PathBuf>,
+    unmounter: Arc<Unmounter>,
 }
 
 impl StepMounts {
@@ -212,6 +345,7 @@ impl StepMounts {
             dir: dir.clone(),
             mounted: Vec::new(),
             created: vec![dir],
+            unmounter: Arc::clone(&parent.unmounter),
         })
     }
 
@@ -219,7 +353,10 @@ impl StepMounts {
         &self.dir
     }
 
+    /// A new mount point `<dir>/<name>`; first waits for the unmounts released before
+    /// (see [`Unmounter`]).
     fn target(&mut self, name: &str, kind: FileKind) -> Result<PathBuf, MountsError> {
+        self.unmounter.settle();
         let path = self.dir.join(name);
         match kind {
             FileKind::Directory => std::fs::create_dir(&path).map_err(io(&path))?,
@@ -331,20 +468,28 @@ impl StepMounts {
     /// Unmounts everything (lazily: a process that still holds a file open cannot keep a
     /// snapshot mounted) and removes the directories and files this guard created.
     pub fn release(&mut self) {
-        for target in self.mounted.drain(..).rev() {
-            if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
-                tracing::warn!(path = %target.display(), error = %e, "unmount failed");
-            }
+        self.take().run();
+    }
+
+    /// As [`StepMounts::release`], on the unmount thread: returns at once. What was
+    /// mounted may then be committed (a commit writes only metadata) but not deleted
+    /// before [`StepMounts::settle`]; the next mount anywhere waits for it by itself.
+    pub fn release_later(&mut self) {
+        let unmount = self.take();
+        if !unmount.mounted.is_empty() || !unmount.created.is_empty() {
+            self.unmounter.submit(unmount);
         }
-        for path in self.created.drain(..).rev() {
-            let removed = if path.is_dir() {
-                std::fs::remove_dir(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-            if let Err(e) = removed {
-                tracing::debug!(path = %path.display(), error = %e, "mount point left behind");
-            }
+    }
+
+    /// Waits until every unmount released so far (by any step) is done.
+    pub fn settle(&self) {
+        self.unmounter.settle();
+    }
+
+    fn take(&mut self) -> Unmount {
+        Unmount {
+            mounted: std::mem::take(&mut self.mounted),
+            created: std::mem::take(&mut self.created),
         }
     }
 }
@@ -387,6 +532,61 @@ mod tests {
             .collect::<Result<_, _>>()?;
         anyhow::ensure!(left.is_empty(), "left under mnt/: {left:?}");
         Ok(())
+    }
+
+    /// Mounts released in the background are gone (unmounted, mount points removed) by the
+    /// time the next mount is made, and by the time the mounts directory is.
+    fn background_unmounts_finish_before_the_next_mount() -> anyhow::Result<()> {
+        let mounted = |path: &Path| -> anyhow::Result<bool> {
+            let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+            let path = path.to_string_lossy();
+            Ok(table.lines().any(|l| l.split(' ').nth(4) == Some(&*path)))
+        };
+        let root = tempfile::tempdir()?;
+        let dir = MountsDir::new(root.path());
+        let mut first = StepMounts::new(&dir, "s0")?;
+        let first_target = first.tmpfs("m0", "size=4k")?;
+        anyhow::ensure!(
+            mounted(&first_target)?,
+            "{} not mounted",
+            first_target.display()
+        );
+        first.release_later();
+        let mut second = StepMounts::new(&dir, "s1")?;
+        let second_target = second.tmpfs("m0", "size=4k")?;
+        anyhow::ensure!(
+            !mounted(&first_target)? && !first_target.exists() && !first.dir().exists(),
+            "{} still there when the next mount was made",
+            first_target.display()
+        );
+        second.release_later();
+        second.settle();
+        anyhow::ensure!(!mounted(&second_target)? && !second.dir().exists());
+        let mut third = StepMounts::new(&dir, "s2")?;
+        let third_target = third.tmpfs("m0", "size=4k")?;
+        third.release_later();
+        // Dropping the directory finishes what is queued first.
+        drop(dir);
+        anyhow::ensure!(
+            !mounted(&third_target)?,
+            "{} left mounted",
+            third_target.display()
+        );
+        let left: Vec<_> = std::fs::read_dir(root.path().join("mnt"))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        anyhow::ensure!(left.is_empty(), "left under mnt/: {left:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn background_unmounts_finish_before_the_next_mount_rootful() {
+        kiln_testsupport::rootful(background_unmounts_finish_before_the_next_mount);
+    }
+
+    #[test]
+    fn background_unmounts_finish_before_the_next_mount_rootless() {
+        kiln_testsupport::rootless(background_unmounts_finish_before_the_next_mount);
     }
 
     #[test]
