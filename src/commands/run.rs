@@ -151,6 +151,11 @@ pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCod
     let shared = root.join("run");
     let bundle = shared.join(&id);
     prepare_dir(&shared)?;
+    // Read once for the checks below and the step's own cgroups (kiln stays where it is
+    // from here on).
+    if let Err(e) = kiln_executor::cgroup::preload() {
+        tracing::debug!(error = %e, "cgroup hierarchies not preloaded");
+    }
     // Cgroups of steps a killed kiln left behind go first.
     let registry = kiln_executor::supervisor::cgroup_registry(&shared);
     kiln_executor::cgroup::clean_stale(&registry);

@@ -1015,15 +1015,13 @@ pub fn enforcement(real_root: bool, limits: &Limits) -> (Enforced, String) {
     };
     let mut enforced = Enforced::default();
     let mut reasons = Vec::new();
+    let v2 = hierarchies.iter().find(|h| h.is_v2());
+    let v2_controllers = v2.map(|h| v2_available(&h.base(real_root)));
     for controller in [PIDS, MEMORY, CPU] {
         let v1 = hierarchies
             .iter()
             .find(|h| h.controllers.iter().any(|c| c == controller));
-        let v2 = hierarchies.iter().find(|h| h.is_v2()).filter(|h| {
-            v2_available(&h.base(real_root))
-                .iter()
-                .any(|c| c == controller)
-        });
+        let v2 = v2.filter(|_| v2_controllers.iter().flatten().any(|c| c == controller));
         let ok = match v1.or(v2) {
             Some(h) => {
                 let base = h.base(real_root);
