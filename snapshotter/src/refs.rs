@@ -1713,8 +1713,10 @@ impl MutableRef {
         })
     }
 
-    /// Makes the snapshot immutable, in O(1): no data is copied. Every mount of it must be
-    /// gone. The data is durable after [`Snapshotter::sync`] (see the crate docs).
+    /// Makes the snapshot immutable, in O(1): no data is copied. Nothing may write to it
+    /// any more: its mounts are gone or going (a commit writes only metadata, so a lazy
+    /// unmount may still be under way), and the caller mounts a child of it only once they
+    /// are gone. The data is durable after [`Snapshotter::sync`] (see the crate docs).
     pub fn commit(mut self) -> Result<ImmutableRef> {
         let held = self
             .held

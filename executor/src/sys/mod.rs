@@ -981,6 +981,8 @@ fn fsconfig(
 mod tests {
     use super::*;
 
+    /// (The test harness has other threads; this child only stores and closes, which is
+    /// safe there too.)
     #[test]
     fn a_memory_sharing_child_has_run_in_our_memory_when_spawning_returns() {
         let written = std::sync::atomic::AtomicU32::new(0);

@@ -527,11 +527,7 @@ mod tests {
         anyhow::ensure!(target.starts_with(dir.path()));
         step.release();
         drop(dir);
-        let left: Vec<_> = std::fs::read_dir(root.path().join("mnt"))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
-        anyhow::ensure!(left.is_empty(), "left under mnt/: {left:?}");
-        Ok(())
+        nothing_left_under_mnt(root.path())
     }
 
     /// Mounts released in the background are gone (unmounted, mount points removed) by the
@@ -572,7 +568,11 @@ mod tests {
             "{} left mounted",
             third_target.display()
         );
-        let left: Vec<_> = std::fs::read_dir(root.path().join("mnt"))?
+        nothing_left_under_mnt(root.path())
+    }
+
+    fn nothing_left_under_mnt(root: &Path) -> anyhow::Result<()> {
+        let left: Vec<_> = std::fs::read_dir(root.join("mnt"))?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<Result<_, _>>()?;
         anyhow::ensure!(left.is_empty(), "left under mnt/: {left:?}");
