@@ -6,11 +6,13 @@
 //! with `ENOSYS` (its flags live in memory a filter cannot read, and `ENOSYS` makes libc
 //! fall back to `clone`), `personality` limited to the usual personas, and `chroot` only
 //! when the step holds `CAP_SYS_CHROOT`. It is carried in the OCI spec (so runc accepts the
-//! same spec) and compiled with libseccomp, as runc and crun compile it.
+//! same spec) and compiled with libseccomp, as runc and crun compile it — and then again
+//! by [`compact`], whose program (a fifth as long) is installed when it decides every probe
+//! as libseccomp's does: the kernel converts and JIT-compiles a filter at every step.
 //!
-//! libseccomp takes several milliseconds to build the filter (a balanced tree over three
-//! ABIs), more than a whole step start: [`load_or_compile`] keeps each compiled program in
-//! a cache directory keyed by the profile and the library version, so only the first step
+//! libseccomp takes milliseconds to build the filter (a balanced tree over three ABIs),
+//! more than a whole step start: [`load_or_compile`] keeps each compiled program in a
+//! cache directory keyed by the profile and the library version, so only the first step
 //! of a profile pays for it.
 
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
@@ -25,6 +27,12 @@ use oci_spec::runtime::{
     LinuxSeccompOperator, LinuxSyscall,
 };
 use sha2::{Digest as _, Sha256};
+
+mod bpf;
+mod compact;
+
+pub use bpf::SockFilter;
+use bpf::{MAX_INSNS, decode, encode};
 
 /// Errors from building or compiling a profile.
 #[derive(Debug, thiserror::Error)]
@@ -46,19 +54,6 @@ pub enum SeccompError {
         source: std::io::Error,
     },
 }
-
-/// The kernel's `struct sock_filter`: one classic BPF instruction.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SockFilter {
-    pub code: u16,
-    pub jt: u8,
-    pub jf: u8,
-    pub k: u32,
-}
-
-/// The kernel accepts at most this many instructions in one filter.
-const MAX_INSNS: usize = 4096;
 
 /// Syscalls every sandbox step may use.
 const ALLOWED: &[&str] = &[
@@ -495,10 +490,27 @@ fn condition(name: &str, a: &LinuxSeccompArg) -> Result<ScmpArgCompare, SeccompE
     Ok(ScmpArgCompare::new(index, op, datum))
 }
 
-/// Compiles an OCI profile into one BPF filter with libseccomp, with runc's rules:
-/// syscalls unknown to the library are skipped, and so are rules whose action is the
-/// default action (libseccomp refuses them; they change nothing).
+/// Compiles an OCI profile into one BPF filter: libseccomp's, or the compact program of
+/// [`compact`] when that decides every probe as libseccomp's does.
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<SockFilter>, SeccompError> {
+    let reference = compile_with_libseccomp(profile)?;
+    match compact::compile(profile) {
+        Some((program, probes))
+            if program.len() < reference.len()
+                && probes
+                    .iter()
+                    .all(|p| bpf::evaluate(&program, p) == bpf::evaluate(&reference, p)) =>
+        {
+            Ok(program)
+        }
+        _ => Ok(reference),
+    }
+}
+
+/// Compiles an OCI profile with libseccomp, with runc's rules: syscalls unknown to the
+/// library are skipped, and so are rules whose action is the default action (libseccomp
+/// refuses them; they change nothing).
+fn compile_with_libseccomp(profile: &LinuxSeccomp) -> Result<Vec<SockFilter>, SeccompError> {
     let default_action = action(profile.default_action(), profile.default_errno_ret())?;
     let mut filter = ScmpFilterContext::new(default_action)?;
     // The filter is exported, not loaded: the step installs it itself, without
@@ -587,38 +599,13 @@ pub fn load_or_compile(
 /// What a compiled program depends on: the profile and the library that compiled it.
 fn cache_key(profile: &LinuxSeccomp) -> String {
     let mut hash = Sha256::new();
+    // The compiler's own version: a new one recompiles instead of reusing old programs.
+    hash.update("kiln compact 1\n");
     if let Ok(v) = libseccomp::ScmpVersion::current() {
         hash.update(format!("libseccomp {}.{}.{}\n", v.major, v.minor, v.micro));
     }
     hash.update(serde_json::to_vec(profile).unwrap_or_default());
     hex::encode(hash.finalize())
-}
-
-fn encode(program: &[SockFilter]) -> Vec<u8> {
-    program
-        .iter()
-        .flat_map(|i| {
-            let mut b = [0u8; 8];
-            b[0..2].copy_from_slice(&i.code.to_ne_bytes());
-            b[2] = i.jt;
-            b[3] = i.jf;
-            b[4..8].copy_from_slice(&i.k.to_ne_bytes());
-            b
-        })
-        .collect()
-}
-
-/// Instructions from their kernel (native-endian) encoding; a partial tail is dropped.
-fn decode(bytes: &[u8]) -> Vec<SockFilter> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| SockFilter {
-            code: u16::from_ne_bytes([c[0], c[1]]),
-            jt: c[2],
-            jf: c[3],
-            k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -636,46 +623,13 @@ mod tests {
     const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
     const AUDIT_ARCH_I386: u32 = 0x4000_0003;
     const RET_ALLOW: u32 = 0x7fff_0000;
-    const RET_KILL_PROCESS: u32 = 0x8000_0000;
 
     fn ret_errno(errno: i32) -> u32 {
         0x0005_0000 | (errno as u32 & 0xffff)
     }
 
-    /// Runs `filter` on a syscall as the kernel does, for the instructions libseccomp
-    /// emits (loads of the seccomp data, AND, conditional and plain jumps, returns).
     fn evaluate(filter: &[SockFilter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
-        let mut data = [0u8; 64];
-        data[0..4].copy_from_slice(&nr.to_ne_bytes());
-        data[4..8].copy_from_slice(&arch.to_ne_bytes());
-        for (i, a) in args.iter().enumerate() {
-            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_ne_bytes());
-        }
-        let word = |k: u32| -> u32 {
-            let k = k as usize;
-            u32::from_ne_bytes([data[k], data[k + 1], data[k + 2], data[k + 3]])
-        };
-        let (mut pc, mut a) = (0usize, 0u32);
-        while let Some(insn) = filter.get(pc) {
-            pc += 1;
-            match insn.code {
-                0x20 => a = word(insn.k),      // ld [k]
-                0x54 => a &= insn.k,           // and #k
-                0x06 => return insn.k,         // ret #k
-                0x05 => pc += insn.k as usize, // ja
-                code => {
-                    let taken = match code {
-                        0x15 => a == insn.k,     // jeq
-                        0x25 => a > insn.k,      // jgt
-                        0x35 => a >= insn.k,     // jge
-                        0x45 => a & insn.k != 0, // jset
-                        other => panic!("unexpected BPF instruction {other:#x}"),
-                    };
-                    pc += usize::from(if taken { insn.jt } else { insn.jf });
-                }
-            }
-        }
-        RET_KILL_PROCESS
+        bpf::evaluate(filter, &bpf::SeccompData { nr, arch, args })
     }
 
     fn nr(name: &str) -> u32 {
@@ -781,5 +735,183 @@ mod tests {
         let admin = default_profile(&[Capability::CAP_SYS_ADMIN]);
         assert_ne!(load_or_compile(&admin, Some(dir.path())).unwrap(), fresh);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn the_default_profiles_compile_compact_and_decide_as_libseccomp() {
+        for caps in [&SANDBOX_CAPS[..], &[Capability::CAP_SYS_ADMIN], &[]] {
+            let profile = default_profile(caps);
+            let reference = compile_with_libseccomp(&profile).unwrap();
+            let (compact, probes) = compact::compile(&profile).unwrap();
+            let differing: Vec<_> = probes
+                .iter()
+                .filter(|p| bpf::evaluate(&compact, p) != bpf::evaluate(&reference, p))
+                .map(|p| (p, bpf::evaluate(&compact, p), bpf::evaluate(&reference, p)))
+                .take(10)
+                .collect();
+            assert!(differing.is_empty(), "{caps:?}: {differing:#x?}");
+            assert_eq!(compile(&profile).unwrap(), compact);
+            // What the kernel converts and compiles at every step: under a third.
+            assert!(
+                compact.len() * 3 < reference.len(),
+                "{} instructions, libseccomp's {}",
+                compact.len(),
+                reference.len()
+            );
+        }
+    }
+
+    /// Beyond the probes `compile` checks: every number of every ABI (and past them) with
+    /// arguments drawn at random, the two programs decide alike.
+    fn assert_same_decisions(compact: &[SockFilter], reference: &[SockFilter]) {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for arch in [AUDIT_ARCH_X86_64, AUDIT_ARCH_I386, 0xc000_00b7] {
+            for base in [0, 0x4000_0000, 0x8000_0000] {
+                for nr in base..base + 1200 {
+                    for _ in 0..4 {
+                        // Small, 32-bit and 64-bit values alike.
+                        let mut args = [0u64; 6];
+                        for a in &mut args {
+                            *a = random() >> (random() % 64);
+                        }
+                        let (ours, theirs) = (
+                            evaluate(compact, arch, nr, args),
+                            evaluate(reference, arch, nr, args),
+                        );
+                        assert_eq!(ours, theirs, "arch {arch:#x} nr {nr:#x} args {args:x?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compact_programs_decide_as_libseccomp_on_random_arguments() {
+        for caps in [&SANDBOX_CAPS[..], &[Capability::CAP_SYS_ADMIN]] {
+            let profile = default_profile(caps);
+            let compact = compile(&profile).unwrap();
+            assert_same_decisions(&compact, &compile_with_libseccomp(&profile).unwrap());
+        }
+    }
+
+    fn rule(
+        names: &[&str],
+        action: LinuxSeccompAction,
+        args: Vec<LinuxSeccompArg>,
+    ) -> LinuxSyscall {
+        syscall(names, action, args)
+    }
+
+    #[test]
+    fn every_comparison_and_action_of_a_custom_profile_compiles_compact() {
+        let allow = LinuxSeccompAction::ScmpActAllow;
+        let mut trace = rule(&["ptrace"], LinuxSeccompAction::ScmpActTrace, Vec::new());
+        trace.set_errno_ret(Some(7));
+        let syscalls = vec![
+            rule(
+                &["read", "write", "exit_group", "socket", "msgget"],
+                allow,
+                Vec::new(),
+            ),
+            rule(
+                &["openat"],
+                allow,
+                vec![arg(
+                    2,
+                    0o100,
+                    Some(0),
+                    LinuxSeccompOperator::ScmpCmpMaskedEq,
+                )],
+            ),
+            rule(
+                &["mmap"],
+                allow,
+                vec![arg(1, 1 << 33, None, LinuxSeccompOperator::ScmpCmpLt)],
+            ),
+            rule(
+                &["mmap"],
+                allow,
+                vec![arg(3, 0x22, None, LinuxSeccompOperator::ScmpCmpEq)],
+            ),
+            rule(
+                &["kill"],
+                allow,
+                vec![
+                    arg(0, 1, None, LinuxSeccompOperator::ScmpCmpGt),
+                    arg(1, 9, None, LinuxSeccompOperator::ScmpCmpNe),
+                ],
+            ),
+            rule(
+                &["lseek"],
+                allow,
+                vec![arg(2, 2, None, LinuxSeccompOperator::ScmpCmpLe)],
+            ),
+            rule(
+                &["fcntl"],
+                allow,
+                vec![arg(1, 0x4_0000_0000, None, LinuxSeccompOperator::ScmpCmpGe)],
+            ),
+            rule(&["uname"], LinuxSeccompAction::ScmpActLog, Vec::new()),
+            rule(
+                &["reboot"],
+                LinuxSeccompAction::ScmpActKillProcess,
+                Vec::new(),
+            ),
+            rule(&["getpid"], LinuxSeccompAction::ScmpActTrap, Vec::new()),
+            trace,
+        ];
+        let mut profile = LinuxSeccomp::default();
+        profile
+            .set_default_action(LinuxSeccompAction::ScmpActErrno)
+            .set_default_errno_ret(Some(libc::EACCES as u32))
+            .set_architectures(Some(vec![
+                Arch::ScmpArchX86_64,
+                Arch::ScmpArchX86,
+                Arch::ScmpArchX32,
+            ]))
+            .set_syscalls(Some(syscalls));
+        let reference = compile_with_libseccomp(&profile).unwrap();
+        let (compact, probes) = compact::compile(&profile).expect("a profile it models");
+        for p in &probes {
+            let (ours, theirs) = (bpf::evaluate(&compact, p), bpf::evaluate(&reference, p));
+            assert_eq!(ours, theirs, "{p:x?}");
+        }
+        assert_same_decisions(&compact, &reference);
+        // x86's socket() is allowed directly and through socketcall(SYS_SOCKET, ...) only.
+        let socketcall = |call| evaluate(&compact, AUDIT_ARCH_I386, 102, [call, 0, 0, 0, 0, 0]);
+        assert_eq!(socketcall(1), RET_ALLOW);
+        assert_eq!(socketcall(2), ret_errno(libc::EACCES));
+    }
+
+    #[test]
+    fn profiles_outside_the_compact_model_keep_libseccomps_program() {
+        let personality = |action, persona| {
+            rule(
+                &["personality"],
+                action,
+                vec![arg(0, persona, None, LinuxSeccompOperator::ScmpCmpEq)],
+            )
+        };
+        // Two actions on one syscall: libseccomp's precedence decides.
+        let mut two_actions = default_profile(&SANDBOX_CAPS);
+        let mut syscalls = two_actions.syscalls().clone().unwrap_or_default();
+        syscalls.push(personality(LinuxSeccompAction::ScmpActKillProcess, 0x1234));
+        two_actions.set_syscalls(Some(syscalls));
+        // An architecture the compact compiler does not lay out.
+        let mut arm = default_profile(&SANDBOX_CAPS);
+        arm.set_architectures(Some(vec![Arch::ScmpArchX86_64, Arch::ScmpArchAarch64]));
+        for profile in [two_actions, arm] {
+            assert!(compact::compile(&profile).is_none());
+            assert_eq!(
+                compile(&profile).unwrap(),
+                compile_with_libseccomp(&profile).unwrap()
+            );
+        }
     }
 }

@@ -1005,6 +1005,57 @@ mod tests {
         assert_eq!(nix::unistd::read(&ours, &mut buf).unwrap(), 1);
     }
 
+    /// The compact program kiln-seccomp builds for a sandbox step is loaded by the kernel
+    /// and decides as Docker's profile does. (No privilege needed: `no_new_privs` first.)
+    #[test]
+    fn the_kernel_enforces_the_compiled_default_profile() {
+        use caps::Capability;
+        let profile = kiln_seccomp::default_profile(&[
+            Capability::CAP_CHOWN,
+            Capability::CAP_SYS_CHROOT,
+            Capability::CAP_KILL,
+        ]);
+        let program = kiln_seccomp::compile(&profile).unwrap();
+        // Each probe's return (or -errno), written by the filtered child in our memory.
+        let results: [std::sync::atomic::AtomicI64; 7] = Default::default();
+        let child = spawn_sharing_memory(|| {
+            let install = nix::sys::prctl::set_no_new_privs()
+                .map_err(|e| e as i64)
+                .and_then(|()| install_seccomp(&program).map_err(|e| e as i64));
+            results[0].store(install.err().unwrap_or(0), Ordering::SeqCst);
+            let call = |nr: libc::c_long, arg: libc::c_long| {
+                // SAFETY: plain syscalls on integer arguments (clone3 with a null
+                // argument, refused by the filter or the kernel); nothing is written.
+                let ret = unsafe { libc::syscall(nr, arg, 0) };
+                if ret < 0 {
+                    -(Errno::last_raw() as i64)
+                } else {
+                    ret
+                }
+            };
+            let probes = [
+                (libc::SYS_getppid, 0),
+                (libc::SYS_unshare, libc::CLONE_NEWUSER as libc::c_long),
+                (libc::SYS_clone3, 0),
+                (libc::SYS_personality, 0x1234),
+                (libc::SYS_personality, 0xffff_ffff),
+                (libc::SYS_keyctl, 0),
+            ];
+            for (slot, (nr, arg)) in results[1..].iter().zip(probes) {
+                slot.store(call(nr, arg), Ordering::SeqCst);
+            }
+            exit_immediately(0)
+        })
+        .unwrap();
+        nix::sys::wait::waitpid(child, None).unwrap();
+        let got: Vec<i64> = results.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+        let (eperm, enosys) = (-(libc::EPERM as i64), -(libc::ENOSYS as i64));
+        assert_eq!(got[0], 0, "installing the filter");
+        assert!(got[1] > 0, "getppid: {}", got[1]);
+        assert_eq!(got[2..], [eperm, enosys, eperm, got[5], eperm], "{got:?}");
+        assert!(got[5] >= 0, "querying the persona: {}", got[5]);
+    }
+
     fn descriptor_table_size() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
         status
