@@ -276,7 +276,6 @@ enum Segment {
 
 fn emit(abis: &[Abi], default: u32) -> Result<Vec<SockFilter>, crate::bpf::Unencodable> {
     let mut asm = Assembler::default();
-    let bad_arch = asm.label();
     let audit_arches: BTreeSet<u32> = abis.iter().map(|a| a.audit_arch).collect();
     // x86_64 first: the native ABI is the common case.
     let mut order: Vec<u32> = audit_arches.into_iter().collect();
@@ -289,7 +288,7 @@ fn emit(abis: &[Abi], default: u32) -> Result<Vec<SockFilter>, crate::bpf::Unenc
         asm.jump(JEQ_K, *audit_arch, *entry, next);
         asm.bind(next);
     }
-    asm.bind(bad_arch);
+    // Another architecture: kill, as libseccomp's default bad-architecture action does.
     asm.stmt(RET_K, RET_KILL_THREAD);
 
     for (audit_arch, entry) in order.iter().zip(&entries) {
@@ -309,12 +308,21 @@ fn emit(abis: &[Abi], default: u32) -> Result<Vec<SockFilter>, crate::bpf::Unenc
             asm.bind(low);
             match native {
                 Some(abi) => emit_abi(&mut asm, abi, default),
-                None => asm.always(bad_arch),
+                None => asm.stmt(RET_K, RET_KILL_THREAD),
             }
             asm.bind(high);
             match x32 {
                 Some(abi) => emit_abi(&mut asm, abi, default),
-                None => asm.always(bad_arch),
+                None => {
+                    // Except -1 (a tracer's skipped syscall), which libseccomp leaves to
+                    // the default action.
+                    let (minus_one, other) = (asm.label(), asm.label());
+                    asm.jump(JEQ_K, u32::MAX, minus_one, other);
+                    asm.bind(other);
+                    asm.stmt(RET_K, RET_KILL_THREAD);
+                    asm.bind(minus_one);
+                    asm.stmt(RET_K, default);
+                }
             }
         } else {
             for abi in mine {

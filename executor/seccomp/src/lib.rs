@@ -889,6 +889,26 @@ mod tests {
         assert_eq!(socketcall(2), ret_errno(libc::EACCES));
     }
 
+    /// Without x32 (or x86) in the profile, their calls are a foreign architecture's.
+    #[test]
+    fn profiles_of_fewer_abis_compile_compact() {
+        for arches in [
+            vec![Arch::ScmpArchX86_64],
+            vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86],
+        ] {
+            let mut profile = default_profile(&SANDBOX_CAPS);
+            profile.set_architectures(Some(arches.clone()));
+            let reference = compile_with_libseccomp(&profile).unwrap();
+            let (compact, probes) = compact::compile(&profile).expect("a profile it models");
+            for p in &probes {
+                let (ours, theirs) = (bpf::evaluate(&compact, p), bpf::evaluate(&reference, p));
+                assert_eq!(ours, theirs, "{arches:?}: {p:x?}");
+            }
+            assert_same_decisions(&compact, &reference);
+            assert_eq!(compile(&profile).unwrap(), compact);
+        }
+    }
+
     #[test]
     fn profiles_outside_the_compact_model_keep_libseccomps_program() {
         let personality = |action, persona| {
