@@ -47,6 +47,8 @@ pub(crate) struct SeccompData {
 }
 
 impl SeccompData {
+    /// The 32-bit word at `offset` of `struct seccomp_data` on a little-endian machine
+    /// (an argument's low word first), the only kind [`crate::compact`] builds for.
     fn word(&self, offset: u32) -> u32 {
         match offset {
             NR => self.nr,

@@ -396,13 +396,7 @@ fn emit_abi(asm: &mut Assembler, abi: &Abi, default: u32) {
         let past = asm.label();
         asm.jump(JGE_K, abi.low + words * 32, no, past);
         asm.bind(past);
-        // X = 1 << (nr % 32), the bit of the number in its word.
-        asm.stmt(AND_K, 31);
-        asm.stmt(TAX, 0);
-        asm.stmt(LD_IMM, 1);
-        asm.stmt(LSH_X, 0);
-        asm.stmt(TAX, 0);
-        asm.stmt(LD_W_ABS, NR);
+        load_bit_of_number(asm);
         search(asm, &segments, yes, no);
         asm.bind(yes);
         asm.stmt(RET_K, ret);
@@ -480,6 +474,17 @@ fn emit_alternatives(
     asm.stmt(RET_K, default);
     asm.bind(pass);
     asm.stmt(RET_K, ret);
+}
+
+/// With the syscall number in A: X = 1 << (nr % 32), the number's bit in its bitmap word,
+/// and A the number again.
+fn load_bit_of_number(asm: &mut Assembler) {
+    asm.stmt(AND_K, 31);
+    asm.stmt(TAX, 0);
+    asm.stmt(LD_IMM, 1);
+    asm.stmt(LSH_X, 0);
+    asm.stmt(TAX, 0);
+    asm.stmt(LD_W_ABS, NR);
 }
 
 /// A binary search over `segments` (sorted by first number, A the syscall number, X its
@@ -749,12 +754,7 @@ mod tests {
         let mut asm = Assembler::default();
         let (yes, no) = (asm.label(), asm.label());
         asm.stmt(LD_W_ABS, NR);
-        asm.stmt(AND_K, 31);
-        asm.stmt(TAX, 0);
-        asm.stmt(LD_IMM, 1);
-        asm.stmt(LSH_X, 0);
-        asm.stmt(TAX, 0);
-        asm.stmt(LD_W_ABS, NR);
+        load_bit_of_number(&mut asm);
         search(&mut asm, &segments, yes, no);
         asm.bind(yes);
         asm.stmt(RET_K, 1);

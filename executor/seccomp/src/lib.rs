@@ -800,26 +800,18 @@ mod tests {
         }
     }
 
-    fn rule(
-        names: &[&str],
-        action: LinuxSeccompAction,
-        args: Vec<LinuxSeccompArg>,
-    ) -> LinuxSyscall {
-        syscall(names, action, args)
-    }
-
     #[test]
     fn every_comparison_and_action_of_a_custom_profile_compiles_compact() {
         let allow = LinuxSeccompAction::ScmpActAllow;
-        let mut trace = rule(&["ptrace"], LinuxSeccompAction::ScmpActTrace, Vec::new());
+        let mut trace = syscall(&["ptrace"], LinuxSeccompAction::ScmpActTrace, Vec::new());
         trace.set_errno_ret(Some(7));
         let syscalls = vec![
-            rule(
+            syscall(
                 &["read", "write", "exit_group", "socket", "msgget"],
                 allow,
                 Vec::new(),
             ),
-            rule(
+            syscall(
                 &["openat"],
                 allow,
                 vec![arg(
@@ -829,17 +821,17 @@ mod tests {
                     LinuxSeccompOperator::ScmpCmpMaskedEq,
                 )],
             ),
-            rule(
+            syscall(
                 &["mmap"],
                 allow,
                 vec![arg(1, 1 << 33, None, LinuxSeccompOperator::ScmpCmpLt)],
             ),
-            rule(
+            syscall(
                 &["mmap"],
                 allow,
                 vec![arg(3, 0x22, None, LinuxSeccompOperator::ScmpCmpEq)],
             ),
-            rule(
+            syscall(
                 &["kill"],
                 allow,
                 vec![
@@ -847,23 +839,23 @@ mod tests {
                     arg(1, 9, None, LinuxSeccompOperator::ScmpCmpNe),
                 ],
             ),
-            rule(
+            syscall(
                 &["lseek"],
                 allow,
                 vec![arg(2, 2, None, LinuxSeccompOperator::ScmpCmpLe)],
             ),
-            rule(
+            syscall(
                 &["fcntl"],
                 allow,
                 vec![arg(1, 0x4_0000_0000, None, LinuxSeccompOperator::ScmpCmpGe)],
             ),
-            rule(&["uname"], LinuxSeccompAction::ScmpActLog, Vec::new()),
-            rule(
+            syscall(&["uname"], LinuxSeccompAction::ScmpActLog, Vec::new()),
+            syscall(
                 &["reboot"],
                 LinuxSeccompAction::ScmpActKillProcess,
                 Vec::new(),
             ),
-            rule(&["getpid"], LinuxSeccompAction::ScmpActTrap, Vec::new()),
+            syscall(&["getpid"], LinuxSeccompAction::ScmpActTrap, Vec::new()),
             trace,
         ];
         let mut profile = LinuxSeccomp::default();
@@ -912,7 +904,7 @@ mod tests {
     #[test]
     fn profiles_outside_the_compact_model_keep_libseccomps_program() {
         let personality = |action, persona| {
-            rule(
+            syscall(
                 &["personality"],
                 action,
                 vec![arg(0, persona, None, LinuxSeccompOperator::ScmpCmpEq)],
