@@ -743,13 +743,7 @@ mod tests {
             let profile = default_profile(caps);
             let reference = compile_with_libseccomp(&profile).unwrap();
             let (compact, probes) = compact::compile(&profile).unwrap();
-            let differing: Vec<_> = probes
-                .iter()
-                .filter(|p| bpf::evaluate(&compact, p) != bpf::evaluate(&reference, p))
-                .map(|p| (p, bpf::evaluate(&compact, p), bpf::evaluate(&reference, p)))
-                .take(10)
-                .collect();
-            assert!(differing.is_empty(), "{caps:?}: {differing:#x?}");
+            assert_probes_agree(&compact, &reference, &probes, &format!("{caps:?}"));
             assert_eq!(compile(&profile).unwrap(), compact);
             // What the kernel converts and compiles at every step: under a third.
             assert!(
@@ -758,6 +752,19 @@ mod tests {
                 compact.len(),
                 reference.len()
             );
+        }
+    }
+
+    /// What `compile` checks before it keeps a compact program, as an assertion.
+    fn assert_probes_agree(
+        compact: &[SockFilter],
+        reference: &[SockFilter],
+        probes: &[bpf::SeccompData],
+        context: &str,
+    ) {
+        for p in probes {
+            let (ours, theirs) = (bpf::evaluate(compact, p), bpf::evaluate(reference, p));
+            assert_eq!(ours, theirs, "{context}: {p:x?}");
         }
     }
 
@@ -858,22 +865,14 @@ mod tests {
             syscall(&["getpid"], LinuxSeccompAction::ScmpActTrap, Vec::new()),
             trace,
         ];
-        let mut profile = LinuxSeccomp::default();
+        // The default profile's ABIs and default action, with another errno and rules.
+        let mut profile = default_profile(&[]);
         profile
-            .set_default_action(LinuxSeccompAction::ScmpActErrno)
             .set_default_errno_ret(Some(libc::EACCES as u32))
-            .set_architectures(Some(vec![
-                Arch::ScmpArchX86_64,
-                Arch::ScmpArchX86,
-                Arch::ScmpArchX32,
-            ]))
             .set_syscalls(Some(syscalls));
         let reference = compile_with_libseccomp(&profile).unwrap();
         let (compact, probes) = compact::compile(&profile).expect("a profile it models");
-        for p in &probes {
-            let (ours, theirs) = (bpf::evaluate(&compact, p), bpf::evaluate(&reference, p));
-            assert_eq!(ours, theirs, "{p:x?}");
-        }
+        assert_probes_agree(&compact, &reference, &probes, "custom profile");
         assert_same_decisions(&compact, &reference);
         // x86's socket() is allowed directly and through socketcall(SYS_SOCKET, ...) only.
         let socketcall = |call| evaluate(&compact, AUDIT_ARCH_I386, 102, [call, 0, 0, 0, 0, 0]);
@@ -892,10 +891,7 @@ mod tests {
             profile.set_architectures(Some(arches.clone()));
             let reference = compile_with_libseccomp(&profile).unwrap();
             let (compact, probes) = compact::compile(&profile).expect("a profile it models");
-            for p in &probes {
-                let (ours, theirs) = (bpf::evaluate(&compact, p), bpf::evaluate(&reference, p));
-                assert_eq!(ours, theirs, "{arches:?}: {p:x?}");
-            }
+            assert_probes_agree(&compact, &reference, &probes, &format!("{arches:?}"));
             assert_same_decisions(&compact, &reference);
             assert_eq!(compile(&profile).unwrap(), compact);
         }
