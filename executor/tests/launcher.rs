@@ -392,6 +392,39 @@ fn the_next_step_runs_on_a_runner_started_ahead_with_its_own_spec() -> Result<()
     }
 }
 
+/// A warm runner's init gets the step's spec without its seccomp profile (it installs the
+/// program compiled from the template's): the step must still run under it.
+fn a_step_on_a_runner_started_ahead_runs_under_its_seccomp_profile() -> Result<(), String> {
+    let harness = std::sync::Arc::new(Harness::new()?);
+    let rootfs = busybox();
+    harness
+        .run(rootfs.path(), "true")
+        .map_err(|e| e.to_string())?;
+    let launcher = *launchers().first().ok_or("no launcher")?;
+    let warm = warm_runner(launcher)?;
+    let marker = format!("0.5{}", std::process::id());
+    let next = offline_step(
+        rootfs.path(),
+        &format!(
+            "sleep {marker}; grep -E '^Seccomp(_filters)?:' /proc/self/status; \
+             unshare -U true 2>/dev/null && echo unshared || echo refused"
+        ),
+    );
+    let running = run_in_thread(&harness, next);
+    let runner = runner_of(launcher, &marker)?;
+    let out = running.join().map_err(|_| "the step's thread panicked")??;
+    if runner != warm {
+        return Err(format!(
+            "the step ran on runner {runner}, not on {warm} started ahead"
+        ));
+    }
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    match fields.as_slice() {
+        ["Seccomp:", "2", "Seccomp_filters:", "1", "refused"] => Ok(()),
+        _ => Err(format!("the step on the warm runner printed {out:?}")),
+    }
+}
+
 fn a_step_of_another_shape_gets_a_runner_of_its_own() -> Result<(), String> {
     let (harness, rootfs, launcher, warm) = after_one_step()?;
     let harness = std::sync::Arc::new(harness);
@@ -498,6 +531,7 @@ common::both_modes! {
     large_config_through_a_file => a_config_too_large_for_one_message_goes_through_a_file;
     no_step_directory_left => steps_leave_no_directory_behind;
     warm_runner_takes_the_next_step => the_next_step_runs_on_a_runner_started_ahead_with_its_own_spec;
+    warm_runner_step_under_seccomp => a_step_on_a_runner_started_ahead_runs_under_its_seccomp_profile;
     warm_runner_of_another_shape_unused => a_step_of_another_shape_gets_a_runner_of_its_own;
     killed_warm_runner_replaced => a_warm_runner_killed_before_its_step_is_replaced;
     warm_runner_gone_with_its_executor => the_last_executor_lets_its_warm_runner_go;
