@@ -343,6 +343,25 @@ fn run_in_thread(
     })
 }
 
+/// Runs `s`, whose script starts with `sleep {marker}`, checks that the runner started
+/// ahead (`warm`, of `launcher`) took it, and returns its output.
+fn run_on_warm_runner(
+    harness: &std::sync::Arc<Harness>,
+    (launcher, warm): (Pid, Pid),
+    s: kiln_executor::spec::Step,
+    marker: &str,
+) -> Result<String, String> {
+    let running = run_in_thread(harness, s);
+    let runner = runner_of(launcher, marker)?;
+    let out = running.join().map_err(|_| "the step's thread panicked")??;
+    if runner != warm {
+        return Err(format!(
+            "the step ran on runner {runner}, not on {warm} started ahead"
+        ));
+    }
+    Ok(out)
+}
+
 /// The network namespace of `pid` (`net:[inode]`).
 fn netns_of(pid: &str) -> Result<String, String> {
     std::fs::read_link(format!("/proc/{pid}/ns/net"))
@@ -374,14 +393,7 @@ fn the_next_step_runs_on_a_runner_started_ahead_with_its_own_spec() -> Result<()
     next.env.push("WHO=second".into());
     next.cwd = "/made/for/it".into();
     next.hostname = "second-host".into();
-    let running = run_in_thread(&harness, next);
-    let runner = runner_of(launcher, &marker)?;
-    let out = running.join().map_err(|_| "the step's thread panicked")??;
-    if runner != warm {
-        return Err(format!(
-            "the step ran on runner {runner}, not on {warm} started ahead"
-        ));
-    }
+    let out = run_on_warm_runner(&harness, (launcher, warm), next, &marker)?;
     let fields: Vec<&str> = out.split_whitespace().collect();
     let host_net = netns_of("self")?;
     match fields.as_slice() {
@@ -395,13 +407,8 @@ fn the_next_step_runs_on_a_runner_started_ahead_with_its_own_spec() -> Result<()
 /// A warm runner's init gets the step's spec without its seccomp profile (it installs the
 /// program compiled from the template's): the step must still run under it.
 fn a_step_on_a_runner_started_ahead_runs_under_its_seccomp_profile() -> Result<(), String> {
-    let harness = std::sync::Arc::new(Harness::new()?);
-    let rootfs = busybox();
-    harness
-        .run(rootfs.path(), "true")
-        .map_err(|e| e.to_string())?;
-    let launcher = *launchers().first().ok_or("no launcher")?;
-    let warm = warm_runner(launcher)?;
+    let (harness, rootfs, launcher, warm) = after_one_step()?;
+    let harness = std::sync::Arc::new(harness);
     let marker = format!("0.5{}", std::process::id());
     let next = offline_step(
         rootfs.path(),
@@ -410,14 +417,7 @@ fn a_step_on_a_runner_started_ahead_runs_under_its_seccomp_profile() -> Result<(
              unshare -U true 2>/dev/null && echo unshared || echo refused"
         ),
     );
-    let running = run_in_thread(&harness, next);
-    let runner = runner_of(launcher, &marker)?;
-    let out = running.join().map_err(|_| "the step's thread panicked")??;
-    if runner != warm {
-        return Err(format!(
-            "the step ran on runner {runner}, not on {warm} started ahead"
-        ));
-    }
+    let out = run_on_warm_runner(&harness, (launcher, warm), next, &marker)?;
     let fields: Vec<&str> = out.split_whitespace().collect();
     match fields.as_slice() {
         ["Seccomp:", "2", "Seccomp_filters:", "1", "refused"] => Ok(()),
