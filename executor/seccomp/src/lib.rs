@@ -741,9 +741,7 @@ mod tests {
     fn the_default_profiles_compile_compact_and_decide_as_libseccomp() {
         for caps in [&SANDBOX_CAPS[..], &[Capability::CAP_SYS_ADMIN], &[]] {
             let profile = default_profile(caps);
-            let reference = compile_with_libseccomp(&profile).unwrap();
-            let (compact, probes) = compact::compile(&profile).unwrap();
-            assert_probes_agree(&compact, &reference, &probes, &format!("{caps:?}"));
+            let (compact, reference) = compact_and_reference(&profile, &format!("{caps:?}"));
             assert_eq!(compile(&profile).unwrap(), compact);
             // What the kernel converts and compiles at every step: under a third.
             assert!(
@@ -755,17 +753,20 @@ mod tests {
         }
     }
 
-    /// What `compile` checks before it keeps a compact program, as an assertion.
-    fn assert_probes_agree(
-        compact: &[SockFilter],
-        reference: &[SockFilter],
-        probes: &[bpf::SeccompData],
+    /// The compact program of `profile` (which it must model) and libseccomp's, after
+    /// what `compile` checks before it keeps the compact one, as an assertion: every probe
+    /// decided alike.
+    fn compact_and_reference(
+        profile: &LinuxSeccomp,
         context: &str,
-    ) {
-        for p in probes {
-            let (ours, theirs) = (bpf::evaluate(compact, p), bpf::evaluate(reference, p));
+    ) -> (Vec<SockFilter>, Vec<SockFilter>) {
+        let reference = compile_with_libseccomp(profile).unwrap();
+        let (compact, probes) = compact::compile(profile).expect("a profile it models");
+        for p in &probes {
+            let (ours, theirs) = (bpf::evaluate(&compact, p), bpf::evaluate(&reference, p));
             assert_eq!(ours, theirs, "{context}: {p:x?}");
         }
+        (compact, reference)
     }
 
     /// Beyond the probes `compile` checks: every number of every ABI (and past them) with
@@ -870,9 +871,7 @@ mod tests {
         profile
             .set_default_errno_ret(Some(libc::EACCES as u32))
             .set_syscalls(Some(syscalls));
-        let reference = compile_with_libseccomp(&profile).unwrap();
-        let (compact, probes) = compact::compile(&profile).expect("a profile it models");
-        assert_probes_agree(&compact, &reference, &probes, "custom profile");
+        let (compact, reference) = compact_and_reference(&profile, "custom profile");
         assert_same_decisions(&compact, &reference);
         // x86's socket() is allowed directly and through socketcall(SYS_SOCKET, ...) only.
         let socketcall = |call| evaluate(&compact, AUDIT_ARCH_I386, 102, [call, 0, 0, 0, 0, 0]);
@@ -889,9 +888,7 @@ mod tests {
         ] {
             let mut profile = default_profile(&SANDBOX_CAPS);
             profile.set_architectures(Some(arches.clone()));
-            let reference = compile_with_libseccomp(&profile).unwrap();
-            let (compact, probes) = compact::compile(&profile).expect("a profile it models");
-            assert_probes_agree(&compact, &reference, &probes, &format!("{arches:?}"));
+            let (compact, reference) = compact_and_reference(&profile, &format!("{arches:?}"));
             assert_same_decisions(&compact, &reference);
             assert_eq!(compile(&profile).unwrap(), compact);
         }

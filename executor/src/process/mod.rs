@@ -321,8 +321,8 @@ pub fn run_warm(
                 .to_owned(),
         ));
     }
-    // The init installs the program compiled from the template's profile (it shares it
-    // since its clone), never the profile: the step's spec goes to it without one, at a
+    // The init installs the program compiled from the template's profile (in its memory
+    // since the clone), never the profile: the step's spec goes to it without one, at a
     // third of the size, and parsing it there (a cold process) takes less than half as long.
     if let Some(linux) = config.spec.linux_mut() {
         linux.set_seccomp(None);
