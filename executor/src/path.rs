@@ -105,40 +105,101 @@ pub fn mkdir_all(
     mode: Mode,
     owner: Option<(u32, u32)>,
 ) -> Result<OwnedFd, PathError> {
-    mkdir_all_depth(sys, root, path, mode, owner, 0)
+    DirectoryWalk {
+        sys,
+        root,
+        mode,
+        owner,
+    }
+    .mkdir_all(path, 0)
 }
 
 /// Symlink targets created on the way (runc allows dangling symlinks in mount paths
 /// because images rely on them, e.g. `/var/run -> /run` without `/run`).
 const MAX_LINK_DEPTH: usize = 40;
 
-fn mkdir_all_depth(
-    sys: &dyn Sys,
-    root: BorrowedFd<'_>,
-    path: &str,
+/// One [`mkdir_all`]: where it resolves and how it creates what is missing.
+struct DirectoryWalk<'a> {
+    sys: &'a dyn Sys,
+    root: BorrowedFd<'a>,
     mode: Mode,
     owner: Option<(u32, u32)>,
-    depth: usize,
-) -> Result<OwnedFd, PathError> {
-    let components = clean_components(path);
-    let mut current = sys
-        .openat2(
-            root,
-            Path::new("."),
-            OFlag::O_PATH | OFlag::O_DIRECTORY,
-            Mode::empty(),
-            Resolve::IN_ROOT,
-        )
-        .map_err(err("/", "open"))?;
-    let mut prefix = String::new();
-    for name in &components {
-        prefix.push('/');
-        prefix.push_str(name);
-        match open(sys, root, &prefix, OFlag::O_PATH | OFlag::O_DIRECTORY) {
-            Ok(fd) => {
-                current = fd;
-                continue;
+}
+
+impl DirectoryWalk<'_> {
+    fn mkdir_all(&self, path: &str, depth: usize) -> Result<OwnedFd, PathError> {
+        let sys = self.sys;
+        // Each component is looked up in the parent already held, refusing symlinks: one
+        // component's lookup instead of every prefix's walk from the root. Only a symlink
+        // sends the walk back to in-root resolution of the prefix, which follows it clamped.
+        let mut current: Option<OwnedFd> = None;
+        let mut prefix = String::new();
+        for name in &clean_components(path) {
+            prefix.push('/');
+            prefix.push_str(name);
+            let parent = current.as_ref().map_or(self.root, AsFd::as_fd);
+            match sys.openat2(
+                parent,
+                Path::new(name),
+                OFlag::O_PATH | OFlag::O_DIRECTORY,
+                Mode::empty(),
+                Resolve::PLAIN_NAME,
+            ) {
+                Ok(fd) => {
+                    current = Some(fd);
+                    continue;
+                }
+                // Missing (a symlink, dangling or not, would have been ELOOP): made below.
+                Err(Errno::ENOENT) => {}
+                Err(Errno::ENOTDIR) => return Err(PathError::NotDirectory { path: prefix }),
+                Err(Errno::ELOOP) => {
+                    current = Some(self.follow_symlink(parent, name, &prefix, depth)?);
+                    continue;
+                }
+                Err(e) => return Err(err(&prefix, "open")(e)),
             }
+            // Create in the parent we already hold, then open exactly what we created.
+            match sys.mkdirat(parent, Path::new(name), self.mode) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(err(&prefix, "mkdir")(e)),
+            }
+            let created = sys
+                .openat2(
+                    parent,
+                    Path::new(name),
+                    OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+                    Mode::empty(),
+                    Resolve::PLAIN_NAME,
+                )
+                .map_err(|e| match e {
+                    Errno::ELOOP | Errno::ENOTDIR => PathError::NotDirectory {
+                        path: prefix.clone(),
+                    },
+                    other => err(&prefix, "open")(other),
+                })?;
+            if let Some((uid, gid)) = self.owner {
+                sys.fchownat(created.as_fd(), Path::new(""), uid, gid)
+                    .map_err(err(&prefix, "chown"))?;
+            }
+            current = Some(created);
+        }
+        match current {
+            Some(fd) => Ok(fd),
+            None => open(sys, self.root, "/", OFlag::O_PATH | OFlag::O_DIRECTORY),
+        }
+    }
+
+    /// Resolves the symlink `name` in `parent` (whose in-root path is `prefix`) in-root; a
+    /// dangling one gets its target created first (in-root too).
+    fn follow_symlink(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &str,
+        prefix: &str,
+        depth: usize,
+    ) -> Result<OwnedFd, PathError> {
+        let (sys, root) = (self.sys, self.root);
+        match open(sys, root, prefix, OFlag::O_PATH | OFlag::O_DIRECTORY) {
             Err(PathError::Sys {
                 source: Errno::ENOENT,
                 ..
@@ -146,63 +207,37 @@ fn mkdir_all_depth(
             Err(PathError::Sys {
                 source: Errno::ENOTDIR,
                 ..
-            }) => return Err(PathError::NotDirectory { path: prefix }),
-            Err(e) => return Err(e),
-        }
-        // A dangling symlink: create its target (in-root), then resolve through it.
-        if let Ok(target) = sys.readlinkat(current.as_fd(), Path::new(name)) {
-            if depth >= MAX_LINK_DEPTH {
-                return Err(PathError::Sys {
-                    path: prefix,
-                    op: "resolve",
-                    source: Errno::ELOOP,
+            }) => {
+                return Err(PathError::NotDirectory {
+                    path: prefix.into(),
                 });
             }
-            let target = target.to_string_lossy();
-            let absolute = if target.starts_with('/') {
-                target.into_owned()
-            } else {
-                let parent = prefix.rsplit_once('/').map_or("", |(p, _)| p);
-                format!("{parent}/{target}")
-            };
-            mkdir_all_depth(sys, root, &absolute, mode, owner, depth + 1)?;
-            current = open(sys, root, &prefix, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-            continue;
+            resolved => return resolved,
         }
-        // Create in the parent we already hold, then open exactly what we created.
-        match sys.mkdirat(current.as_fd(), Path::new(name), mode) {
-            Ok(()) | Err(Errno::EEXIST) => {}
-            Err(e) => return Err(err(&prefix, "mkdir")(e)),
+        let target = sys
+            .readlinkat(parent, Path::new(name))
+            .map_err(err(prefix, "readlink"))?;
+        if depth >= MAX_LINK_DEPTH {
+            return Err(PathError::Sys {
+                path: prefix.into(),
+                op: "resolve",
+                source: Errno::ELOOP,
+            });
         }
-        let created = sys
-            .openat2(
-                current.as_fd(),
-                Path::new(name),
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
-                Mode::empty(),
-                Resolve {
-                    no_symlinks: true,
-                    no_magiclinks: true,
-                    ..Resolve::default()
-                },
-            )
-            .map_err(|e| match e {
-                Errno::ELOOP | Errno::ENOTDIR => PathError::NotDirectory {
-                    path: prefix.clone(),
-                },
-                other => err(&prefix, "open")(other),
-            })?;
-        if let Some((uid, gid)) = owner {
-            sys.fchownat(created.as_fd(), Path::new(""), uid, gid)
-                .map_err(err(&prefix, "chown"))?;
-        }
-        current = created;
+        let target = target.to_string_lossy();
+        let absolute = if target.starts_with('/') {
+            target.into_owned()
+        } else {
+            let dir = prefix.rsplit_once('/').map_or("", |(p, _)| p);
+            format!("{dir}/{target}")
+        };
+        self.mkdir_all(&absolute, depth + 1)?;
+        open(sys, root, prefix, OFlag::O_PATH | OFlag::O_DIRECTORY)
     }
-    Ok(current)
 }
 
 /// Ensures a mount target exists (creating a directory or an empty file, and missing
-/// parents) and returns an `O_PATH` descriptor of it.
+/// parents) and returns a descriptor of it (`O_PATH`, or the new file's own).
 pub fn ensure_target(
     sys: &dyn Sys,
     root: BorrowedFd<'_>,
@@ -228,15 +263,14 @@ pub fn ensure_target(
                 Path::new(&name),
                 OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY,
                 Mode::from_bits_truncate(0o644),
-                Resolve {
-                    no_symlinks: true,
-                    ..Resolve::default()
-                },
+                Resolve::PLAIN_NAME,
             ) {
-                Ok(_) | Err(Errno::EEXIST) => {}
-                Err(e) => return Err(err(path, "create")(e)),
+                // Exactly the file just made (a mount target needs no particular mode).
+                Ok(created) => Ok(created),
+                // An existing name may be a symlink (`/etc/resolv.conf -> ...`): in-root.
+                Err(Errno::EEXIST) => open(sys, root, path, OFlag::O_PATH),
+                Err(e) => Err(err(path, "create")(e)),
             }
-            open(sys, root, path, OFlag::O_PATH)
         }
     }
 }
@@ -313,6 +347,34 @@ mod tests {
                 .iter()
                 .any(|c| matches!(c, Call::Mkdir { path, .. } if path == "/a"))
         );
+    }
+
+    #[test]
+    fn the_walk_looks_up_each_component_once_in_its_parent() {
+        let sys = RecordingSys::new().unwrap().with("/a/b", Node::Dir);
+        let root = sys.root().unwrap();
+        mkdir_all(
+            &sys,
+            root.as_fd(),
+            "/a/b/c",
+            Mode::from_bits_truncate(0o755),
+            None,
+        )
+        .unwrap();
+        let opens: Vec<(String, Resolve)> = sys
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Open { path, resolve } => Some((path, resolve)),
+                _ => None,
+            })
+            .collect();
+        // /a/b/c twice: the lookup that missed, then what mkdirat made.
+        let expected: Vec<(String, Resolve)> = ["/a", "/a/b", "/a/b/c", "/a/b/c"]
+            .iter()
+            .map(|p| ((*p).to_owned(), Resolve::PLAIN_NAME))
+            .collect();
+        assert_eq!(opens, expected);
     }
 
     #[test]

@@ -190,8 +190,17 @@ fn mount_one(
     let source = ("source".to_owned(), Some(source));
     match typ.as_str() {
         "proc" | "sysfs" => {
-            path::ensure_target(sys, root, dest, TargetKind::Directory)?;
-            let target = path::open_plain_directory(sys, root, dest)?;
+            // The target is almost always there: check it first, create it only if missing.
+            let target = match path::open_plain_directory(sys, root, dest) {
+                Err(PathError::Sys {
+                    source: Errno::ENOENT,
+                    ..
+                }) => {
+                    path::ensure_target(sys, root, dest, TargetKind::Directory)?;
+                    path::open_plain_directory(sys, root, dest)?
+                }
+                opened => opened?,
+            };
             let fs = match sys.new_filesystem(&typ, std::slice::from_ref(&source), options.attrs) {
                 Ok(fs) => fs,
                 // sysfs needs a network namespace kiln owns; sharing the host's network from
@@ -319,10 +328,7 @@ fn mount_cgroups(
                 &path::name(&view.name),
                 OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
                 Mode::empty(),
-                Resolve {
-                    no_symlinks: true,
-                    ..Resolve::default()
-                },
+                Resolve::PLAIN_NAME,
             )
             .map_err(mount_err(dest, "open"))?;
         bind(&view.host_path, sub.as_fd())?;
@@ -391,9 +397,15 @@ fn populate_dev(
             Some(split) => split,
             None => continue,
         };
-        let parent_fd = path::mkdir_all(sys, root, &parent, Mode::from_bits_truncate(0o755), None)?;
+        let nested;
+        let parent_fd = if parent == "/dev" {
+            dev.as_fd()
+        } else {
+            nested = path::mkdir_all(sys, root, &parent, Mode::from_bits_truncate(0o755), None)?;
+            nested.as_fd()
+        };
         let created = sys.mknodat(
-            parent_fd.as_fd(),
+            parent_fd,
             &path::name(&file),
             kind,
             Mode::from_bits_truncate(0o666),

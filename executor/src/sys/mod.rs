@@ -639,6 +639,14 @@ impl Resolve {
         no_xdev: false,
     };
 
+    /// A single name looked up in a directory already held: no symlink of any kind.
+    pub const PLAIN_NAME: Resolve = Resolve {
+        in_root: false,
+        no_magiclinks: true,
+        no_symlinks: true,
+        no_xdev: false,
+    };
+
     fn bits(self) -> u64 {
         let mut bits = 0;
         if self.in_root {

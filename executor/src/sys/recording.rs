@@ -247,7 +247,8 @@ impl Sys for RecordingSys {
     ) -> SysResult<OwnedFd> {
         let base = self.path_of(dir)?;
         let follow_last = !flags.contains(OFlag::O_NOFOLLOW);
-        let target = if resolve.in_root {
+        // Refusing symlinks needs the walk too (RESOLVE_NO_SYMLINKS: ELOOP on any).
+        let target = if resolve.in_root || resolve.no_symlinks {
             self.resolve(&base, path, resolve, follow_last)?
         } else {
             normalize(Path::new(&join(&base, path)))
