@@ -2,7 +2,10 @@
 //! resolved with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` relative to the root's
 //! directory descriptor, and anything created is created with `*at()` calls on the
 //! descriptor of its already-resolved parent (never by joining strings, so a symlink swapped
-//! in between cannot redirect the operation: CVE-2021-30465, CVE-2024-45310).
+//! in between cannot redirect the operation: CVE-2021-30465, CVE-2024-45310). Walking a
+//! path to create it, each name is looked up in the directory already held with every
+//! symlink refused (`RESOLVE_NO_SYMLINKS`), which cannot leave it either; a symlink met on
+//! the way is followed by in-root resolution of the prefix.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
