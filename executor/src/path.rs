@@ -310,6 +310,22 @@ mod tests {
     use super::*;
     use crate::sys::recording::{Call, Node, RecordingSys};
 
+    /// `mkdir_all` with mode 0755 in the fake's root.
+    fn mkdir_755(
+        sys: &RecordingSys,
+        path: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<OwnedFd, PathError> {
+        let root = sys.root().unwrap();
+        mkdir_all(
+            sys,
+            root.as_fd(),
+            path,
+            Mode::from_bits_truncate(0o755),
+            owner,
+        )
+    }
+
     #[test]
     fn cleaning_clamps_dotdot_at_the_root() {
         assert_eq!(clean("../../../tmp/pwn"), "/tmp/pwn");
@@ -322,15 +338,7 @@ mod tests {
     #[test]
     fn mkdir_all_creates_missing_components_in_their_resolved_parents() {
         let sys = RecordingSys::new().unwrap().with("/a", Node::Dir);
-        let root = sys.root().unwrap();
-        mkdir_all(
-            &sys,
-            root.as_fd(),
-            "/a/b/c",
-            Mode::from_bits_truncate(0o755),
-            Some((5, 6)),
-        )
-        .unwrap();
+        mkdir_755(&sys, "/a/b/c", Some((5, 6))).unwrap();
         let calls = sys.calls();
         assert!(calls.contains(&Call::Mkdir {
             path: "/a/b".into(),
@@ -355,15 +363,7 @@ mod tests {
     #[test]
     fn the_walk_looks_up_each_component_once_in_its_parent() {
         let sys = RecordingSys::new().unwrap().with("/a/b", Node::Dir);
-        let root = sys.root().unwrap();
-        mkdir_all(
-            &sys,
-            root.as_fd(),
-            "/a/b/c",
-            Mode::from_bits_truncate(0o755),
-            None,
-        )
-        .unwrap();
+        mkdir_755(&sys, "/a/b/c", None).unwrap();
         let opens: Vec<(String, Resolve)> = sys
             .calls()
             .into_iter()
@@ -414,24 +414,9 @@ mod tests {
             .unwrap()
             .with("/var/run", Node::Symlink("/run".into()))
             .with("/x", Node::Symlink("../../y".into()));
-        let root = sys.root().unwrap();
-        mkdir_all(
-            &sys,
-            root.as_fd(),
-            "/var/run/lock",
-            Mode::from_bits_truncate(0o755),
-            None,
-        )
-        .unwrap();
+        mkdir_755(&sys, "/var/run/lock", None).unwrap();
         assert_eq!(sys.node("/run/lock"), Some(Node::Dir));
-        mkdir_all(
-            &sys,
-            root.as_fd(),
-            "/x/z",
-            Mode::from_bits_truncate(0o755),
-            None,
-        )
-        .unwrap();
+        mkdir_755(&sys, "/x/z", None).unwrap();
         assert_eq!(
             sys.node("/y/z"),
             Some(Node::Dir),
@@ -445,31 +430,13 @@ mod tests {
             .unwrap()
             .with("/a", Node::Symlink("/b".into()))
             .with("/b", Node::Symlink("/a".into()));
-        let root = sys.root().unwrap();
-        assert!(
-            mkdir_all(
-                &sys,
-                root.as_fd(),
-                "/a/c",
-                Mode::from_bits_truncate(0o755),
-                None
-            )
-            .is_err()
-        );
+        assert!(mkdir_755(&sys, "/a/c", None).is_err());
     }
 
     #[test]
     fn a_file_in_the_way_of_a_directory_is_an_error() {
         let sys = RecordingSys::new().unwrap().with("/a", Node::File);
-        let root = sys.root().unwrap();
-        let err = mkdir_all(
-            &sys,
-            root.as_fd(),
-            "/a/b",
-            Mode::from_bits_truncate(0o755),
-            None,
-        )
-        .unwrap_err();
+        let err = mkdir_755(&sys, "/a/b", None).unwrap_err();
         assert!(matches!(err, PathError::NotDirectory { .. }), "{err}");
     }
 }
