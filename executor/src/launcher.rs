@@ -97,11 +97,30 @@ impl LauncherError {
     }
 }
 
-/// kiln's end of a running launcher. Dropping it closes the socket: the launcher exits
-/// once its runners are done.
+/// kiln's end of a running launcher. Dropping it closes the socket and waits (at most
+/// [`EXIT_TIMEOUT`]) until the launcher exited, which it does once its runners are done:
+/// a runner removes its step's cgroups after it reported, and they must be gone when the
+/// build is.
 #[derive(Debug)]
 pub struct Launcher {
     socket: OwnedFd,
+    exited: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+/// How long a dropped [`Launcher`] waits for its process to exit.
+const EXIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        // Our end stays open until the struct is gone: end the connection explicitly.
+        let _ =
+            nix::sys::socket::shutdown(self.socket.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        let exited = self
+            .exited
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = exited.recv_timeout(EXIT_TIMEOUT);
+    }
 }
 
 /// The descriptors a launched runner writes its output to.
@@ -135,6 +154,7 @@ impl Launcher {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (exited_tx, exited_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("kiln-launcher".into())
             // In kiln's process group, as runners kiln started itself were: what signals the
@@ -145,6 +165,7 @@ impl Launcher {
                         drop(theirs);
                         let _ = started_tx.send(Ok(()));
                         let _ = child.wait();
+                        let _ = exited_tx.send(());
                     }
                     Err(e) => {
                         let _ = started_tx.send(Err(e));
@@ -156,7 +177,10 @@ impl Launcher {
             .recv()
             .map_err(|_| start_err(std::io::Error::other("the launcher thread ended")))?
             .map_err(start_err)?;
-        Ok(Launcher { socket: ours })
+        Ok(Launcher {
+            socket: ours,
+            exited: std::sync::Mutex::new(exited_rx),
+        })
     }
 
     /// Has the launcher fork a runner for `bundle` with `config` (the runner's config as
@@ -666,8 +690,8 @@ fn become_runner(runner: &Runner<'_>, stdout: &OwnedFd, stderr: &OwnedFd, status
         sys::exit_immediately(1);
     }
     detach(runner, &[status.as_raw_fd()]);
-    let outcome = crate::process::run_config(runner.config, runner.bundle);
-    report_and_exit(&outcome, &status)
+    let (outcome, cgroups) = crate::process::run_config(runner.config, runner.bundle);
+    report_and_exit(&outcome, &status, cgroups)
 }
 
 /// What every forked runner does first: closes the launcher's descriptors but `keep`
@@ -695,14 +719,15 @@ fn become_warm_runner(runner: &Runner<'_>, template: &[u8], go: &OwnedFd, status
     };
     let id = runner.bundle.to_string_lossy();
     match crate::process::run_warm_config(template, &id, go, taken) {
-        Some(outcome) => report_and_exit(&outcome, &status),
+        Some((outcome, cgroups)) => report_and_exit(&outcome, &status, cgroups),
         None => std::process::exit(0),
     }
 }
 
 /// Ends the step's output (so kiln's readers see its end without waiting for this process
-/// to exit), sends the outcome and exits.
-fn report_and_exit(outcome: &str, status: &OwnedFd) -> ! {
+/// to exit), sends the outcome, removes the step's cgroups (emptied and measured: kiln
+/// goes on meanwhile, their `rmdir`s are off its path) and exits.
+fn report_and_exit(outcome: &str, status: &OwnedFd, cgroups: crate::cgroup::Placement) -> ! {
     if let Ok(devnull) = nix::fcntl::open(
         "/dev/null",
         nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
@@ -712,6 +737,10 @@ fn report_and_exit(outcome: &str, status: &OwnedFd) -> ! {
         let _ = nix::unistd::dup2_stderr(&devnull);
     }
     let reported = sys::send_with_fds(status.as_fd(), &frame(b'r', outcome.as_bytes()), &[]);
+    // The launcher's death (kiln's end) must not cut the removal short: it is brief, the
+    // step's processes are gone.
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), None);
+    drop(cgroups);
     std::process::exit(i32::from(reported.is_err()))
 }
 

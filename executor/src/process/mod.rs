@@ -277,21 +277,32 @@ fn joined_network(spec: &Spec) -> Result<Option<OwnedFd>, RunError> {
         .map_err(|source| RunError::Open { path, source })
 }
 
-/// Runs one step. Must be called from a single-threaded process.
+/// Runs one step; its cgroups are gone when it returns. Must be called from a
+/// single-threaded process.
 pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
-    let target = Target::prepare(config)?;
-    let result = run_prepared(config);
-    target.clean();
-    result
+    run_leaving_cgroups(config).0
 }
 
-fn run_prepared(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
-    let mut sandbox = Sandbox::prepare(config)?;
-    let spec = sandbox.step_spec(&config.spec);
-    let netns = joined_network(&config.spec)?;
-    let result = spawn_init(&sandbox, &spec, netns.as_ref())
-        .and_then(|mut init| init.start(&sandbox, &Go::Inherited));
-    sandbox.finish(result)
+/// Runs one step and hands back its cgroups, emptied and measured, for the caller to
+/// remove (when it drops them) once the outcome is reported.
+fn run_leaving_cgroups(config: &RunnerConfig) -> (Result<ExitInfo, RunError>, Placement) {
+    let target = match Target::prepare(config) {
+        Ok(target) => target,
+        Err(e) => return (Err(e), Placement::default()),
+    };
+    let finished = match Sandbox::prepare(config) {
+        Ok(mut sandbox) => {
+            let spec = sandbox.step_spec(&config.spec);
+            let result = joined_network(&config.spec).and_then(|netns| {
+                spawn_init(&sandbox, &spec, netns.as_ref())
+                    .and_then(|mut init| init.start(&sandbox, &Go::Inherited))
+            });
+            sandbox.finish(result)
+        }
+        Err(e) => (Err(e), Placement::default()),
+    };
+    target.clean();
+    finished
 }
 
 /// A warm runner: started ahead of its step from `template` (a config of the same shape,
@@ -306,6 +317,16 @@ pub fn run_warm(
     go: &OwnedFd,
     taken: impl FnOnce(),
 ) -> Result<Option<ExitInfo>, RunError> {
+    run_warm_leaving_cgroups(template, go, taken).map(|ran| ran.map(|(info, _cgroups)| info))
+}
+
+/// [`run_warm`], handing back the step's cgroups as [`run_leaving_cgroups`] does. A step
+/// that could not run reports its error with them removed.
+fn run_warm_leaving_cgroups(
+    template: &RunnerConfig,
+    go: &OwnedFd,
+    taken: impl FnOnce(),
+) -> Result<Option<(ExitInfo, Placement)>, RunError> {
     let mut sandbox = Sandbox::prepare(template)?;
     let mut init = spawn_init(&sandbox, &template.spec, None)?;
     let shape = template.warm_shape();
@@ -344,7 +365,8 @@ pub fn run_warm(
         )
     });
     target.clean();
-    Ok(Some(sandbox.finish(result)?))
+    let (result, cgroups) = sandbox.finish(result);
+    Ok(Some((result?, cgroups)))
 }
 
 /// Waits until kiln sends the step (`Some`) or closes `go`, or a signal tells the runner to
@@ -499,11 +521,22 @@ impl Sandbox {
         Cow::Owned(copy)
     }
 
-    /// Adds what the cgroups measured to the step's outcome and removes them.
-    fn finish(&mut self, result: Result<ExitInfo, RunError>) -> Result<ExitInfo, RunError> {
-        let exceeded = self.placement.exceeded();
-        let usage = self.placement.usage();
-        self.placement.remove();
+    /// Adds what the cgroups measured to the step's outcome and hands them over: they are
+    /// removed when the placement returned drops.
+    fn finish(
+        &mut self,
+        result: Result<ExitInfo, RunError>,
+    ) -> (Result<ExitInfo, RunError>, Placement) {
+        let placement = std::mem::take(&mut self.placement);
+        (Self::measured(&placement, result), placement)
+    }
+
+    fn measured(
+        placement: &Placement,
+        result: Result<ExitInfo, RunError>,
+    ) -> Result<ExitInfo, RunError> {
+        let exceeded = placement.exceeded();
+        let usage = placement.usage();
         let mut info = result?;
         if info.exceeded.is_none() {
             info.exceeded = exceeded;
@@ -818,34 +851,41 @@ pub fn runner_main(bundle: &Path) -> i32 {
 }
 
 /// Runs the step whose config is `config` (JSON), or when it is `None`
-/// `<bundle>/config.json`, and returns [`outcome_json`] of it.
-pub fn run_config(config: Option<&[u8]>, bundle: &Path) -> String {
+/// `<bundle>/config.json`: [`outcome_json`] of it, and its cgroups, to be removed (dropped)
+/// once that is reported.
+pub fn run_config(config: Option<&[u8]>, bundle: &Path) -> (String, Placement) {
     let config = match config {
         Some(bytes) => parse_config(bytes, &bundle.join("config.json")),
         None => read_config(bundle),
     };
-    outcome_json(config.and_then(|config| run(&config)))
+    match config {
+        Ok(config) => {
+            let (result, cgroups) = run_leaving_cgroups(&config);
+            (outcome_json(result), cgroups)
+        }
+        Err(e) => (outcome_json(Err(e)), Placement::default()),
+    }
 }
 
 /// Runs the step a warm runner is given (see [`run_warm`]) from `template` (the config of
 /// a step of the shape it waits for, JSON) with cgroups named after `id`: [`outcome_json`]
-/// of it, `None` when it was let go without one.
+/// of it and its cgroups as for [`run_config`], `None` when it was let go without one.
 pub fn run_warm_config(
     template: &[u8],
     id: &str,
     go: &OwnedFd,
     taken: impl FnOnce(),
-) -> Option<String> {
+) -> Option<(String, Placement)> {
     let template = parse_config(template, Path::new("(the warm runner's template)"))
         .and_then(|mut template| template.rename_cgroups(id).map(|()| template));
     let template = match template {
         Ok(template) => template,
-        Err(e) => return Some(outcome_json(Err(e))),
+        Err(e) => return Some((outcome_json(Err(e)), Placement::default())),
     };
-    match run_warm(&template, go, taken) {
+    match run_warm_leaving_cgroups(&template, go, taken) {
         Ok(None) => None,
-        Ok(Some(info)) => Some(outcome_json(Ok(info))),
-        Err(e) => Some(outcome_json(Err(e))),
+        Ok(Some((info, cgroups))) => Some((outcome_json(Ok(info)), cgroups)),
+        Err(e) => Some((outcome_json(Err(e)), Placement::default())),
     }
 }
 
