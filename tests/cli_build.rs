@@ -549,9 +549,43 @@ fn check_more_snapshots_than_open_files(s: &Setup) {
     );
 }
 
+/// Steps as a user that earlier steps add and change: each sees `/etc/passwd` as the
+/// layers below it left it, whether the database was read again for it or kept from the
+/// step below (a layer that did not touch it).
+fn check_users_follow_the_layers(s: &Setup) {
+    let mut b = DefinitionBuilder::new().platform("linux", "amd64", "");
+    let base = base(&mut b);
+    let adds = b.exec(&sh(
+        Some(base),
+        "echo app:x:1000:1000::/:/bin/sh >> /etc/passwd && echo app:x:1000: >> /etc/group \
+         && touch /ids && chmod 666 /ids",
+    ));
+    let as_app = b.exec(&sh(adds.root(), "id -u >> /ids").user("app"));
+    let unrelated = b.exec(&sh(as_app.root(), "touch /unrelated && id -u >> /ids"));
+    let app_again = b.exec(&sh(unrelated.root(), "id -u >> /ids").user("app"));
+    let changes = b.exec(&sh(
+        app_again.root(),
+        "sed -i s/app:x:1000:1000/app:x:1001:1001/ /etc/passwd",
+    ));
+    let after_change = b.exec(&sh(changes.root(), "id -u >> /ids").user("app"));
+    let result = after_change.root().expect("root");
+    let def = b.finish(&result).gogo_encode();
+
+    let out = s.path("users-out");
+    let dest = format!("type=local,dest={}", out.display());
+    let built = s.build(&def, &["-o", &dest]);
+    assert!(built.status.success(), "users build: {}", stderr(&built));
+    assert_eq!(
+        read(&out.join("ids")),
+        "1000\n0\n1000\n1001\n",
+        "each step's user as the layers below define it"
+    );
+}
+
 fn check_build() {
     let s = Setup::new();
     check_outputs_and_cache(&s);
+    check_users_follow_the_layers(&s);
     check_more_snapshots_than_open_files(&s);
     check_merge_and_diff(&s);
     check_session_bound_steps_leave_nothing(&s);

@@ -354,12 +354,11 @@ pub fn wants_network_namespace(network: Network) -> bool {
 /// Builds the spec of `step`, resolving its user against the rootfs and writing its hosts
 /// and resolv.conf (see [`hosts::write_files`]).
 pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<Spec, SpecError> {
-    if step.args.is_empty() {
-        return Err(SpecError::NoArgs);
-    }
-    if !step.cwd.starts_with('/') {
-        return Err(SpecError::RelativeCwd(step.cwd.clone()));
-    }
+    generate_with_users(step, host, sys, None)
+}
+
+/// The user database of the step's rootfs.
+fn read_users(step: &Step, sys: &dyn crate::sys::Sys) -> Result<UserDb, SpecError> {
     let rootfs: OwnedFd = nix::fcntl::open(
         &step.rootfs,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -369,8 +368,33 @@ pub fn generate(step: &Step, host: &Host, sys: &dyn crate::sys::Sys) -> Result<S
         path: step.rootfs.clone(),
         source,
     })?;
-    let db = UserDb::read(sys, rootfs.as_fd())?;
-    let resolved = user::resolve(&step.user, &db)?;
+    Ok(UserDb::read(sys, rootfs.as_fd())?)
+}
+
+/// [`generate`], resolving the user against `users` when given: the rootfs's user
+/// database as the caller already knows it (read from the same files, see
+/// [`UserDb::read_noting_symlinks`]).
+pub fn generate_with_users(
+    step: &Step,
+    host: &Host,
+    sys: &dyn crate::sys::Sys,
+    users: Option<&UserDb>,
+) -> Result<Spec, SpecError> {
+    if step.args.is_empty() {
+        return Err(SpecError::NoArgs);
+    }
+    if !step.cwd.starts_with('/') {
+        return Err(SpecError::RelativeCwd(step.cwd.clone()));
+    }
+    let read;
+    let db = match users {
+        Some(db) => db,
+        None => {
+            read = read_users(step, sys)?;
+            &read
+        }
+    };
+    let resolved = user::resolve(&step.user, db)?;
 
     let mut env = apply_env(&step.env);
     if !env.iter().any(|e| e.starts_with("HOME=")) {

@@ -77,11 +77,28 @@ impl UserDb {
         }
     }
 
+    /// The files [`UserDb::read`] reads, relative to the rootfs.
+    pub const PATHS: [&'static str; 2] = ["etc/passwd", "etc/group"];
+
     /// Reads `/etc/passwd` and `/etc/group` from the rootfs `root` (a directory fd).
     pub fn read(sys: &dyn Sys, root: BorrowedFd<'_>) -> Result<Self, UserError> {
-        let passwd = read_in_root(sys, root, "etc/passwd")?;
-        let group = read_in_root(sys, root, "etc/group")?;
-        Ok(UserDb::from_contents(passwd.as_deref(), group.as_deref()))
+        Ok(Self::read_noting_symlinks(sys, root)?.0)
+    }
+
+    /// [`UserDb::read`], and whether no symlink was met on the way to either file: then
+    /// what was read depends only on the entries at [`UserDb::PATHS`] and on the way to
+    /// them, and a layer above without such entries shows the same.
+    pub fn read_noting_symlinks(
+        sys: &dyn Sys,
+        root: BorrowedFd<'_>,
+    ) -> Result<(Self, bool), UserError> {
+        let [passwd_path, group_path] = Self::PATHS;
+        let (passwd, plain_passwd) = read_in_root(sys, root, passwd_path)?;
+        let (group, plain_group) = read_in_root(sys, root, group_path)?;
+        Ok((
+            UserDb::from_contents(passwd.as_deref(), group.as_deref()),
+            plain_passwd && plain_group,
+        ))
     }
 
     fn passwd_by_uid(&self, uid: u32) -> Option<&PasswdEntry> {
@@ -94,21 +111,33 @@ impl UserDb {
     }
 }
 
+/// The file at `path` in `root` (`None`: absent), and whether no symlink was on the way.
 fn read_in_root(
     sys: &dyn Sys,
     root: BorrowedFd<'_>,
     path: &'static str,
-) -> Result<Option<String>, UserError> {
+) -> Result<(Option<String>, bool), UserError> {
     // O_NONBLOCK: opening a FIFO must not hang the executor; it is refused below.
-    let fd = match sys.openat2(
-        root,
-        Path::new(path),
-        OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
-        Mode::empty(),
-        Resolve::IN_ROOT,
-    ) {
+    let open = |resolve| {
+        sys.openat2(
+            root,
+            Path::new(path),
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+            Mode::empty(),
+            resolve,
+        )
+    };
+    let without_symlinks = Resolve {
+        no_symlinks: true,
+        ..Resolve::IN_ROOT
+    };
+    let (opened, plain) = match open(without_symlinks) {
+        Err(nix::Error::ELOOP) => (open(Resolve::IN_ROOT), false),
+        opened => (opened, true),
+    };
+    let fd = match opened {
         Ok(fd) => fd,
-        Err(nix::Error::ENOENT | nix::Error::ENOTDIR) => return Ok(None),
+        Err(nix::Error::ENOENT | nix::Error::ENOTDIR) => return Ok((None, plain)),
         Err(e) => {
             return Err(UserError::Read {
                 path,
@@ -134,7 +163,7 @@ fn read_in_root(
             path,
             reason: e.to_string(),
         })?;
-    Ok(Some(text))
+    Ok((Some(text), plain))
 }
 
 fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
@@ -287,6 +316,41 @@ mod tests {
     fn ids(spec: &str) -> (u32, u32, Vec<u32>) {
         let u = resolve(spec, &db()).unwrap();
         (u.uid, u.gid, u.additional_gids)
+    }
+
+    #[test]
+    fn reading_notes_a_symlink_on_the_way() {
+        let read = |root: &Path| {
+            let fd = nix::fcntl::open(root, OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty())
+                .expect("rootfs");
+            let (db, plain) =
+                UserDb::read_noting_symlinks(&crate::sys::LinuxSys, fd.as_fd()).expect("read");
+            (resolve("alice", &db).map(|u| u.uid), plain)
+        };
+        let root = tempfile::tempdir().expect("rootfs");
+        assert_eq!(
+            read(root.path()),
+            (Err(UserError::NoPasswdFile("alice".into())), true),
+            "no files, nothing followed"
+        );
+        std::fs::create_dir(root.path().join("etc")).expect("etc");
+        std::fs::write(root.path().join("etc/passwd"), PASSWD).expect("passwd");
+        std::fs::write(root.path().join("etc/group"), GROUP).expect("group");
+        assert_eq!(read(root.path()), (Ok(1000), true), "plain files");
+
+        // `etc` a symlink (resolved in the rootfs), or the file itself one: still read.
+        let linked = tempfile::tempdir().expect("rootfs");
+        std::fs::create_dir(linked.path().join("real")).expect("real");
+        std::fs::write(linked.path().join("real/passwd"), PASSWD).expect("passwd");
+        std::fs::write(linked.path().join("real/group"), GROUP).expect("group");
+        std::os::unix::fs::symlink("/real", linked.path().join("etc")).expect("symlink");
+        assert_eq!(read(linked.path()), (Ok(1000), false), "etc a symlink");
+        std::fs::remove_file(linked.path().join("etc")).expect("unlink");
+        std::fs::create_dir(linked.path().join("etc")).expect("etc");
+        std::os::unix::fs::symlink("../real/passwd", linked.path().join("etc/passwd"))
+            .expect("symlink");
+        std::fs::write(linked.path().join("etc/group"), GROUP).expect("group");
+        assert_eq!(read(linked.path()), (Ok(1000), false), "passwd a symlink");
     }
 
     #[test]

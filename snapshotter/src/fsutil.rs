@@ -38,6 +38,57 @@ pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr) -> NixResult<OwnedF
     )
 }
 
+/// The attributes overlay marks an opaque directory with (`trusted.` as root, `user.`
+/// with `userxattr`), set to `y`.
+pub(crate) const OPAQUE_KEYS: [&[u8]; 2] = [b"trusted.overlay.opaque", b"user.overlay.opaque"];
+
+fn is_opaque(dir: BorrowedFd<'_>) -> NixResult<bool> {
+    for key in OPAQUE_KEYS {
+        match sys::fget_xattr(dir, key) {
+            Ok(value) if value.as_deref() == Some(b"y") => return Ok(true),
+            Ok(_) | Err(Errno::ENOTSUP) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+/// Whether the layer directory `layer`, as an overlay layer over others, can make any of
+/// `paths` (relative, `/`-separated plain names) show something else than the layers
+/// below show: an entry at one of them (a file, a whiteout, anything), an entry on the
+/// way that is not a directory (a symlink, a whiteout), or an opaque directory on the way
+/// or at the top. Only entries are looked at, none is followed. `true` when in doubt (an
+/// error).
+pub(crate) fn layer_shadows_any(layer: &Path, paths: &[&str]) -> bool {
+    let shadows = || -> NixResult<bool> {
+        let top = open_dir(layer)?;
+        if is_opaque(top.as_fd())? {
+            return Ok(true);
+        }
+        for path in paths {
+            let mut dir = top.try_clone().map_err(|_| Errno::EBADF)?;
+            let mut names = path.split('/').filter(|n| !n.is_empty()).peekable();
+            while let Some(name) = names.next() {
+                let name = OsStr::new(name);
+                match lstat_at(dir.as_fd(), name) {
+                    Err(Errno::ENOENT) => break,
+                    Err(e) => return Err(e),
+                    Ok(_) if names.peek().is_none() => return Ok(true),
+                    Ok(st) if kind(&st) != SFlag::S_IFDIR => return Ok(true),
+                    Ok(_) => {
+                        dir = open_dir_at(dir.as_fd(), name)?;
+                        if is_opaque(dir.as_fd())? {
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(false)
+    };
+    shadows().unwrap_or(true)
+}
+
 /// Opens `rel` inside `root` as if `root` were `/`: `..` and absolute symlinks cannot leave
 /// it, magic links and other mounts are refused.
 pub(crate) fn open_in_root(
@@ -305,4 +356,77 @@ fn copy_dir_contents(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const USER_DB: &[&str] = &["etc/passwd", "etc/group"];
+
+    fn layer() -> tempfile::TempDir {
+        tempfile::tempdir().expect("layer dir")
+    }
+
+    fn mark_opaque(dir: &Path) {
+        let fd = open_dir(dir).expect("open");
+        sys::fset_xattr(fd.as_fd(), b"user.overlay.opaque", b"y").expect("set user xattr");
+    }
+
+    #[test]
+    fn a_layer_without_those_entries_shadows_nothing() {
+        let l = layer();
+        assert!(!layer_shadows_any(l.path(), USER_DB), "empty layer");
+        std::fs::create_dir(l.path().join("etc")).expect("etc");
+        std::fs::write(l.path().join("etc/hosts"), "").expect("hosts");
+        std::fs::write(l.path().join("passwd"), "").expect("passwd elsewhere");
+        assert!(
+            !layer_shadows_any(l.path(), USER_DB),
+            "a merged etc without them"
+        );
+    }
+
+    #[test]
+    fn an_entry_at_a_path_shadows_it() {
+        for name in ["passwd", "group"] {
+            let l = layer();
+            std::fs::create_dir(l.path().join("etc")).expect("etc");
+            // A whiteout is an entry like any other here.
+            std::fs::write(l.path().join("etc").join(name), "").expect("entry");
+            assert!(layer_shadows_any(l.path(), USER_DB), "etc/{name}");
+            assert!(!layer_shadows_any(l.path(), &["etc/shadow"]), "etc/{name}");
+        }
+    }
+
+    #[test]
+    fn anything_but_a_plain_directory_on_the_way_shadows() {
+        let l = layer();
+        std::os::unix::fs::symlink("/elsewhere", l.path().join("etc")).expect("symlink");
+        assert!(layer_shadows_any(l.path(), USER_DB), "etc a symlink");
+
+        let l = layer();
+        std::fs::write(l.path().join("etc"), "").expect("file");
+        assert!(
+            layer_shadows_any(l.path(), USER_DB),
+            "etc a file (or a whiteout)"
+        );
+
+        let l = layer();
+        std::fs::create_dir(l.path().join("etc")).expect("etc");
+        mark_opaque(&l.path().join("etc"));
+        assert!(layer_shadows_any(l.path(), USER_DB), "etc opaque");
+
+        let l = layer();
+        mark_opaque(l.path());
+        assert!(
+            layer_shadows_any(l.path(), USER_DB),
+            "the whole layer opaque"
+        );
+    }
+
+    #[test]
+    fn a_layer_that_cannot_be_read_counts_as_shadowing() {
+        let l = layer();
+        assert!(layer_shadows_any(&l.path().join("missing"), USER_DB));
+    }
 }

@@ -1529,6 +1529,14 @@ impl ImmutableRef {
         }
     }
 
+    /// Whether this layer can change what any of `paths` (relative to the root, plain
+    /// names, no symlinks on the way in the layers below) shows over its parents: it has
+    /// an entry there or on the way (a file, a whiteout, an opaque or replaced directory).
+    /// A full copy (the native backend) has them all. `true` when in doubt.
+    pub fn shadows_any(&self, paths: &[&str]) -> bool {
+        fsutil::layer_shadows_any(&self.dir(), paths)
+    }
+
     /// The record whose directory this layer reuses, if it reuses one.
     pub fn content(&self) -> Option<&ImmutableRef> {
         self.held.content.as_ref()

@@ -27,7 +27,6 @@ use super::descriptor::{Compression, HashWriter, LayerDescriptor, LayerError};
 use crate::fsutil;
 use crate::sys;
 
-const OPAQUE_KEYS: [&[u8]; 2] = [b"trusted.overlay.opaque", b"user.overlay.opaque"];
 const REDIRECT_KEYS: [&[u8]; 2] = [b"trusted.overlay.redirect", b"user.overlay.redirect"];
 
 fn is_overlay_xattr(key: &[u8]) -> bool {
@@ -370,7 +369,7 @@ fn walk_upper<W: Write>(
             }
             tar.entry(dir, &name, &path, &st)?;
             let mut opaque = false;
-            for key in OPAQUE_KEYS {
+            for key in fsutil::OPAQUE_KEYS {
                 if sys::get_xattr_at(dir, &name, key)
                     .map_err(export_err(&path, "reading xattrs"))?
                     .as_deref()
@@ -419,7 +418,7 @@ fn exists_in_lowers(lowers: &[OwnedFd], path: &[u8]) -> Result<bool, LayerError>
                 Ok(_) => {
                     let sub = fsutil::open_dir_at(layer.as_fd(), name)
                         .map_err(export_err(path, "opening a lower directory"))?;
-                    let opaque = OPAQUE_KEYS.iter().any(|key| {
+                    let opaque = fsutil::OPAQUE_KEYS.iter().any(|key| {
                         sys::fget_xattr(sub.as_fd(), key)
                             .ok()
                             .flatten()

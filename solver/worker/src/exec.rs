@@ -500,6 +500,14 @@ impl Op<ImmutableRef> for ExecOp {
             this.prepare(&plan, &inputs, &ctx.cancel)?
         };
 
+        // The input the rootfs is (a new layer on, or a read-only view of).
+        let root_input = match plan.root.as_ref().map(|root| &root.kind) {
+            Some(Kind::Bind {
+                source: Source::Input(i) | Source::Mutable { parent: Some(i) },
+            }) => inputs.get(*i),
+            _ => None,
+        };
+        let users = self.inner.user_dbs.get(root_input, &prepared.rootfs);
         let inner = self.inner.clone();
         let step = Step {
             args: meta.args.clone(),
@@ -524,6 +532,7 @@ impl Op<ImmutableRef> for ExecOp {
             &inner,
             ctx,
             step,
+            users,
             stub_paths,
             meta.remove_mount_stubs_recursive,
         )
@@ -587,6 +596,7 @@ async fn run_step(
     inner: &Arc<Inner>,
     ctx: &JobContext,
     step: Step,
+    users: Option<Arc<kiln_executor::user::UserDb>>,
     stub_paths: Vec<String>,
     stubs_recursive: bool,
 ) -> Result<kiln_executor::process::ExitInfo, OpError> {
@@ -620,7 +630,13 @@ async fn run_step(
             }
             host.network = Some(lease.attachment().clone());
         }
-        let spec = spec::generate(&step, &host, &kiln_executor::sys::LinuxSys).map_err(failed)?;
+        let spec = spec::generate_with_users(
+            &step,
+            &host,
+            &kiln_executor::sys::LinuxSys,
+            users.as_deref(),
+        )
+        .map_err(failed)?;
         Ok::<_, OpError>((spec, lease))
     }
     .await;

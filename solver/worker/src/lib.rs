@@ -20,6 +20,7 @@ pub mod prepare;
 mod refs;
 mod remote;
 mod state;
+mod users;
 
 use std::os::fd::AsFd;
 use std::path::Path;

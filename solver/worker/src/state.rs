@@ -15,6 +15,7 @@ use crate::cache_mounts::CacheMounts;
 use crate::config::WorkerConfig;
 use crate::http::downloads::Downloads;
 use crate::mounts::MountsDir;
+use crate::users::UserDbs;
 
 /// Errors from setting a worker up.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub(crate) struct Inner {
     /// `http(s)://` sources: the client and the ETag records.
     pub downloads: Downloads,
     pub config: WorkerConfig,
+    /// The user databases of the layer chains steps ran on.
+    pub user_dbs: UserDbs,
     counter: AtomicU64,
 }
 
@@ -74,6 +77,7 @@ impl Inner {
             network: Pool::new(&config.network),
             downloads,
             config,
+            user_dbs: UserDbs::default(),
             counter: AtomicU64::new(0),
         })
     }
