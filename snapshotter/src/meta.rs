@@ -361,6 +361,25 @@ impl Db {
         new: &NewRecord<'_>,
         prepare: impl FnOnce(u64) -> Result<T, E>,
     ) -> Result<(u64, T), E> {
+        self.insert(new, RecordState::Creating, prepare)
+    }
+
+    /// [`Db::insert_creating`] for a record that `prepare` makes whole (every directory):
+    /// it becomes visible `mutable`, without a second transaction to move it there.
+    pub(crate) fn insert_mutable<T, E: From<MetaError>>(
+        &mut self,
+        new: &NewRecord<'_>,
+        prepare: impl FnOnce(u64) -> Result<T, E>,
+    ) -> Result<(u64, T), E> {
+        self.insert(new, RecordState::Mutable, prepare)
+    }
+
+    fn insert<T, E: From<MetaError>>(
+        &mut self,
+        new: &NewRecord<'_>,
+        state: RecordState,
+        prepare: impl FnOnce(u64) -> Result<T, E>,
+    ) -> Result<(u64, T), E> {
         let path = self.path.clone();
         let err = |source| MetaError::Db {
             path: path.clone(),
@@ -386,7 +405,7 @@ impl Db {
         tx.execute_cached(
             "INSERT INTO records (id, n, state, parent, created_at, last_used_at, retain, \
              description, record_type, content) \
-             VALUES (?1, ?2, 'creating', ?3, ?4, ?4, ?5, ?6, ?7, ?8)",
+             VALUES (?1, ?2, ?9, ?3, ?4, ?4, ?5, ?6, ?7, ?8)",
             params![
                 new.id,
                 i64::try_from(n).unwrap_or(i64::MAX),
@@ -395,7 +414,8 @@ impl Db {
                 new.retain,
                 new.description,
                 new.record_type,
-                new.content
+                new.content,
+                state.as_str()
             ],
         )
         .map_err(err)?;

@@ -427,17 +427,22 @@ impl Snapshotter {
         parent: Option<&ImmutableRef>,
         options: &RefOptions,
     ) -> Result<MutableRef> {
-        let (held, fs) = self.create(parent, None, options)?;
+        // Only the native backend fills a layer after making it (a copy of its parent).
+        let copies = matches!(self.shared.backend, Backend::Native { .. }) && parent.is_some();
+        let (held, fs) = self.create(parent, None, options, !copies)?;
         let fill = || -> Result<()> {
+            if let Some(p) = parent {
+                self.shared.db().touch(p.id(), true)?;
+            }
+            if !copies {
+                return Ok(());
+            }
             let work = self.shared.work_dir(held.n);
             std::fs::DirBuilder::new()
                 .mode(0o711)
                 .create(&work)
                 .map_err(io_err(&work))?;
             if let Some(p) = parent {
-                self.shared.db().touch(p.id(), true)?;
-            }
-            if let (Backend::Native { .. }, Some(p)) = (self.shared.backend, parent) {
                 copy_parent(&p.held, &fs)?;
             }
             if !self.shared.db().transition(
@@ -464,12 +469,16 @@ impl Snapshotter {
         })
     }
 
-    /// Makes a `creating` record with its directories, holding its exclusive lock.
+    /// Makes a record with its directories, holding its exclusive lock: `creating`, for
+    /// the caller to fill and move on, or — `whole` — `mutable`, its work directory made
+    /// too, all in the transaction that inserts it (one write transaction a step instead
+    /// of two).
     fn create(
         &self,
         parent: Option<&ImmutableRef>,
         content: Option<&ImmutableRef>,
         options: &RefOptions,
+        whole: bool,
     ) -> Result<(Held, PathBuf)> {
         let shared = &self.shared;
         let id = new_id();
@@ -486,26 +495,37 @@ impl Snapshotter {
             description: &options.description,
             record_type,
         };
-        let (n, lock) = shared
-            .db()
-            .insert_creating(&new, |n| -> Result<RecordLock> {
-                // The lock exists and is held before the row becomes visible, and the directory
-                // appears only after the lock: recovery never sees an unlocked half-made record.
-                let lock_path = shared.lock_path(n);
-                let _ = std::fs::remove_file(&lock_path);
-                let mut lock = RecordLock::open(&lock_path, Create::New)?
-                    .ok_or_else(|| Error::NotFound(id.clone()))?;
-                if !lock.lock(LockKind::Exclusive, false)? {
-                    return Err(Error::Locked(id.clone()));
-                }
-                let dir = shared.dir(n);
-                fsutil::remove_tree(&dir).map_err(io_err(&dir))?;
+        let make = |n| -> Result<RecordLock> {
+            // The lock exists and is held before the row becomes visible, and the directory
+            // appears only after the lock: recovery never sees an unlocked half-made record.
+            let lock_path = shared.lock_path(n);
+            let _ = std::fs::remove_file(&lock_path);
+            let mut lock = RecordLock::open(&lock_path, Create::New)?
+                .ok_or_else(|| Error::NotFound(id.clone()))?;
+            if !lock.lock(LockKind::Exclusive, false)? {
+                return Err(Error::Locked(id.clone()));
+            }
+            let dir = shared.dir(n);
+            fsutil::remove_tree(&dir).map_err(io_err(&dir))?;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io_err(&dir))?;
+            if whole {
+                make_fs_dir(shared, n, parent)?;
+                let work = shared.work_dir(n);
                 std::fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(&dir)
-                    .map_err(io_err(&dir))?;
-                Ok(lock)
-            })?;
+                    .mode(0o711)
+                    .create(&work)
+                    .map_err(io_err(&work))?;
+            }
+            Ok(lock)
+        };
+        let (n, lock) = if whole {
+            shared.db().insert_mutable(&new, make)?
+        } else {
+            shared.db().insert_creating(&new, make)?
+        };
         let held = Held {
             shared: shared.clone(),
             id: id.clone(),
@@ -515,24 +535,11 @@ impl Snapshotter {
             foreign: content.is_some() || record_type == DIFF_RECORD_TYPE,
             lock: Mutex::new(lock),
         };
-        let fs = shared.fs_dir(n);
-        std::fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&fs)
-            .map_err(io_err(&fs))?;
-        if let Some(p) = parent {
-            // The new layer's root starts with the parent's root ownership and mode (the
-            // merged root of an overlay is its upper's root).
-            let pfs = p.dir();
-            let meta = std::fs::metadata(&pfs).map_err(io_err(&pfs))?;
-            std::os::unix::fs::chown(&fs, Some(meta.uid()), Some(meta.gid()))
-                .map_err(io_err(&fs))?;
-            std::fs::set_permissions(
-                &fs,
-                std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777),
-            )
-            .map_err(io_err(&fs))?;
-        }
+        let fs = if whole {
+            shared.fs_dir(n)
+        } else {
+            make_fs_dir(shared, n, parent)?
+        };
         {
             let db = shared.db();
             for key in &options.keys {
@@ -754,7 +761,7 @@ impl Snapshotter {
         parent: &ImmutableRef,
         options: &RefOptions,
     ) -> Result<MutableRef> {
-        let (held, fs) = self.create(None, None, options)?;
+        let (held, fs) = self.create(None, None, options, false)?;
         let fill = || -> Result<()> {
             let work = self.shared.work_dir(held.n);
             std::fs::DirBuilder::new()
@@ -857,7 +864,7 @@ impl Snapshotter {
             retain: false,
             keys: Vec::new(),
         };
-        let (held, fs) = self.create(parent, None, &ref_options)?;
+        let (held, fs) = self.create(parent, None, &ref_options, false)?;
         let held = Arc::new(held);
         let fill = || -> Result<()> {
             if let (Backend::Native { .. }, Some(p)) = (self.shared.backend, parent) {
@@ -921,7 +928,7 @@ impl Snapshotter {
         options: &RefOptions,
     ) -> Result<ImmutableRef> {
         let content = layer.content().unwrap_or(layer);
-        let (held, _fs) = self.create(parent, Some(content), options)?;
+        let (held, _fs) = self.create(parent, Some(content), options, false)?;
         let held = Arc::new(held);
         let committed = self.shared.db().transition(
             &held.id,
@@ -1491,6 +1498,27 @@ fn choose_backend(
     );
     db.setting_or_insert("backend", "native")?;
     Ok(native)
+}
+
+/// Makes the directory with a record's own contents; the root of a layer starts with its
+/// parent's root ownership and mode (the merged root of an overlay is its upper's root).
+fn make_fs_dir(shared: &Shared, n: u64, parent: Option<&ImmutableRef>) -> Result<PathBuf> {
+    let fs = shared.fs_dir(n);
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&fs)
+        .map_err(io_err(&fs))?;
+    if let Some(p) = parent {
+        let pfs = p.dir();
+        let meta = std::fs::metadata(&pfs).map_err(io_err(&pfs))?;
+        std::os::unix::fs::chown(&fs, Some(meta.uid()), Some(meta.gid())).map_err(io_err(&fs))?;
+        std::fs::set_permissions(
+            &fs,
+            std::os::unix::fs::PermissionsExt::from_mode(meta.mode() & 0o7777),
+        )
+        .map_err(io_err(&fs))?;
+    }
+    Ok(fs)
 }
 
 fn copy_parent(parent: &Held, fs: &Path) -> Result<()> {
