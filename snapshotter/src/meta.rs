@@ -336,7 +336,7 @@ impl Db {
     }
 
     /// Runs `f` holding the database's write lock (an IMMEDIATE transaction), so no
-    /// [`Db::insert_creating`] of any process runs meanwhile: a lock file or directory
+    /// [`Db::insert`] of any process runs meanwhile: a lock file or directory
     /// without a record is then a dead creation's, never one still being made (probing
     /// its lock would make that creation fail).
     pub(crate) fn excluding_creations<T, E: From<MetaError>>(
@@ -352,29 +352,12 @@ impl Db {
         Ok(result)
     }
 
-    /// Inserts a `creating` record with a fresh directory number inside one write
+    /// Inserts a record in `state` with a fresh directory number inside one write
     /// transaction, calling `prepare(n)` before the transaction commits: `prepare` takes
     /// the record's lock and makes its directory, so no other process can see the row
-    /// without the lock being held.
-    pub(crate) fn insert_creating<T, E: From<MetaError>>(
-        &mut self,
-        new: &NewRecord<'_>,
-        prepare: impl FnOnce(u64) -> Result<T, E>,
-    ) -> Result<(u64, T), E> {
-        self.insert(new, RecordState::Creating, prepare)
-    }
-
-    /// [`Db::insert_creating`] for a record that `prepare` makes whole (every directory):
-    /// it becomes visible `mutable`, without a second transaction to move it there.
-    pub(crate) fn insert_mutable<T, E: From<MetaError>>(
-        &mut self,
-        new: &NewRecord<'_>,
-        prepare: impl FnOnce(u64) -> Result<T, E>,
-    ) -> Result<(u64, T), E> {
-        self.insert(new, RecordState::Mutable, prepare)
-    }
-
-    fn insert<T, E: From<MetaError>>(
+    /// without the lock being held. `creating` for a record its caller fills afterwards;
+    /// `mutable` for one `prepare` makes whole (no second transaction to move it there).
+    pub(crate) fn insert<T, E: From<MetaError>>(
         &mut self,
         new: &NewRecord<'_>,
         state: RecordState,

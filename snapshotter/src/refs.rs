@@ -521,11 +521,12 @@ impl Snapshotter {
             }
             Ok(lock)
         };
-        let (n, lock) = if whole {
-            shared.db().insert_mutable(&new, make)?
+        let state = if whole {
+            RecordState::Mutable
         } else {
-            shared.db().insert_creating(&new, make)?
+            RecordState::Creating
         };
+        let (n, lock) = shared.db().insert(&new, state, make)?;
         let held = Held {
             shared: shared.clone(),
             id: id.clone(),
@@ -1945,7 +1946,7 @@ mod tests {
         let (n, (lock, looked_after)) = store
             .shared
             .db()
-            .insert_creating(&new, |n| -> Result<_> {
+            .insert(&new, RecordState::Creating, |n| -> Result<_> {
                 // Where another process's opening used to probe the lock (it found a lock
                 // file at the next number and no row): made, not locked yet.
                 let mut lock = RecordLock::open(&store.shared.lock_path(n), Create::New)?
