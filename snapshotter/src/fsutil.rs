@@ -42,15 +42,18 @@ pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &OsStr) -> NixResult<OwnedF
 /// with `userxattr`), set to `y`.
 pub(crate) const OPAQUE_KEYS: [&[u8]; 2] = [b"trusted.overlay.opaque", b"user.overlay.opaque"];
 
-fn is_opaque(dir: BorrowedFd<'_>) -> NixResult<bool> {
+/// Whether the open directory `dir` is marked opaque under either key; an error reading
+/// a key (but `ENOTSUP`) only when neither says so.
+pub(crate) fn is_opaque(dir: BorrowedFd<'_>) -> NixResult<bool> {
+    let mut failed = None;
     for key in OPAQUE_KEYS {
         match sys::fget_xattr(dir, key) {
             Ok(value) if value.as_deref() == Some(b"y") => return Ok(true),
             Ok(_) | Err(Errno::ENOTSUP) => {}
-            Err(e) => return Err(e),
+            Err(e) => failed = Some(e),
         }
     }
-    Ok(false)
+    failed.map_or(Ok(false), Err)
 }
 
 /// Whether the layer directory `layer`, as an overlay layer over others, can make any of

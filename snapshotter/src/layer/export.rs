@@ -418,12 +418,7 @@ fn exists_in_lowers(lowers: &[OwnedFd], path: &[u8]) -> Result<bool, LayerError>
                 Ok(_) => {
                     let sub = fsutil::open_dir_at(layer.as_fd(), name)
                         .map_err(export_err(path, "opening a lower directory"))?;
-                    let opaque = fsutil::OPAQUE_KEYS.iter().any(|key| {
-                        sys::fget_xattr(sub.as_fd(), key)
-                            .ok()
-                            .flatten()
-                            .is_some_and(|v| v == b"y")
-                    });
+                    let opaque = fsutil::is_opaque(sub.as_fd()).unwrap_or(false);
                     next.push(sub);
                     if opaque {
                         break;

@@ -93,16 +93,15 @@ impl UserDbs {
         // Each layer is looked at once, outside the lock (a few `fstatat`s in its
         // directory), and only up to the nearest recorded chain.
         let db = found?;
-        let mut shadowing = false;
         let mut checked = Vec::with_capacity(unchecked.len());
         for layer in unchecked {
             let shadows = layer.shadows_any(&UserDb::PATHS);
             checked.push((layer.id().to_owned(), shadows));
             if shadows {
-                shadowing = true;
                 break;
             }
         }
+        let shadowing = checked.last().is_some_and(|(_, shadows)| *shadows);
         let mut memo = self.lock();
         memo.make_room();
         memo.shadows.extend(checked);
