@@ -70,6 +70,7 @@ fn config(run: &Path, rootfs: &Path, n: usize, with_cgroups: bool) -> anyhow::Re
         own_cgroups: false,
         seccomp_cache: Some(run.join(".seccomp")),
         cgroup_registry: with_cgroups.then(|| run.join(".cgroups")),
+        seccomp_of_warm_runner: false,
     })
 }
 

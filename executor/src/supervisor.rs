@@ -108,11 +108,18 @@ struct WarmSlot {
 
 #[derive(Debug)]
 struct Warm {
-    /// The config it was started from.
-    template: RunnerConfig,
+    template: Template,
     /// The launcher that forked it: a warm runner of a launcher that was replaced is gone.
     launcher: Arc<Launcher>,
     runner: WarmRunner,
+}
+
+/// The config a warm runner starts from, and that config as JSON. The runner uses only its
+/// shape, so the next one starts from the same template after a step of that shape.
+#[derive(Debug)]
+struct Template {
+    config: RunnerConfig,
+    bytes: Vec<u8>,
 }
 
 /// How long the last executor waits for its warm runner to be gone.
@@ -208,32 +215,35 @@ impl Executor {
         }
     }
 
-    /// Hands the step to the warm runner when there is one of its shape (`None`: the step
-    /// takes none), else has the launcher fork a runner for it; `true` for a warm runner.
+    /// Hands the step to the warm runner when `warm` allows and there is one of its shape
+    /// (sent without its seccomp profile, which that runner has), else has the launcher
+    /// fork a runner for it (sent whole, as `encoded`, made here if it is not yet). With
+    /// the warm runner's template when that runner took it.
     fn launch_step(
         &self,
         bundle: &Path,
-        config: Option<&RunnerConfig>,
-        bytes: &[u8],
+        config: &mut RunnerConfig,
+        warm: bool,
+        encoded: &mut Option<Vec<u8>>,
         outputs: &Outputs,
-    ) -> Result<(Launched, bool), ExecError> {
+    ) -> Result<(Launched, Option<Template>), ExecError> {
         let taken = self
             .warm
             .slot
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let mut launched = None;
-        if let Some(warm) = taken {
+        if let Some(ready) = taken {
             let current = self
                 .launcher
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .as_ref()
-                .is_some_and(|current| Arc::ptr_eq(current, &warm.launcher));
-            if current && config.is_some_and(|c| c.warm_shape() == warm.template.warm_shape()) {
-                match warm.runner.start(bundle, bytes, outputs) {
-                    Ok(started) => launched = Some(started),
+                .is_some_and(|current| Arc::ptr_eq(current, &ready.launcher));
+            let fits = warm && current && config.warm_shape() == ready.template.config.warm_shape();
+            if let (true, Some(bytes)) = (fits, encode_for_warm(config)?) {
+                match ready.runner.start(bundle, &bytes, outputs) {
+                    Ok(started) => return Ok((started, Some(ready.template))),
                     // Gone (killed from outside): a runner forked for the step takes it,
                     // and its cgroups are ours to remove once it was reaped (it holds
                     // their registry entry until then).
@@ -248,14 +258,15 @@ impl Executor {
             }
             // A runner for another kind of step ends by itself once its go closes here.
         }
-        match launched {
-            Some(launched) => Ok((launched, true)),
-            None => Ok((self.launch(bundle, bytes, outputs)?, false)),
-        }
+        let bytes = match encoded {
+            Some(bytes) => bytes,
+            None => encoded.insert(encode(config)?),
+        };
+        Ok((self.launch(bundle, bytes, outputs)?, None))
     }
 
-    /// Starts a warm runner from `config` (`bytes`, its JSON) unless there is one.
-    fn warm_ahead(&self, config: RunnerConfig, bytes: &[u8]) {
+    /// Starts a warm runner from `template` unless there is one.
+    fn warm_ahead(&self, template: Template) {
         let mut slot = self
             .warm
             .slot
@@ -273,10 +284,10 @@ impl Executor {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Its cgroups are named after it, not after the step whose config it starts from.
         let id = format!("w{}x{number}", std::process::id());
-        match launcher.warm(&id, bytes) {
+        match launcher.warm(&id, &template.bytes) {
             Ok(runner) => {
                 *slot = Some(Warm {
-                    template: config,
+                    template,
                     launcher,
                     runner,
                 });
@@ -322,33 +333,39 @@ impl Executor {
         if config.cgroup_registry.is_none() {
             config.cgroup_registry = Some(cgroup_registry(&self.run_root));
         }
-        let bytes = serde_json::to_vec(&config)
-            .map_err(|e| ExecError::Setup(format!("encoding the step config: {e}")))?;
-        // A step must fit one message to go to a warm runner.
-        let warmable = bytes.len() <= MAX_WARM_CONFIG;
-        let mut ran = None;
-        if warmable {
+        // The config as JSON, made when a runner is forked for the step.
+        let mut encoded = None;
+        let mut ran = self
+            .run_once(
+                bundle,
+                &mut config,
+                true,
+                &mut encoded,
+                output.clone(),
+                &cancel,
+            )
+            .await?;
+        if ran.is_none() {
+            tracing::debug!("the warm runner ended before it took the step; forking one");
             ran = self
-                .run_once(bundle, &config, &bytes, true, output.clone(), &cancel)
+                .run_once(bundle, &mut config, false, &mut encoded, output, &cancel)
                 .await?;
-            if ran.is_none() {
-                tracing::debug!("the warm runner ended before it took the step; forking one");
-            }
         }
-        let result = match ran {
-            Some(result) => result,
-            None => self
-                .run_once(bundle, &config, &bytes, false, output, &cancel)
-                .await?
-                .ok_or_else(|| {
-                    ExecError::NoResult("the runner did not take the step".to_owned())
-                })?,
-        };
+        let (result, warm_template) =
+            ran.ok_or_else(|| ExecError::NoResult("the runner did not take the step".to_owned()))?;
         // The next step's runner starts now, while kiln finishes this step and prepares
         // the next (started with the step instead, it would compete with the step's setup
-        // for the CPUs and the kernel's locks).
-        if warmable && !result.exit.cancelled {
-            self.warm_ahead(config, &bytes);
+        // for the CPUs and the kernel's locks): from the template of the runner that took
+        // this step, or from this step's config when it fits one message.
+        if !result.exit.cancelled {
+            let template = warm_template.or_else(|| {
+                encoded
+                    .filter(|bytes| bytes.len() <= MAX_WARM_CONFIG)
+                    .map(|bytes| Template { config, bytes })
+            });
+            if let Some(template) = template {
+                self.warm_ahead(template);
+            }
         }
         Ok(result)
     }
@@ -359,12 +376,12 @@ impl Executor {
     async fn run_once(
         &self,
         bundle: &Path,
-        config: &RunnerConfig,
-        bytes: &[u8],
+        config: &mut RunnerConfig,
         warm: bool,
+        encoded: &mut Option<Vec<u8>>,
         output: Option<mpsc::Sender<(Stream, Vec<u8>)>>,
         cancel: &CancellationToken,
-    ) -> Result<Option<StepResult>, ExecError> {
+    ) -> Result<Option<(StepResult, Option<Template>)>, ExecError> {
         let (stdout_r, stdout_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| ExecError::Setup(format!("creating the step's output pipe: {e}")))?;
         let (stderr_r, stderr_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -373,8 +390,9 @@ impl Executor {
             stdout: stdout_w,
             stderr: stderr_w,
         };
-        let (mut launched, on_warm) =
-            self.launch_step(bundle, warm.then_some(config), bytes, &outputs)?;
+        let (mut launched, warm_template) =
+            self.launch_step(bundle, config, warm, encoded, &outputs)?;
+        let on_warm = warm_template.is_some();
         // Only the runner holds the write ends now: the pumps end when its step is done.
         drop(outputs);
         let receiver = |fd| {
@@ -427,7 +445,7 @@ impl Executor {
                 result.exit = serde_json::from_value(value["ok"].clone())
                     .map_err(|e| ExecError::NoResult(e.to_string()))?;
                 result.exit.cancelled |= cancelled;
-                Ok(Some(result))
+                Ok(Some((result, warm_template)))
             }
             Some(value) => Err(ExecError::Setup(
                 value["error"]
@@ -444,7 +462,7 @@ impl Executor {
                     cancelled: true,
                     ..ExitInfo::default()
                 };
-                Ok(Some(result))
+                Ok(Some((result, warm_template)))
             }
             None => {
                 // The runner died (killed from outside): its step's cgroups are ours to remove.
@@ -453,6 +471,30 @@ impl Executor {
             }
         }
     }
+}
+
+/// A runner's config as JSON, whole.
+fn encode(config: &RunnerConfig) -> Result<Vec<u8>, ExecError> {
+    serde_json::to_vec(config)
+        .map_err(|e| ExecError::Setup(format!("encoding the step config: {e}")))
+}
+
+/// A step's config as JSON for a warm runner of its shape: without its seccomp profile,
+/// the runner's own (compared before), and marked so. `None` when it does not fit one
+/// message.
+fn encode_for_warm(config: &mut RunnerConfig) -> Result<Option<Vec<u8>>, ExecError> {
+    let profile = config
+        .spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|linux| linux.seccomp_mut().take());
+    config.seccomp_of_warm_runner = true;
+    let encoded = encode(config);
+    config.seccomp_of_warm_runner = false;
+    if let Some(linux) = config.spec.linux_mut() {
+        *linux.seccomp_mut() = profile;
+    }
+    Ok(Some(encoded?).filter(|bytes| bytes.len() <= MAX_WARM_CONFIG))
 }
 
 /// Sleeps until `at`, or forever without it.
@@ -502,6 +544,51 @@ pub fn exit_error_text(exit: &ExitInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oci_spec::runtime::{LinuxBuilder, LinuxSeccompAction, LinuxSeccompBuilder};
+
+    #[test]
+    fn a_step_goes_to_a_warm_runner_without_its_profile_and_keeps_it() {
+        let profile = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActErrno)
+            .build()
+            .expect("profile");
+        let mut spec = oci_spec::runtime::Spec::default();
+        spec.set_linux(Some(
+            LinuxBuilder::default()
+                .seccomp(profile)
+                .build()
+                .expect("linux"),
+        ));
+        let mut config = RunnerConfig {
+            spec,
+            stub_paths: vec!["/etc/hosts".to_owned()],
+            stubs_recursive: false,
+            real_root: true,
+            own_cgroups: false,
+            seccomp_cache: None,
+            cgroup_registry: None,
+            seccomp_of_warm_runner: false,
+        };
+        let whole = encode(&config).expect("encodes");
+        let sent = encode_for_warm(&mut config)
+            .expect("encodes")
+            .expect("fits a message");
+        let decoded: RunnerConfig = serde_json::from_slice(&sent).expect("decodes");
+        assert!(decoded.seccomp_of_warm_runner);
+        assert!(
+            decoded
+                .spec
+                .linux()
+                .as_ref()
+                .expect("linux")
+                .seccomp()
+                .is_none()
+        );
+        assert_eq!(decoded.stub_paths, config.stub_paths);
+        assert!(sent.len() < whole.len());
+        // The step's own config is as it was: a runner forked for it gets it whole.
+        assert_eq!(encode(&config).expect("encodes"), whole);
+    }
 
     #[test]
     fn ids_are_letters_and_digits() {

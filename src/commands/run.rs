@@ -204,6 +204,7 @@ pub fn run(root: &Path, config: &Path, args: &RunArgs) -> anyhow::Result<ExitCod
                 ),
                 seccomp_cache: Some(kiln_executor::supervisor::seccomp_cache(&shared)),
                 cgroup_registry: Some(registry),
+                seccomp_of_warm_runner: false,
             };
             process::run(&config).map_err(anyhow::Error::from)
         });

@@ -107,6 +107,12 @@ pub struct RunnerConfig {
     /// them if this runner dies ([`cgroup::clean_stale`]); `None` records nothing.
     #[serde(default)]
     pub cgroup_registry: Option<PathBuf>,
+    /// The step's seccomp profile is the one of the runner started ahead that it goes to
+    /// (see [`run_warm`]), and is sent without it: that runner compiled it already, and
+    /// the profile's ≈380 names were most of decoding the step there. Only kiln, which
+    /// compared the two, sets it; a runner forked for the step refuses a config with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seccomp_of_warm_runner: bool,
 }
 
 impl RunnerConfig {
@@ -286,6 +292,9 @@ pub fn run(config: &RunnerConfig) -> Result<ExitInfo, RunError> {
 /// Runs one step and hands back its cgroups, emptied and measured, for the caller to
 /// remove (when it drops them) once the outcome is reported.
 fn run_leaving_cgroups(config: &RunnerConfig) -> (Result<ExitInfo, RunError>, Placement) {
+    if config.seccomp_of_warm_runner {
+        return (Err(without_profile()), Placement::default());
+    }
     let target = match Target::prepare(config) {
         Ok(target) => target,
         Err(e) => return (Err(e), Placement::default()),
@@ -327,6 +336,9 @@ fn run_warm_leaving_cgroups(
     go: &OwnedFd,
     taken: impl FnOnce(),
 ) -> Result<Option<(ExitInfo, Placement)>, RunError> {
+    if template.seccomp_of_warm_runner {
+        return Err(without_profile());
+    }
     let mut sandbox = Sandbox::prepare(template)?;
     let mut init = spawn_init(&sandbox, &template.spec, None)?;
     let shape = template.warm_shape();
@@ -335,7 +347,17 @@ fn run_warm_leaving_cgroups(
     };
     taken();
     let mut config = parse_config(&config, &bundle.join("config.json"))?;
-    if config.warm_shape() != shape {
+    let mut step_shape = config.warm_shape();
+    if config.seccomp_of_warm_runner {
+        if step_shape.seccomp.is_some() {
+            return Err(RunError::Setup(
+                "a step sent with the warm runner's seccomp profile brought a profile too"
+                    .to_owned(),
+            ));
+        }
+        step_shape.seccomp = shape.seccomp;
+    }
+    if step_shape != shape {
         return Err(RunError::Setup(
             "the step does not fit the runner started ahead for it (its namespaces, limits, \
              seccomp profile or cgroup parent differ)"
@@ -367,6 +389,15 @@ fn run_warm_leaving_cgroups(
     target.clean();
     let (result, cgroups) = sandbox.finish(result);
     Ok(Some((result?, cgroups)))
+}
+
+/// A config that names another runner's seccomp profile, anywhere but in the step given
+/// to that runner: running it would run the step without its profile.
+fn without_profile() -> RunError {
+    RunError::Setup(
+        "the step's config was sent without its seccomp profile, for a runner started ahead"
+            .to_owned(),
+    )
 }
 
 /// Waits until kiln sends the step (`Some`) or closes `go`, or a signal tells the runner to
@@ -956,7 +987,29 @@ mod tests {
             own_cgroups: true,
             seccomp_cache: None,
             cgroup_registry: None,
+            seccomp_of_warm_runner: false,
         }
+    }
+
+    #[test]
+    fn a_config_sent_without_its_profile_runs_only_on_the_warm_runner_it_was_sent_to() {
+        let mut flagged = config("/buildkit/s1x2", &["true"], None);
+        flagged.seccomp_of_warm_runner = true;
+        let refused = |e: RunError| e.to_string().contains("without its seccomp profile");
+        // Refused before anything is made: no rootfs, cgroup or process here.
+        assert!(run(&flagged).is_err_and(refused));
+        let (go, _kiln) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        assert!(run_warm(&flagged, &go, || {}).is_err_and(refused));
+        // Sent whole, the flag is not there at all (older runners read the same JSON).
+        let whole =
+            serde_json::to_string(&config("/buildkit/s1x2", &["true"], None)).expect("encodes");
+        assert!(!whole.contains("seccomp_of_warm_runner"), "{whole}");
     }
 
     #[test]

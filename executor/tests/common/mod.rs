@@ -118,6 +118,7 @@ pub fn request(
             ),
             seccomp_cache: None,
             cgroup_registry: None,
+            seccomp_of_warm_runner: false,
         },
     })
 }

@@ -660,6 +660,7 @@ async fn run_step(
             ),
             seccomp_cache: None,
             cgroup_registry: None,
+            seccomp_of_warm_runner: false,
         },
     };
     let (tx, mut rx) = mpsc::channel::<(Stream, Vec<u8>)>(64);
