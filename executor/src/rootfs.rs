@@ -10,6 +10,7 @@
 //! host's, and sysfs falls back to a recursive read-only bind when the step shares the
 //! host's network namespace.
 
+use std::cell::RefCell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
@@ -65,6 +66,81 @@ pub struct Context<'a> {
     /// The host's `/dev/null`, verified as the null device.
     pub host_devnull: BorrowedFd<'a>,
     pub cgroups: &'a [CgroupView],
+    /// Filesystems made before the spec arrived, for the mounts that ask for them.
+    pub premade: RefCell<Premade>,
+}
+
+/// Filesystems an init makes while it waits for its step (a runner started ahead: see
+/// `process::run_warm`), from the mounts of the spec it was started with: a mount of the
+/// step's spec that is the same entry takes its filesystem instead of making one. Only
+/// those that depend on nothing the step brings: `proc` (of the init's pid namespace),
+/// `tmpfs`, `devpts` and `mqueue` (of its IPC namespace); not `sysfs`, whose network
+/// namespace may come with the step. Nothing of the rootfs is looked at before the step:
+/// the mount points are resolved then, as for a filesystem made in place.
+#[derive(Debug, Default)]
+pub struct Premade {
+    made: Vec<(Mount, OwnedFd)>,
+}
+
+impl Premade {
+    /// Makes what it can of `spec`'s mounts; one that fails is left for the step to make
+    /// (and report).
+    pub fn make(sys: &dyn Sys, spec: &Spec) -> Premade {
+        let made = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .filter(|m| {
+                matches!(
+                    m.typ().as_deref(),
+                    Some("proc" | "tmpfs" | "devpts" | "mqueue")
+                )
+            })
+            .filter_map(|m| Some((m.clone(), new_filesystem(sys, m).ok()?)))
+            .collect();
+        Premade { made }
+    }
+
+    /// The filesystem made for a mount that is the same entry as `m`.
+    fn take(&mut self, m: &Mount) -> Option<OwnedFd> {
+        let i = self.made.iter().position(|(made, _)| made == m)?;
+        Some(self.made.swap_remove(i).1)
+    }
+}
+
+/// The filesystem source `m` shows in `/proc/mounts` (its type when it names none).
+fn filesystem_source(m: &Mount, typ: &str) -> (String, Option<String>) {
+    // /proc/mounts shows a mount's source (runc passes it to mount(2)); a filesystem
+    // context shows "none" unless the source is set, and build tools read it there.
+    let source = m
+        .source()
+        .as_ref()
+        .map_or_else(|| typ.to_owned(), |s| s.to_string_lossy().into_owned());
+    ("source".to_owned(), Some(source))
+}
+
+/// A detached filesystem for `m`, a `proc`, `sysfs`, `tmpfs`, `devpts` or `mqueue` mount:
+/// `proc` and `sysfs` with their source only, the others with the options' data too.
+fn new_filesystem(sys: &dyn Sys, m: &Mount) -> Result<OwnedFd, Errno> {
+    let typ = m.typ().as_deref().unwrap_or("bind");
+    let options = parse_options(m.options().as_deref().unwrap_or_default());
+    let source = filesystem_source(m, typ);
+    match typ {
+        "proc" | "sysfs" => sys.new_filesystem(typ, std::slice::from_ref(&source), options.attrs),
+        "tmpfs" | "devpts" | "mqueue" => {
+            let mut data = vec![source];
+            data.extend(options.data);
+            match sys.new_filesystem(typ, &data, options.attrs) {
+                // gid=5 does not exist in a single-id user namespace.
+                Err(Errno::EINVAL) if typ == "devpts" => {
+                    data.retain(|(k, _)| k != "gid");
+                    sys.new_filesystem(typ, &data, options.attrs)
+                }
+                other => other,
+            }
+        }
+        _ => Err(Errno::EINVAL),
+    }
 }
 
 /// Mount options split into mount attributes, recursion and filesystem data.
@@ -181,13 +257,7 @@ fn mount_one(
     let dest = destination.as_str();
     let typ = m.typ().clone().unwrap_or_else(|| "bind".to_owned());
     let options = parse_options(m.options().as_deref().unwrap_or_default());
-    // /proc/mounts shows a mount's source (runc passes it to mount(2)); a filesystem
-    // context shows "none" unless the source is set, and build tools read it there.
-    let source = m
-        .source()
-        .as_ref()
-        .map_or_else(|| typ.clone(), |s| s.to_string_lossy().into_owned());
-    let source = ("source".to_owned(), Some(source));
+    let premade = || ctx.premade.borrow_mut().take(m);
     match typ.as_str() {
         "proc" | "sysfs" => {
             // The target is almost always there: check it first, create it only if missing.
@@ -201,7 +271,7 @@ fn mount_one(
                 }
                 opened => opened?,
             };
-            let fs = match sys.new_filesystem(&typ, std::slice::from_ref(&source), options.attrs) {
+            let fs = match premade().map_or_else(|| new_filesystem(sys, m), Ok) {
                 Ok(fs) => fs,
                 // sysfs needs a network namespace kiln owns; sharing the host's network from
                 // a user namespace, show the host's /sys read-only instead.
@@ -225,23 +295,9 @@ fn mount_one(
         "cgroup" | "cgroup2" => mount_cgroups(sys, root, dest, &options, ctx),
         "tmpfs" | "devpts" | "mqueue" => {
             let target = path::ensure_target(sys, root, dest, TargetKind::Directory)?;
-            let mut data = vec![source];
-            data.extend(options.data.iter().cloned());
-            let options = Options { data, ..options };
-            let fs = match sys.new_filesystem(&typ, &options.data, options.attrs) {
-                // gid=5 does not exist in a single-id user namespace.
-                Err(Errno::EINVAL) if typ == "devpts" => {
-                    let data: Vec<_> = options
-                        .data
-                        .iter()
-                        .filter(|(k, _)| k != "gid")
-                        .cloned()
-                        .collect();
-                    sys.new_filesystem(&typ, &data, options.attrs)
-                }
-                other => other,
-            }
-            .map_err(mount_err(dest, "create filesystem"))?;
+            let fs = premade()
+                .map_or_else(|| new_filesystem(sys, m), Ok)
+                .map_err(mount_err(dest, "create filesystem"))?;
             sys.move_mount_onto(fs.as_fd(), target.as_fd())
                 .map_err(mount_err(dest, "attach"))
         }
@@ -556,15 +612,85 @@ mod tests {
     }
 
     fn run(sys: &RecordingSys, spec: &Spec) -> Result<Vec<Call>, RootfsError> {
+        run_with(sys, spec, Premade::default())
+    }
+
+    fn run_with(
+        sys: &RecordingSys,
+        spec: &Spec,
+        premade: Premade,
+    ) -> Result<Vec<Call>, RootfsError> {
         let host = sys.root().unwrap();
         let devnull = sys.root().unwrap();
         let ctx = Context {
             host_root: host.as_fd(),
             host_devnull: devnull.as_fd(),
             cgroups: &[],
+            premade: RefCell::new(premade),
         };
         prepare(sys, spec, &ctx)?;
         Ok(sys.calls())
+    }
+
+    #[test]
+    fn filesystems_made_ahead_are_taken_by_the_same_mounts_only() {
+        let sys = RecordingSys::new().unwrap().with("/rootfs", Node::Dir);
+        let proc = m("/proc", "proc", "proc", &["nosuid", "nodev", "noexec"]);
+        let shm = m("/dev/shm", "tmpfs", "shm", &["nosuid", "mode=1777"]);
+        let ahead = spec(
+            vec![
+                proc.clone(),
+                shm.clone(),
+                m("/sys", "sysfs", "sysfs", &["ro"]),
+                m("/run", "tmpfs", "tmpfs", &["size=1k"]),
+                m("/data", "bind", "/host/data", &["rbind"]),
+            ],
+            vec![],
+            vec![],
+        );
+        let premade = Premade::make(&sys, &ahead);
+        let made = |calls: &[Call]| -> Vec<String> {
+            calls
+                .iter()
+                .filter_map(|c| match c {
+                    Call::NewFilesystem {
+                        fstype, options, ..
+                    } => Some(format!("{fstype} {}", options.join(","))),
+                    _ => None,
+                })
+                .collect()
+        };
+        // Not sysfs (its network namespace may come with the step), not a bind; nothing
+        // of the rootfs looked at.
+        let before = sys.calls();
+        assert_eq!(
+            made(&before),
+            [
+                "proc source=proc",
+                "tmpfs source=shm,mode=1777",
+                "tmpfs source=tmpfs,size=1k"
+            ]
+        );
+        assert_eq!(before.len(), 3, "{before:?}");
+        // The step: the same /proc and /dev/shm entries, /run with another size.
+        let step = spec(
+            vec![proc, shm, m("/run", "tmpfs", "tmpfs", &["size=2k"])],
+            vec![],
+            vec![],
+        );
+        let calls = run_with(&sys, &step, premade).unwrap();
+        assert_eq!(made(&calls[before.len()..]), ["tmpfs source=tmpfs,size=2k"]);
+        for (tree, target) in [
+            ("fs:proc", "/rootfs/proc"),
+            ("fs:tmpfs", "/rootfs/dev/shm"),
+            ("fs:tmpfs", "/rootfs/run"),
+        ] {
+            let attach = Call::MoveMount {
+                tree: tree.into(),
+                target: target.into(),
+            };
+            assert!(calls.contains(&attach), "{attach:?} in {calls:?}");
+        }
     }
 
     #[test]

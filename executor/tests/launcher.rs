@@ -314,12 +314,14 @@ fn runner_of(launcher: Pid, marker: &str) -> Result<Pid, String> {
     runner.ok_or_else(|| "no runner".to_owned())
 }
 
-/// The one runner `launcher` keeps started ahead between steps.
+/// The one runner `launcher` keeps started ahead between steps: its only child, with its
+/// init waiting (a runner that reported its step may still be removing its cgroups, its
+/// init reaped, when the launcher has not forked the next one yet).
 fn warm_runner(launcher: Pid) -> Result<Pid, String> {
     let mut runners = Vec::new();
     wait_for("a runner started ahead", || {
         runners = children_of(launcher.as_raw() as u32);
-        runners.len() == 1
+        runners.len() == 1 && children_of(runners[0].0.as_raw() as u32).len() == 1
     })
     .map_err(|e| format!("{e}: the launcher's children are {runners:?}"))?;
     Ok(runners[0].0)
@@ -408,6 +410,8 @@ fn the_next_step_runs_on_a_runner_started_ahead_with_its_own_spec() -> Result<()
 /// template's, the same), and that runner's init gets no profile either (it installs the
 /// program): the step must still run under it — on the runner started from the first
 /// step's config, and on the next, started from the same template after a warm step.
+/// Its `/proc` was made by the init before the step arrived: it must show the step's
+/// own pid namespace: two processes, the init and the shell (which counts them itself).
 fn a_step_on_a_runner_started_ahead_runs_under_its_seccomp_profile() -> Result<(), String> {
     let (harness, rootfs, launcher, mut warm) = after_one_step()?;
     let harness = std::sync::Arc::new(harness);
@@ -417,12 +421,13 @@ fn a_step_on_a_runner_started_ahead_runs_under_its_seccomp_profile() -> Result<(
             rootfs.path(),
             &format!(
                 "sleep {marker}; grep -E '^Seccomp(_filters)?:' /proc/self/status; \
-                 unshare -U true 2>/dev/null && echo unshared || echo refused"
+                 unshare -U true 2>/dev/null && echo unshared || echo refused; \
+                 set -- /proc/[0-9]*; echo $#"
             ),
         );
         let out = run_on_warm_runner(&harness, (launcher, warm), next, &marker)?;
         let fields: Vec<&str> = out.split_whitespace().collect();
-        if fields != ["Seccomp:", "2", "Seccomp_filters:", "1", "refused"] {
+        if fields != ["Seccomp:", "2", "Seccomp_filters:", "1", "refused", "2"] {
             return Err(format!("step {round} on a warm runner printed {out:?}"));
         }
         let previous = warm;

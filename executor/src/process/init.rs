@@ -58,6 +58,10 @@ pub(super) fn report(status: &OwnedFd, report: &InitReport) {
 pub(super) fn run(args: InitArgs<'_>, go: OwnedFd) -> ! {
     // The runner holds the other end: if it dies before or after this, so do we.
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // Device nodes and masks are created with exact modes.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    // While the step is on its way (a runner started ahead waits for it here).
+    let premade = rootfs::Premade::make(&LinuxSys, args.spec);
     let mut message = vec![0u8; crate::launcher::MAX_REQUEST];
     let (len, fds) = match sys::recv_with_fds(go.as_fd(), &mut message) {
         Ok((len, fds)) if len > 0 => (len, fds),
@@ -65,7 +69,7 @@ pub(super) fn run(args: InitArgs<'_>, go: OwnedFd) -> ! {
     };
     drop(go);
     match message[0] {
-        b'G' => start(&args),
+        b'G' => start(&args, premade),
         b'W' => {
             let spec: Spec = match serde_json::from_slice(&message[1..len]) {
                 Ok(spec) => spec,
@@ -83,12 +87,15 @@ pub(super) fn run(args: InitArgs<'_>, go: OwnedFd) -> ! {
             }
             drop((stdout, stderr));
             let netns = fds.next();
-            start(&InitArgs {
-                spec: &spec,
-                netns: netns.as_ref().map(AsFd::as_fd),
-                status: args.status,
-                ..args
-            })
+            start(
+                &InitArgs {
+                    spec: &spec,
+                    netns: netns.as_ref().map(AsFd::as_fd),
+                    status: args.status,
+                    ..args
+                },
+                premade,
+            )
         }
         _ => sys::exit_immediately(1),
     }
@@ -99,8 +106,8 @@ fn fail(args: &InitArgs<'_>, message: String, exec_code: Option<i32>) -> ! {
     sys::exit_immediately(1)
 }
 
-fn start(args: &InitArgs<'_>) -> ! {
-    match setup_and_start(args) {
+fn start(args: &InitArgs<'_>, premade: rootfs::Premade) -> ! {
+    match setup_and_start(args, premade) {
         Ok(workload) => {
             let outcome = supervise(workload, args.signals);
             report(&args.status, &outcome);
@@ -110,12 +117,15 @@ fn start(args: &InitArgs<'_>) -> ! {
     }
 }
 
-fn setup_and_start(args: &InitArgs<'_>) -> Result<nix::unistd::Pid, (String, Option<i32>)> {
-    setup(args).map_err(|message| (message, None))?;
+fn setup_and_start(
+    args: &InitArgs<'_>,
+    premade: rootfs::Premade,
+) -> Result<nix::unistd::Pid, (String, Option<i32>)> {
+    setup(args, premade).map_err(|message| (message, None))?;
     start_workload(args)
 }
 
-fn setup(args: &InitArgs<'_>) -> Result<(), String> {
+fn setup(args: &InitArgs<'_>, premade: rootfs::Premade) -> Result<(), String> {
     let sys = LinuxSys;
     // The mount namespace is copied now, not at the clone: the step's rootfs and mounts
     // may have been mounted since (an init started ahead of its step).
@@ -129,14 +139,13 @@ fn setup(args: &InitArgs<'_>) -> Result<(), String> {
         nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("joining the sandbox network: {e}"))?;
     }
-    // Device nodes and masks are created with exact modes.
-    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     // Opened in this mount namespace: open_tree can only clone mounts of our own namespace.
     let devnull = rootfs::open_host_devnull().map_err(|e| e.to_string())?;
     let ctx = Context {
         host_root: args.host_root,
         host_devnull: devnull.as_fd(),
         cgroups: args.cgroups,
+        premade: std::cell::RefCell::new(premade),
     };
     let root = rootfs::prepare(&sys, args.spec, &ctx).map_err(|e| e.to_string())?;
     rootfs::finish_root(&sys, args.spec, root.as_fd()).map_err(|e| e.to_string())?;
