@@ -85,7 +85,8 @@ pub struct StepRequest {
 /// Runs steps through runner processes, forked by a launcher started with the first step.
 ///
 /// Each step's runner is started ahead when it can be: once a step's outcome is in, the
-/// launcher forks a *warm* runner from that step's config, which makes its cgroups, loads
+/// launcher forks a *warm* runner from that step's config (or from the template of the
+/// warm runner it ran on: only the shape matters), which makes its cgroups, loads
 /// its seccomp program and clones its init into its pid, ipc and uts namespaces and
 /// cgroups while kiln finishes that step and prepares the next one (on the other CPU);
 /// the next step takes it when it has the same [`RunnerConfig::warm_shape`]. One is kept
