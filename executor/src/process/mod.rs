@@ -367,6 +367,8 @@ fn run_warm_leaving_cgroups(
     // The init installs the program compiled from the template's profile (in its memory
     // since the clone), never the profile: the step's spec goes to it without one, at a
     // third of the size, and parsing it there (a cold process) takes less than half as long.
+    // kiln sends the step without it already (`seccomp_of_warm_runner`); a config that
+    // brings it (another caller of `run_warm`) has it dropped here.
     if let Some(linux) = config.spec.linux_mut() {
         linux.set_seccomp(None);
     }
