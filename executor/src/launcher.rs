@@ -43,6 +43,7 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::process::WarmTemplate;
 use crate::supervisor::RunnerCommand;
 use crate::sys::{self, Forked};
 
@@ -237,7 +238,8 @@ impl Launcher {
     /// Has the launcher fork a warm runner from `template` (a runner's config as JSON, at
     /// most [`MAX_INLINE`] bytes): it sets up what steps of that shape share, with cgroups
     /// named after `id` (a step id: letters and digits), and waits for its step (see
-    /// [`crate::process::run_warm`]).
+    /// [`crate::process::run_warm`]). The launcher parses a template once, for as long as
+    /// the same one comes (see [`crate::process::WarmTemplate`]).
     pub fn warm(&self, id: &str, template: &[u8]) -> Result<WarmRunner, LauncherError> {
         let send_err = |source| LauncherError::Send {
             bundle: PathBuf::from("(a warm runner)"),
@@ -530,6 +532,9 @@ pub fn serve(socket: OwnedFd) -> i32 {
     let launcher = nix::unistd::getpid();
     // Each runner's status socket, until the runner is reaped.
     let mut running: HashMap<Pid, OwnedFd> = HashMap::new();
+    // The last warm runners' template, parsed: kiln starts every warm runner of a build's
+    // steps from the same one.
+    let mut template: Option<WarmTemplate> = None;
     let mut open = true;
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
@@ -578,13 +583,21 @@ pub fn serve(socket: OwnedFd) -> i32 {
                         },
                     ),
                     None => match config {
-                        Some(template) => (
-                            second,
-                            Request::Warm {
-                                go: first,
-                                template,
-                            },
-                        ),
+                        Some(bytes) => {
+                            if !template.as_ref().is_some_and(|t| t.is_from(bytes)) {
+                                template = Some(WarmTemplate::new(bytes));
+                            }
+                            let Some(template) = template.as_ref() else {
+                                continue;
+                            };
+                            (
+                                second,
+                                Request::Warm {
+                                    go: first,
+                                    template,
+                                },
+                            )
+                        }
                         None => continue,
                     },
                 };
@@ -670,7 +683,10 @@ enum Request<'a> {
     /// A runner for a step, writing to the step's output.
     Step { stdout: OwnedFd, stderr: OwnedFd },
     /// A runner started ahead from `template` that waits on `go` for its step.
-    Warm { go: OwnedFd, template: &'a [u8] },
+    Warm {
+        go: OwnedFd,
+        template: &'a WarmTemplate,
+    },
 }
 
 /// What a forked runner is to run.
@@ -709,9 +725,14 @@ fn detach(runner: &Runner<'_>, keep: &[std::os::fd::RawFd]) {
 
 /// The forked child of a warm request (its id where a step's request has the bundle path):
 /// sets itself up as [`become_runner`] does, but without the step's output (its step
-/// brings it), then runs [`crate::process::run_warm_config`]. Exits without a report when
-/// it was let go.
-fn become_warm_runner(runner: &Runner<'_>, template: &[u8], go: &OwnedFd, status: OwnedFd) -> ! {
+/// brings it), then runs [`crate::process::run_warm_config`] with the template the
+/// launcher parsed. Exits without a report when it was let go.
+fn become_warm_runner(
+    runner: &Runner<'_>,
+    template: &WarmTemplate,
+    go: &OwnedFd,
+    status: OwnedFd,
+) -> ! {
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(runner.mask), None);
     detach(runner, &[go.as_raw_fd(), status.as_raw_fd()]);
     let taken = || {

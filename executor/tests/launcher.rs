@@ -456,7 +456,18 @@ fn a_step_of_another_shape_gets_a_runner_of_its_own() -> Result<(), String> {
     // The unused one ended by itself, its cgroups removed.
     wait_for("the unused runner to end", || {
         !std::path::Path::new(&format!("/proc/{warm}")).exists()
-    })
+    })?;
+    // The next runner is started from the limited step's config: the launcher parses that
+    // template anew (not the one it kept) and a step of that shape runs on it.
+    let warm = warm_runner(launcher)?;
+    let marker = format!("0.31{}", std::process::id());
+    let mut again = offline_step(
+        rootfs.path(),
+        &format!("sleep {marker}; echo limited again"),
+    );
+    again.limits.pids = Some(64);
+    let out = run_on_warm_runner(&harness, (launcher, warm), again, &marker)?;
+    common::expect_eq("output", &out, "limited again")
 }
 
 /// A harness after one step: the busybox rootfs, the launcher and the runner it keeps

@@ -299,7 +299,7 @@ fn run_leaving_cgroups(config: &RunnerConfig) -> (Result<ExitInfo, RunError>, Pl
         Ok(target) => target,
         Err(e) => return (Err(e), Placement::default()),
     };
-    let finished = match Sandbox::prepare(config) {
+    let finished = match Sandbox::prepare(config, None) {
         Ok(mut sandbox) => {
             let spec = sandbox.step_spec(&config.spec);
             let result = joined_network(&config.spec).and_then(|netns| {
@@ -326,20 +326,22 @@ pub fn run_warm(
     go: &OwnedFd,
     taken: impl FnOnce(),
 ) -> Result<Option<ExitInfo>, RunError> {
-    run_warm_leaving_cgroups(template, go, taken).map(|ran| ran.map(|(info, _cgroups)| info))
+    run_warm_leaving_cgroups(template, None, go, taken).map(|ran| ran.map(|(info, _cgroups)| info))
 }
 
-/// [`run_warm`], handing back the step's cgroups as [`run_leaving_cgroups`] does. A step
-/// that could not run reports its error with them removed.
+/// [`run_warm`], handing back the step's cgroups as [`run_leaving_cgroups`] does, with
+/// `seccomp` the template's program when it was loaded already. A step that could not run
+/// reports its error with them removed.
 fn run_warm_leaving_cgroups(
     template: &RunnerConfig,
+    seccomp: Option<Vec<kiln_seccomp::SockFilter>>,
     go: &OwnedFd,
     taken: impl FnOnce(),
 ) -> Result<Option<(ExitInfo, Placement)>, RunError> {
     if template.seccomp_of_warm_runner {
         return Err(without_profile());
     }
-    let mut sandbox = Sandbox::prepare(template)?;
+    let mut sandbox = Sandbox::prepare(template, seccomp)?;
     let mut init = spawn_init(&sandbox, &template.spec, None)?;
     let shape = template.warm_shape();
     let Some((bundle, config, outputs)) = wait_for_step(go, &init.signal_fd) else {
@@ -515,15 +517,17 @@ struct Sandbox {
 }
 
 impl Sandbox {
-    fn prepare(config: &RunnerConfig) -> Result<Sandbox, RunError> {
+    /// With `seccomp`, the program already loaded from `config`'s profile (see
+    /// [`WarmTemplate`]); without, it is loaded here.
+    fn prepare(
+        config: &RunnerConfig,
+        seccomp: Option<Vec<kiln_seccomp::SockFilter>>,
+    ) -> Result<Sandbox, RunError> {
         let spec = &config.spec;
         let host_root = open_dir(Path::new("/"))?;
-        let seccomp = match spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
-            Some(profile) => {
-                kiln_seccomp::load_or_compile(profile, config.seccomp_cache.as_deref())
-                    .map_err(|e| RunError::Setup(e.to_string()))?
-            }
-            None => Vec::new(),
+        let seccomp = match seccomp {
+            Some(program) => program,
+            None => seccomp_program(config)?,
         };
         let limits = Limits::from_spec(spec);
         let placement = place(config, &limits)?;
@@ -593,6 +597,20 @@ impl Sandbox {
             info.written_bytes = written;
         }
         Ok(info)
+    }
+}
+
+/// The compiled program of `config`'s seccomp profile (empty: none).
+fn seccomp_program(config: &RunnerConfig) -> Result<Vec<kiln_seccomp::SockFilter>, RunError> {
+    match config
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.seccomp().as_ref())
+    {
+        Some(profile) => kiln_seccomp::load_or_compile(profile, config.seccomp_cache.as_deref())
+            .map_err(|e| RunError::Setup(e.to_string())),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -900,22 +918,64 @@ pub fn run_config(config: Option<&[u8]>, bundle: &Path) -> (String, Placement) {
     }
 }
 
-/// Runs the step a warm runner is given (see [`run_warm`]) from `template` (the config of
-/// a step of the shape it waits for, JSON) with cgroups named after `id`: [`outcome_json`]
-/// of it and its cgroups as for [`run_config`], `None` when it was let go without one.
+/// A warm runner's template (the config of a step of the shape it waits for, JSON) parsed
+/// and its seccomp program loaded, or why that failed. The launcher keeps the last one and
+/// forks every warm runner of the same template from it: a runner then neither parses the
+/// template (most of it the profile's ≈380 names) nor loads the program again, work the
+/// two cores here would otherwise do once per step.
+#[derive(Debug)]
+pub struct WarmTemplate {
+    bytes: Vec<u8>,
+    prepared: Result<(RunnerConfig, Vec<kiln_seccomp::SockFilter>), String>,
+}
+
+impl WarmTemplate {
+    pub fn new(bytes: &[u8]) -> WarmTemplate {
+        let prepared = parse_config(bytes, Path::new("(the warm runner's template)"))
+            .and_then(|config| {
+                if config.seccomp_of_warm_runner {
+                    return Err(without_profile());
+                }
+                let program = seccomp_program(&config)?;
+                Ok((config, program))
+            })
+            .map_err(|e| e.to_string());
+        WarmTemplate {
+            bytes: bytes.to_vec(),
+            prepared,
+        }
+    }
+
+    /// Whether this is the template `bytes` encode.
+    pub fn is_from(&self, bytes: &[u8]) -> bool {
+        self.bytes == bytes
+    }
+}
+
+/// Runs the step a warm runner is given (see [`run_warm`]) from `template` with cgroups
+/// named after `id`: [`outcome_json`] of it and its cgroups as for [`run_config`], `None`
+/// when it was let go without one.
 pub fn run_warm_config(
-    template: &[u8],
+    template: &WarmTemplate,
     id: &str,
     go: &OwnedFd,
     taken: impl FnOnce(),
 ) -> Option<(String, Placement)> {
-    let template = parse_config(template, Path::new("(the warm runner's template)"))
-        .and_then(|mut template| template.rename_cgroups(id).map(|()| template));
-    let template = match template {
-        Ok(template) => template,
+    let ready = match &template.prepared {
+        Ok((config, program)) => {
+            let mut config = config.clone();
+            config
+                .rename_cgroups(id)
+                .map(|()| (config, program.clone()))
+        }
+        // The same text as the error it stands for (a setup error shows its message).
+        Err(message) => Err(RunError::Setup(message.clone())),
+    };
+    let (template, program) = match ready {
+        Ok(ready) => ready,
         Err(e) => return Some((outcome_json(Err(e)), Placement::default())),
     };
-    match run_warm_leaving_cgroups(&template, go, taken) {
+    match run_warm_leaving_cgroups(&template, Some(program), go, taken) {
         Ok(None) => None,
         Ok(Some((info, cgroups))) => Some((outcome_json(Ok(info)), cgroups)),
         Err(e) => Some((outcome_json(Err(e)), Placement::default())),
@@ -1012,6 +1072,48 @@ mod tests {
         let whole =
             serde_json::to_string(&config("/buildkit/s1x2", &["true"], None)).expect("encodes");
         assert!(!whole.contains("seccomp_of_warm_runner"), "{whole}");
+    }
+
+    #[test]
+    fn a_warm_template_is_parsed_once_with_its_program_or_its_error() {
+        let mut template = config("/buildkit/s1x2", &["true"], None);
+        let profile = kiln_seccomp::default_profile(&[caps::Capability::CAP_CHOWN]);
+        if let Some(linux) = template.spec.linux_mut() {
+            linux.set_seccomp(Some(profile.clone()));
+        }
+        let bytes = serde_json::to_vec(&template).expect("encodes");
+        let parsed = WarmTemplate::new(&bytes);
+        assert!(parsed.is_from(&bytes));
+        assert!(!parsed.is_from(&bytes[1..]));
+        let (config, program) = parsed.prepared.as_ref().expect("a sound template");
+        assert_eq!(config.spec, template.spec);
+        let expected = kiln_seccomp::load_or_compile(&profile, None).expect("compiles");
+        assert!(!program.is_empty());
+        assert_eq!(program, &expected);
+
+        let (go, _kiln) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        // A template that cannot be used fails every runner started from it, with the
+        // error it would have had parsing the template itself; nothing is made.
+        let mut flagged = template.clone();
+        flagged.seccomp_of_warm_runner = true;
+        let flagged = WarmTemplate::new(&serde_json::to_vec(&flagged).expect("encodes"));
+        let broken = WarmTemplate::new(b"{\"spec\": 1}");
+        for (bad, text) in [
+            (&flagged, "sent without its seccomp profile"),
+            (&broken, "(the warm runner's template)"),
+        ] {
+            let (outcome, _cgroups) =
+                run_warm_config(bad, "s1x2", &go, || panic!("taken")).expect("reported");
+            let outcome: serde_json::Value = serde_json::from_str(&outcome).expect("json");
+            let error = outcome["error"].as_str().expect("an error");
+            assert!(error.contains(text), "{error}");
+        }
     }
 
     #[test]
