@@ -585,11 +585,9 @@ pub fn serve(socket: OwnedFd) -> i32 {
                     None => match config {
                         Some(bytes) => {
                             if !template.as_ref().is_some_and(|t| t.is_from(bytes)) {
-                                template = Some(WarmTemplate::new(bytes));
+                                template = None;
                             }
-                            let Some(template) = template.as_ref() else {
-                                continue;
-                            };
+                            let template = template.get_or_insert_with(|| WarmTemplate::new(bytes));
                             (
                                 second,
                                 Request::Warm {
