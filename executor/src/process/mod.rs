@@ -1053,6 +1053,17 @@ mod tests {
         }
     }
 
+    /// A warm runner's go socket and kiln's end of it.
+    fn go_socket() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair")
+    }
+
     #[test]
     fn a_config_sent_without_its_profile_runs_only_on_the_warm_runner_it_was_sent_to() {
         let mut flagged = config("/buildkit/s1x2", &["true"], None);
@@ -1060,13 +1071,7 @@ mod tests {
         let refused = |e: RunError| e.to_string().contains("without its seccomp profile");
         // Refused before anything is made: no rootfs, cgroup or process here.
         assert!(run(&flagged).is_err_and(refused));
-        let (go, _kiln) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
+        let (go, _kiln) = go_socket();
         assert!(run_warm(&flagged, &go, || {}).is_err_and(refused));
         // Sent whole, the flag is not there at all (older runners read the same JSON).
         let whole =
@@ -1091,13 +1096,7 @@ mod tests {
         assert!(!program.is_empty());
         assert_eq!(program, &expected);
 
-        let (go, _kiln) = nix::sys::socket::socketpair(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            None,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
+        let (go, _kiln) = go_socket();
         // A template that cannot be used fails every runner started from it, with the
         // error it would have had parsing the template itself; nothing is made.
         let mut flagged = template.clone();
