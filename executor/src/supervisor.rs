@@ -86,9 +86,10 @@ pub struct StepRequest {
 ///
 /// Each step's runner is started ahead when it can be: once a step's outcome is in, the
 /// launcher forks a *warm* runner from that step's config (or from the template of the
-/// warm runner it ran on: only the shape matters), which makes its cgroups, loads
-/// its seccomp program and clones its init into its pid, ipc and uts namespaces and
-/// cgroups while kiln finishes that step and prepares the next one (on the other CPU);
+/// warm runner it ran on: only the shape matters), which makes its cgroups, takes its
+/// seccomp program (loaded once per template by the launcher) and clones its init into
+/// its pid, ipc and uts namespaces and cgroups while kiln finishes that step and prepares
+/// the next one (on the other CPU);
 /// the next step takes it when it has the same [`RunnerConfig::warm_shape`]. One is kept
 /// at most; the last clone of an executor lets it go and waits until it is gone.
 #[derive(Clone, Debug)]

@@ -931,14 +931,10 @@ pub struct WarmTemplate {
 
 impl WarmTemplate {
     pub fn new(bytes: &[u8]) -> WarmTemplate {
+        // A template sent without its profile is refused by each runner, before it makes
+        // anything (`run_warm_leaving_cgroups`).
         let prepared = parse_config(bytes, Path::new("(the warm runner's template)"))
-            .and_then(|config| {
-                if config.seccomp_of_warm_runner {
-                    return Err(without_profile());
-                }
-                let program = seccomp_program(&config)?;
-                Ok((config, program))
-            })
+            .and_then(|config| seccomp_program(&config).map(|program| (config, program)))
             .map_err(|e| e.to_string());
         WarmTemplate {
             bytes: bytes.to_vec(),
